@@ -1,0 +1,310 @@
+//! The cache side: what a cache backend must do for the engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Which keys a cache backend can hold, beyond its length limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyRule {
+    /// Any UTF-8 text.
+    Any,
+    /// No whitespace and no control characters (Memcached's text and meta protocols).
+    NoSpaceOrControl,
+}
+
+/// What a cache backend can do; the engine and the conformance suite respect it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheCapabilities {
+    /// `set_if_newer` is one atomic step on the server (a script, a CAS
+    /// loop, an atomic entry compute). Always true for the built-in adapters.
+    pub atomic_fencing: bool,
+    /// The cache lives in this process: calls cannot stall on a network, so
+    /// the engine does not wrap them in timeouts and nothing is shared with
+    /// other processes.
+    pub in_process: bool,
+    /// The smallest TTL step; shorter TTLs are refused and longer ones are
+    /// rounded up to a multiple of it.
+    pub ttl_granularity: Duration,
+    /// The longest TTL the backend accepts.
+    pub max_ttl: Duration,
+    /// The longest key, in bytes.
+    pub max_key_len: usize,
+    /// Which characters a key may contain.
+    pub key_rule: KeyRule,
+    /// The largest value (a whole cache entry, header included), in bytes.
+    pub max_value_len: usize,
+}
+
+impl Default for CacheCapabilities {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CacheCapabilities {
+    /// Conservative defaults for an adapter to adjust: no atomic fencing,
+    /// over a network, millisecond TTLs up to a year, 250-byte keys without
+    /// whitespace, 1 MiB values.
+    pub fn new() -> Self {
+        CacheCapabilities {
+            atomic_fencing: false,
+            in_process: false,
+            ttl_granularity: Duration::from_millis(1),
+            max_ttl: Duration::from_secs(365 * 86_400),
+            max_key_len: 250,
+            key_rule: KeyRule::NoSpaceOrControl,
+            max_value_len: 1 << 20,
+        }
+    }
+
+    /// Checks a full cache key against the backend's rules.
+    pub fn check_key(&self, key: &str) -> Result<()> {
+        if key.is_empty() {
+            return Err(Error::new(ErrorKind::InvalidKey, "the key is empty"));
+        }
+        if key.len() > self.max_key_len {
+            return Err(Error::new(
+                ErrorKind::InvalidKey,
+                format!(
+                    "the cache key is {} bytes; this cache holds at most {}",
+                    key.len(),
+                    self.max_key_len
+                ),
+            ));
+        }
+        if self.key_rule == KeyRule::NoSpaceOrControl
+            && let Some(c) = key.chars().find(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidKey,
+                format!(
+                    "the cache key contains {c:?}; this cache refuses whitespace and control characters"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a TTL and rounds it up to the backend's granularity.
+    pub fn check_ttl(&self, ttl: Duration) -> Result<Duration> {
+        if ttl.is_zero() {
+            return Err(Error::new(
+                ErrorKind::InvalidTtl,
+                "a TTL of zero would expire at once (use no TTL for entries that never expire)",
+            ));
+        }
+        if ttl < self.ttl_granularity {
+            return Err(Error::new(
+                ErrorKind::InvalidTtl,
+                format!(
+                    "a TTL of {ttl:?} is finer than this cache's granularity of {:?}",
+                    self.ttl_granularity
+                ),
+            ));
+        }
+        if ttl > self.max_ttl {
+            return Err(Error::new(
+                ErrorKind::InvalidTtl,
+                format!(
+                    "a TTL of {ttl:?} is longer than this cache's limit of {:?}",
+                    self.max_ttl
+                ),
+            ));
+        }
+        let g = self.ttl_granularity.as_nanos();
+        let n = ttl.as_nanos().div_ceil(g) * g;
+        Ok(Duration::from_nanos(u64::try_from(n).unwrap_or(u64::MAX)))
+    }
+
+    /// Checks the size of a cache entry.
+    pub fn check_value_len(&self, len: usize) -> Result<()> {
+        if len > self.max_value_len {
+            return Err(Error::new(
+                ErrorKind::ValueTooLarge,
+                format!(
+                    "the cache entry is {len} bytes; this cache holds at most {}",
+                    self.max_value_len
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One entry to write.
+#[derive(Debug, Clone)]
+pub struct CacheItem {
+    /// The full cache key.
+    pub key: String,
+    /// The encoded entry (see [`crate::codec`]); its header carries `version`.
+    pub entry: Bytes,
+    /// The version in the entry's header, passed along so adapters need not parse it.
+    pub version: u64,
+    /// Time to live, already checked against the capabilities; `None` never expires.
+    pub ttl: Option<Duration>,
+}
+
+/// What a fenced write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// The entry was stored.
+    Applied,
+    /// An entry at the same or a newer version was already stored; nothing changed.
+    Stale,
+}
+
+/// A cache backend.
+///
+/// # Contract
+///
+/// The conformance suite (`writethrough_testkit::cache_suite`) checks each point:
+///
+/// * `get` returns exactly the bytes last stored under the key, or `None`
+///   when nothing is stored or the entry expired. Keys are opaque.
+/// * `get_many` answers in the order of `keys`, one slot per key.
+/// * `set` and `set_many` store unconditionally, with the given TTL.
+/// * `set_if_newer` stores `item` only if nothing is stored, what is stored
+///   is not a readable entry, or its version is strictly lower than
+///   `item.version` (see [`crate::codec::replaces`]); the read and the write
+///   are one atomic step with respect to every other call on the same key,
+///   from this process or any other.
+/// * `set_many_if_newer` does the same per item, in one round trip where
+///   the backend allows, and answers in the order of `items`.
+/// * `delete` removes the key and tells whether something was there.
+/// * `clear` removes every key that starts with `prefix`.
+/// * Every call either finishes or fails with a typed error; none panics
+///   on backend failures.
+#[async_trait]
+pub trait CacheStore: Send + Sync + 'static {
+    /// The backend's short name, for errors and metric labels.
+    fn name(&self) -> &'static str;
+    /// What this backend can do.
+    fn capabilities(&self) -> CacheCapabilities;
+    /// Reads one entry.
+    async fn get(&self, key: &str) -> Result<Option<Bytes>>;
+    /// Reads several entries in one round trip.
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>>;
+    /// Stores unconditionally.
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()>;
+    /// Stores several entries unconditionally, in one round trip where possible.
+    async fn set_many(&self, items: Vec<CacheItem>) -> Result<()>;
+    /// Stores only if newer than what is stored.
+    async fn set_if_newer(&self, item: CacheItem) -> Result<Fence>;
+    /// Stores each item only if newer, in one round trip where possible.
+    async fn set_many_if_newer(&self, items: Vec<CacheItem>) -> Result<Vec<Fence>>;
+    /// Removes one key.
+    async fn delete(&self, key: &str) -> Result<bool>;
+    /// Removes every key starting with `prefix`.
+    async fn clear(&self, prefix: &str) -> Result<()>;
+    /// Checks that the backend answers.
+    async fn ping(&self) -> Result<()>;
+}
+
+macro_rules! forward_cache_store {
+    ($ptr:ty) => {
+        #[async_trait]
+        impl<C: CacheStore + ?Sized> CacheStore for $ptr {
+            fn name(&self) -> &'static str {
+                (**self).name()
+            }
+            fn capabilities(&self) -> CacheCapabilities {
+                (**self).capabilities()
+            }
+            async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+                (**self).get(key).await
+            }
+            async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>> {
+                (**self).get_many(keys).await
+            }
+            async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+                (**self).set(key, value, ttl).await
+            }
+            async fn set_many(&self, items: Vec<CacheItem>) -> Result<()> {
+                (**self).set_many(items).await
+            }
+            async fn set_if_newer(&self, item: CacheItem) -> Result<Fence> {
+                (**self).set_if_newer(item).await
+            }
+            async fn set_many_if_newer(&self, items: Vec<CacheItem>) -> Result<Vec<Fence>> {
+                (**self).set_many_if_newer(items).await
+            }
+            async fn delete(&self, key: &str) -> Result<bool> {
+                (**self).delete(key).await
+            }
+            async fn clear(&self, prefix: &str) -> Result<()> {
+                (**self).clear(prefix).await
+            }
+            async fn ping(&self) -> Result<()> {
+                (**self).ping().await
+            }
+        }
+    };
+}
+
+forward_cache_store!(Arc<C>);
+forward_cache_store!(Box<C>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memcached_like() -> CacheCapabilities {
+        CacheCapabilities {
+            atomic_fencing: true,
+            in_process: false,
+            ttl_granularity: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(3600),
+            max_key_len: 250,
+            key_rule: KeyRule::NoSpaceOrControl,
+            max_value_len: 1024,
+        }
+    }
+
+    #[test]
+    fn ttls_are_refused_at_zero_below_granularity_and_above_the_limit() {
+        let c = memcached_like();
+        for bad in [0, 999, 3_600_001] {
+            let e = c.check_ttl(Duration::from_millis(bad)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidTtl, "{bad}");
+        }
+        assert_eq!(
+            c.check_ttl(Duration::from_millis(1500)).unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            c.check_ttl(Duration::from_secs(1)).unwrap(),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn keys_are_refused_when_empty_long_spaced_or_controlled() {
+        let c = memcached_like();
+        for bad in ["", "a b", "a\nb", "a\u{7f}", &"k".repeat(251)] {
+            assert_eq!(
+                c.check_key(bad).unwrap_err().kind(),
+                ErrorKind::InvalidKey,
+                "{bad:?}"
+            );
+        }
+        assert!(c.check_key(&"k".repeat(250)).is_ok());
+        assert!(c.check_key("ns:t:ünïcode").is_ok());
+    }
+
+    #[test]
+    fn values_over_the_item_limit_are_refused() {
+        let c = memcached_like();
+        assert!(c.check_value_len(1024).is_ok());
+        assert_eq!(
+            c.check_value_len(1025).unwrap_err().kind(),
+            ErrorKind::ValueTooLarge
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! The database side: the source of truth, and the versions that fence the cache.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::schema::Table;
+use crate::value::{Key, Patch, Row, VersionedRow};
+
+/// Name of the version column the engine adds to every table it manages.
+pub const VERSION_COLUMN: &str = "_wt_version";
+/// Name of the engine's outbox table.
+pub const OUTBOX_TABLE: &str = "_wt_outbox";
+
+/// One write to apply in a transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    /// Insert the row, or replace every column of the existing one.
+    Upsert(Row),
+    /// Set some columns of an existing row.
+    Update(Key, Patch),
+    /// Remove a row.
+    Delete(Key),
+}
+
+/// A write and its table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    /// The table written.
+    pub table: Table,
+    /// What to do.
+    pub op: WriteOp,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteOutcome {
+    /// The version this write was given. Every write gets one, even an
+    /// update or delete that found no row, so that the engine can fence the
+    /// cache at it.
+    pub version: u64,
+    /// Whether a row existed before the write (for upsert: it was an
+    /// update; for update and delete: the row was found).
+    pub existed: bool,
+    /// For an update that found its row: the whole row after the update.
+    pub row: Option<Row>,
+    /// The outbox record written in the same transaction, if any.
+    pub outbox_id: Option<i64>,
+}
+
+/// Options for a transaction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TxOptions {
+    /// Record every write in the outbox table, in the same transaction, so
+    /// that its cache effect survives a crash after commit.
+    pub outbox: bool,
+}
+
+impl TxOptions {
+    /// Options with the outbox on or off.
+    pub fn with_outbox(outbox: bool) -> Self {
+        TxOptions { outbox }
+    }
+}
+
+/// A write recorded in the outbox whose cache effect may not have been applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The record's id.
+    pub id: i64,
+    /// The table written.
+    pub table: String,
+    /// The key written.
+    pub key: Key,
+    /// The write's version.
+    pub version: u64,
+}
+
+/// What a database backend can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DbCapabilities {
+    /// Whether text may contain NUL bytes (PostgreSQL: no).
+    pub text_allows_nul: bool,
+}
+
+impl DbCapabilities {
+    /// Defaults for an adapter to adjust: text may not hold NUL bytes.
+    pub fn new() -> Self {
+        DbCapabilities {
+            text_allows_nul: false,
+        }
+    }
+}
+
+impl Default for DbCapabilities {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An open transaction.
+///
+/// # Contract
+///
+/// * Every write gives the key a new version, strictly greater than every
+///   version committed for that key before it, a delete's included; the
+///   version is returned, and becomes visible with the row only when the
+///   transaction commits.
+/// * `commit` and `rollback` consume the transaction; dropping it without
+///   either rolls it back.
+/// * Reads inside the transaction see its own writes.
+#[async_trait]
+pub trait Transaction: Send {
+    /// Applies one write.
+    async fn apply(&mut self, write: &Write) -> Result<WriteOutcome>;
+    /// Reads one row, seeing this transaction's own writes.
+    async fn get(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>>;
+    /// Commits.
+    async fn commit(self: Box<Self>) -> Result<()>;
+    /// Rolls back.
+    async fn rollback(self: Box<Self>) -> Result<()>;
+}
+
+/// A database backend.
+///
+/// # Contract
+///
+/// Checked by `writethrough_testkit::db_suite`:
+///
+/// * [`DbStore::execute`] applies its writes atomically: all commit, or none.
+/// * A failure whose commit outcome is unknown (the connection dropped with
+///   the commit in flight) is marked [`crate::Error::is_in_doubt`].
+/// * Versions follow the [`Transaction`] contract.
+/// * `ensure_table` creates the table with its version column if it is
+///   missing, and fails with `SchemaMismatch` if it exists without the
+///   columns the schema declares.
+/// * Outbox records written by a transaction appear in `outbox_pending`
+///   once they are older than `min_age`, until removed.
+#[async_trait]
+pub trait DbStore: Send + Sync + 'static {
+    /// The backend's short name.
+    fn name(&self) -> &'static str;
+    /// What the backend can hold.
+    fn capabilities(&self) -> DbCapabilities;
+    /// Creates the table (and the engine's own tables) if missing, and checks its columns.
+    async fn ensure_table(&self, table: &Table) -> Result<()>;
+    /// Opens a transaction.
+    async fn begin(&self, opts: TxOptions) -> Result<Box<dyn Transaction>>;
+    /// Applies `writes` in one transaction, in as few round trips as the backend allows.
+    async fn execute(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
+        let mut tx = self.begin(opts).await?;
+        let mut out = Vec::with_capacity(writes.len());
+        for w in &writes {
+            out.push(tx.apply(w).await?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+    /// Reads one committed row.
+    async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>>;
+    /// Reads rows in key order, starting after `after`, at most `limit`.
+    async fn scan(
+        &self,
+        table: &Table,
+        after: Option<Key>,
+        limit: usize,
+    ) -> Result<Vec<VersionedRow>>;
+    /// Outbox records at least `min_age` old, oldest first, at most `limit`.
+    async fn outbox_pending(&self, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>>;
+    /// Removes outbox records.
+    async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()>;
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<()>;
+}
+
+#[async_trait]
+impl<D: DbStore + ?Sized> DbStore for Arc<D> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn capabilities(&self) -> DbCapabilities {
+        (**self).capabilities()
+    }
+    async fn ensure_table(&self, table: &Table) -> Result<()> {
+        (**self).ensure_table(table).await
+    }
+    async fn begin(&self, opts: TxOptions) -> Result<Box<dyn Transaction>> {
+        (**self).begin(opts).await
+    }
+    async fn execute(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
+        (**self).execute(writes, opts).await
+    }
+    async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
+        (**self).get(table, key).await
+    }
+    async fn scan(
+        &self,
+        table: &Table,
+        after: Option<Key>,
+        limit: usize,
+    ) -> Result<Vec<VersionedRow>> {
+        (**self).scan(table, after, limit).await
+    }
+    async fn outbox_pending(&self, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>> {
+        (**self).outbox_pending(min_age, limit).await
+    }
+    async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()> {
+        (**self).outbox_remove(ids).await
+    }
+    async fn ping(&self) -> Result<()> {
+        (**self).ping().await
+    }
+}

@@ -1,0 +1,295 @@
+//! Typed handles to registered tables: where applications call the engine.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::FutureExt;
+
+use super::stats::Counters;
+use super::table::{TableState, Validator, WriteOptions};
+use super::{Effect, Inner};
+use crate::db::{TxOptions, Write, WriteOp, WriteOutcome};
+use crate::entity::Record;
+use crate::error::{Error, ErrorKind, Result};
+use crate::schema::Table;
+use crate::value::{Key, Patch, VersionedRow};
+
+/// A registered table, read and written as `R` (an [`crate::Entity`] or a
+/// plain [`crate::Row`]). Cheap to clone.
+pub struct Handle<R> {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) st: Arc<TableState>,
+    pub(crate) validate: Option<Validator<R>>,
+    _record: PhantomData<fn() -> R>,
+}
+
+impl<R> Clone for Handle<R> {
+    fn clone(&self) -> Self {
+        Handle {
+            inner: self.inner.clone(),
+            st: self.st.clone(),
+            validate: self.validate.clone(),
+            _record: PhantomData,
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for Handle<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("table", &self.st.table.name())
+            .finish()
+    }
+}
+
+impl<R: Record> Handle<R> {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        st: Arc<TableState>,
+        validate: Option<Validator<R>>,
+    ) -> Self {
+        Handle {
+            inner,
+            st,
+            validate,
+            _record: PhantomData,
+        }
+    }
+
+    /// The table's schema.
+    pub fn table(&self) -> &Table {
+        &self.st.table
+    }
+
+    /// The cache key of `key`, as the cache backend sees it.
+    pub fn cache_key(&self, key: impl Into<Key>) -> Result<String> {
+        self.inner.key_for(&self.st, &key.into())
+    }
+
+    /// Writes `record`: upsert in the database, commit, then the cache.
+    /// Returns the version the database gave the row.
+    ///
+    /// Bad input (a key the cache cannot hold, a value of the wrong type, a
+    /// non-finite float, a value over the cache's item limit, a failed
+    /// validation) fails before anything is written.
+    pub async fn put(&self, record: &R) -> Result<u64> {
+        self.put_with(record, WriteOptions::default()).await
+    }
+
+    /// [`Handle::put`] with per-call options (TTL, skip the cache).
+    pub async fn put_with(&self, record: &R, opts: WriteOptions) -> Result<u64> {
+        let p = self
+            .inner
+            .prepare(&self.st, self.validate.as_ref(), record, &opts)
+            .map_err(|e| e.with_operation("put"))?;
+        let key = p.cache_key.clone();
+        let out = self
+            .inner
+            .commit_upserts(&self.st, vec![p])
+            .await
+            .map_err(|e| e.with_operation("put").with_key(&key))?;
+        Ok(out[0].version)
+    }
+
+    /// Writes many records: one database transaction, then one pipelined
+    /// cache round trip. All are checked before anything is written; a key
+    /// may appear only once.
+    pub async fn put_many(&self, records: &[R]) -> Result<Vec<u64>> {
+        self.put_many_with(records, WriteOptions::default()).await
+    }
+
+    /// [`Handle::put_many`] with options applied to every record.
+    pub async fn put_many_with(&self, records: &[R], opts: WriteOptions) -> Result<Vec<u64>> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut seen = HashSet::with_capacity(records.len());
+        let mut prepared = Vec::with_capacity(records.len());
+        for r in records {
+            let p = self
+                .inner
+                .prepare(&self.st, self.validate.as_ref(), r, &opts)
+                .map_err(|e| e.with_operation("put_many"))?;
+            if !seen.insert(p.cache_key.clone()) {
+                return Err(
+                    Error::new(ErrorKind::InvalidKey, "the batch writes this key twice")
+                        .with_operation("put_many")
+                        .with_key(&p.cache_key),
+                );
+            }
+            prepared.push(p);
+        }
+        let out = self
+            .inner
+            .commit_upserts(&self.st, prepared)
+            .await
+            .map_err(|e| e.with_operation("put_many"))?;
+        Ok(out.into_iter().map(|o| o.version).collect())
+    }
+
+    /// Reads `key`: from the cache, else from the database (one load shared
+    /// by every concurrent miss on the key), which then fills the cache.
+    pub async fn get(&self, key: impl Into<Key>) -> Result<Option<R>> {
+        let key = key.into();
+        let shown = key.clone();
+        self.inner
+            .read(&self.st, key)
+            .await
+            .map_err(|e| e.with_operation("get").with_key(shown))
+    }
+
+    /// Reads `key` from the cache, else from `loader` instead of the database.
+    ///
+    /// What the loader returns is cached (not written to the database) at
+    /// version 0, below every database version: it never replaces an entry
+    /// a write or a database load put there, and any later write replaces it.
+    pub async fn get_or_load<F, Fut>(&self, key: impl Into<Key>, loader: F) -> Result<Option<R>>
+    where
+        F: FnOnce(Key) -> Fut,
+        Fut: Future<Output = Result<Option<R>>> + Send + 'static,
+    {
+        let key = key.into();
+        let ck = self
+            .inner
+            .key_for(&self.st, &key)
+            .map_err(|e| e.with_operation("get_or_load"))?;
+        if let Some(hit) = self.inner.lookup::<R>(&self.st, &ck).await {
+            return Ok(Some(hit));
+        }
+        let fut = loader(key.clone());
+        let (inner, st, ck2) = (self.inner.clone(), self.st.clone(), ck.clone());
+        let loaded = self
+            .inner
+            .load(&ck, move || {
+                async move {
+                    let started = Instant::now();
+                    Counters::add(&inner.stats.loads, 1);
+                    let Some(record) = fut.await? else {
+                        return Ok(None);
+                    };
+                    let (got, row) = st.table.normalize_row(record.to_row()?)?;
+                    if got != key {
+                        return Err(Error::new(
+                            ErrorKind::InvalidValue,
+                            format!("the loader for key {key} returned the row of key {got}"),
+                        ));
+                    }
+                    let vr = VersionedRow { row, version: 0 };
+                    inner.populate(&st, &ck2, &vr, started).await;
+                    Ok(Some(vr))
+                }
+                .boxed()
+            })
+            .await
+            .map_err(|e| e.with_operation("get_or_load").with_key(&ck))?;
+        loaded
+            .map(|vr| R::from_row(&self.st.table, vr.row))
+            .transpose()
+    }
+
+    /// Sets some columns of the row at `key` and returns the whole new row,
+    /// which is also cached; `None` (and the cache entry invalidated) if
+    /// there is no such row.
+    ///
+    /// With a validator, the new row is validated inside the transaction,
+    /// which is rolled back if it fails.
+    pub async fn update(&self, key: impl Into<Key>, patch: Patch) -> Result<Option<R>> {
+        let key = key.into();
+        let op = |e: Error| e.with_operation("update");
+        let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
+        let patch = self.st.table.normalize_patch(patch).map_err(op)?;
+        self.inner
+            .check_db_values(patch.columns().iter().map(|(_, v)| v))
+            .map_err(op)?;
+        let write = Write {
+            table: self.st.table.clone(),
+            op: WriteOp::Update(key.clone(), patch),
+        };
+        let guard = self
+            .inner
+            .guard(vec![(ck.clone(), self.st.clone(), key.clone())]);
+        let outcome = match &self.validate {
+            None => self.inner.execute_one(write).await,
+            Some(v) => self.update_validated(write, v).await,
+        };
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                if !e.is_in_doubt() {
+                    guard.disarm();
+                }
+                return Err(op(e).with_key(&ck));
+            }
+        };
+        Counters::add(&self.inner.stats.writes, 1);
+        let effect = self.inner.effect_of(&self.st, key, ck, &outcome);
+        self.inner.apply_effects(vec![effect], guard).await;
+        outcome
+            .row
+            .map(|row| R::from_row(&self.st.table, row))
+            .transpose()
+    }
+
+    async fn update_validated(
+        &self,
+        write: Write,
+        validate: &Validator<R>,
+    ) -> Result<WriteOutcome> {
+        let inner = &self.inner;
+        let opts = TxOptions::with_outbox(inner.cfg.consistency.outbox);
+        let mut tx = inner.db_call("db.begin", inner.db.begin(opts)).await?;
+        let o = inner.db_call("db.update", tx.apply(&write)).await?;
+        if let Some(row) = &o.row {
+            let r = R::from_row(&self.st.table, row.clone())?;
+            if let Err(m) = validate(&r) {
+                inner.db_call("db.rollback", tx.rollback()).await?;
+                return Err(Error::new(ErrorKind::Validation, m));
+            }
+        }
+        inner.db_call("db.commit", tx.commit()).await?;
+        Ok(o)
+    }
+
+    /// Deletes the row at `key` and leaves a tombstone in the cache that a
+    /// read which loaded the old row cannot overwrite. Returns whether a row
+    /// was deleted.
+    pub async fn delete(&self, key: impl Into<Key>) -> Result<bool> {
+        let key = key.into();
+        let op = |e: Error| e.with_operation("delete");
+        let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
+        let write = Write {
+            table: self.st.table.clone(),
+            op: WriteOp::Delete(key.clone()),
+        };
+        let guard = self
+            .inner
+            .guard(vec![(ck.clone(), self.st.clone(), key.clone())]);
+        let outcome = match self.inner.execute_one(write).await {
+            Ok(o) => o,
+            Err(e) => {
+                if !e.is_in_doubt() {
+                    guard.disarm();
+                }
+                return Err(op(e).with_key(&ck));
+            }
+        };
+        Counters::add(&self.inner.stats.writes, 1);
+        let effect: Effect = self.inner.effect_of(&self.st, key, ck, &outcome);
+        self.inner.apply_effects(vec![effect], guard).await;
+        Ok(outcome.existed)
+    }
+}
+
+impl Inner {
+    pub(crate) async fn execute_one(&self, write: Write) -> Result<WriteOutcome> {
+        let opts = TxOptions::with_outbox(self.cfg.consistency.outbox);
+        let mut out = self
+            .db_call("db.execute", self.db.execute(vec![write], opts))
+            .await?;
+        out.pop()
+            .ok_or_else(|| Error::new(ErrorKind::Backend, "the database returned no outcome"))
+    }
+}

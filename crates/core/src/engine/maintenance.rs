@@ -1,0 +1,195 @@
+//! The engine's background work: probing the cache when the breaker is
+//! open, resyncing keys whose cache writes failed, removing applied outbox
+//! records, and replaying the outbox records a crash left behind.
+
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use super::Inner;
+use super::stats::Counters;
+use crate::cache::CacheItem;
+use crate::codec;
+use crate::error::{Error, ErrorKind, Result};
+
+/// How often the background task wakes up.
+const TICK: Duration = Duration::from_millis(50);
+/// Outbox records replayed per database round trip.
+const REPLAY_BATCH: usize = 512;
+
+/// What a reconcile pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReconcileReport {
+    /// Outbox records whose cache effect was re-applied and which were removed.
+    pub replayed: usize,
+}
+
+pub(crate) async fn run(engine: Weak<Inner>) {
+    let mut next_reconcile = Instant::now();
+    let mut first_pass = true;
+    loop {
+        tokio::time::sleep(TICK).await;
+        let Some(inner) = engine.upgrade() else {
+            return;
+        };
+        inner.probe_if_due().await;
+        inner.resync_pass().await;
+        inner.flush_acks().await;
+        if let Some(every) = inner.cfg.reconcile_interval
+            && Instant::now() >= next_reconcile
+        {
+            // The first pass replays everything: records a crashed process left
+            // behind may be younger than the grace period.
+            let min_age = if first_pass {
+                Duration::ZERO
+            } else {
+                inner.cfg.outbox_grace
+            };
+            match inner.reconcile(min_age).await {
+                Ok(r) if r.replayed > 0 => {
+                    tracing::info!(replayed = r.replayed, "replayed outbox records");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "outbox replay deferred"),
+            }
+            first_pass = false;
+            next_reconcile = Instant::now() + every;
+        }
+    }
+}
+
+impl Inner {
+    /// When the breaker's open time is up: probe the cache, resync what was
+    /// written meanwhile, and close the breaker only if both succeed.
+    async fn probe_if_due(&self) {
+        if !self.breaker.probe_due() {
+            return;
+        }
+        let ok = self
+            .cache_call("cache.ping", self.cache.ping())
+            .await
+            .is_ok()
+            && self.resync_all().await;
+        if ok {
+            self.breaker.close();
+        } else {
+            self.breaker.reopen();
+        }
+    }
+
+    /// Resyncs the keys whose cache writes failed, if the breaker is closed.
+    pub(crate) async fn resync_pass(&self) {
+        if !self.resync.is_empty() && self.breaker.allows() {
+            self.resync_all().await;
+        }
+    }
+
+    /// One resync pass regardless of the breaker: re-reads each row and
+    /// writes it with the fence (or a tombstone if it is gone). True if
+    /// nothing failed.
+    async fn resync_all(&self) -> bool {
+        if self.resync.overflowed() {
+            let generation = self.resync.current_generation();
+            let prefix = format!("{}:", self.cfg.namespace);
+            if self
+                .cache_call("cache.clear", self.cache.clear(&prefix))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            self.resync.cleared(generation);
+        }
+        for d in self.resync.batch(usize::MAX) {
+            let Ok(row) = self
+                .db_call("db.get", self.db.get(&d.table.table, &d.key))
+                .await
+            else {
+                return false;
+            };
+            if self
+                .repair(&d.table, &d.cache_key, row, d.version)
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            self.resync.done(&d);
+            Counters::add(&self.stats.resynced, 1);
+        }
+        true
+    }
+
+    async fn flush_acks(&self) {
+        let ids = std::mem::take(&mut *self.acks.lock());
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .db_call("db.outbox_remove", self.db.outbox_remove(ids))
+            .await
+        {
+            // The records stay; the reconciler replays them (harmlessly) and removes them.
+            tracing::debug!(error = %e, "could not remove applied outbox records");
+        }
+    }
+
+    /// Re-applies the cache effect of every outbox record at least `min_age`
+    /// old, then removes them. Replaying is idempotent: it writes the row's
+    /// current state with the fence, exactly as a read would.
+    pub(crate) async fn reconcile(&self, min_age: Duration) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        if self.tables.read().is_empty() {
+            return Ok(report);
+        }
+        if !self.breaker.allows() {
+            return Err(Error::new(
+                ErrorKind::CircuitOpen,
+                "the cache is not being called; outbox records wait",
+            ));
+        }
+        loop {
+            let entries = self
+                .db_call(
+                    "db.outbox_pending",
+                    self.db.outbox_pending(min_age, REPLAY_BATCH),
+                )
+                .await?;
+            let n = entries.len();
+            let mut ids = Vec::with_capacity(n);
+            for e in entries {
+                match self.table_state(&e.table) {
+                    Some(st) => {
+                        let ck = st.cache_key(&e.key);
+                        let row = self
+                            .db_call("db.get", self.db.get(&st.table, &e.key))
+                            .await?;
+                        self.repair(&st, &ck, row, e.version).await?;
+                    }
+                    None => {
+                        // A table this engine does not know: invalidate at the
+                        // write's version, which needs no schema.
+                        let item = CacheItem {
+                            key: format!("{}:{}:{}", self.cfg.namespace, e.table, e.key),
+                            entry: codec::tombstone(e.version),
+                            version: e.version,
+                            ttl: Some(self.tombstone_ttl),
+                        };
+                        self.cache_call("cache.set_if_newer", self.cache.set_if_newer(item))
+                            .await?;
+                    }
+                }
+                ids.push(e.id);
+            }
+            if !ids.is_empty() {
+                self.db_call("db.outbox_remove", self.db.outbox_remove(ids))
+                    .await?;
+            }
+            report.replayed += n;
+            Counters::add(&self.stats.replayed, n as u64);
+            if n < REPLAY_BATCH {
+                return Ok(report);
+            }
+        }
+    }
+}

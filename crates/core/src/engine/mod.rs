@@ -1,0 +1,907 @@
+//! The write-through engine.
+//!
+//! A write commits to the database first, then writes the cache; a read is
+//! served from the cache and falls back to the database on a miss. The
+//! mechanisms that make this safe under concurrency and faults are described
+//! on [`Consistency`] and in the README's "Guarantees" section.
+
+mod breaker;
+mod config;
+mod flight;
+mod handle;
+mod hooks;
+mod maintenance;
+mod stats;
+mod table;
+mod tx;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use parking_lot::{Mutex, RwLock};
+
+pub use breaker::BreakerState;
+pub use config::{BreakerConfig, Config, Consistency, RetryPolicy};
+pub use handle::Handle;
+pub use hooks::HookPoint;
+#[cfg(feature = "test-hooks")]
+pub use hooks::Hooks;
+pub use maintenance::ReconcileReport;
+pub use stats::Stats;
+pub use table::{TableOptions, WriteOptions};
+pub use tx::Tx;
+
+use crate::cache::{CacheCapabilities, CacheItem, CacheStore, Fence};
+use crate::codec::{self, Decoded, Payload};
+use crate::db::{DbCapabilities, DbStore, TxOptions, Write, WriteOp, WriteOutcome};
+use crate::entity::{Entity, Record};
+use crate::error::{Error, ErrorKind, Result};
+use crate::schema::Table;
+use crate::value::{Key, Row, Value, VersionedRow};
+use breaker::{Breaker, ResyncSet};
+use flight::{Flights, LoadResult};
+use stats::Counters;
+use table::{TableState, Validator};
+
+/// The write-through engine over one cache and one database.
+///
+/// Cheap to clone; clones share everything. Build one with
+/// [`Engine::builder`], then register tables to get [`Handle`]s.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("cache", &self.inner.cache.name())
+            .field("db", &self.inner.db.name())
+            .field("namespace", &self.inner.cfg.namespace)
+            .finish()
+    }
+}
+
+/// Builds an [`Engine`].
+pub struct EngineBuilder {
+    cache: Arc<dyn CacheStore>,
+    db: Arc<dyn DbStore>,
+    cfg: Config,
+    #[cfg(feature = "test-hooks")]
+    hooks: Option<Arc<dyn Hooks>>,
+}
+
+impl EngineBuilder {
+    /// Replaces every setting.
+    #[must_use]
+    pub fn config(mut self, cfg: Config) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Edits the settings in place.
+    #[must_use]
+    pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.cfg);
+        self
+    }
+
+    /// The prefix of every cache key.
+    #[must_use]
+    pub fn namespace(mut self, ns: &str) -> Self {
+        self.cfg.namespace = ns.to_owned();
+        self
+    }
+
+    /// TTL of cached rows when neither call nor table sets one (`None`: no expiry).
+    #[must_use]
+    pub fn default_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.cfg.default_ttl = ttl;
+        self
+    }
+
+    /// Which consistency mechanisms are on.
+    #[must_use]
+    pub fn consistency(mut self, c: Consistency) -> Self {
+        self.cfg.consistency = c;
+        self
+    }
+
+    /// Installs test hooks.
+    #[cfg(feature = "test-hooks")]
+    #[must_use]
+    pub fn hooks(mut self, hooks: Arc<dyn Hooks>) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    /// Checks the settings against the backends and starts the engine's
+    /// background work (resync, outbox replay). Must be called inside a Tokio runtime.
+    pub fn build(self) -> Result<Engine> {
+        self.cfg.check()?;
+        let caps = self.cache.capabilities();
+        let tombstone_ttl = caps.check_ttl(self.cfg.tombstone_ttl).map_err(|e| {
+            Error::new(ErrorKind::Config, format!("tombstone_ttl: {}", e.message()))
+        })?;
+        let default_ttl = self
+            .cfg
+            .default_ttl
+            .map(|t| check_ttl(&caps, &self.cfg, t))
+            .transpose()
+            .map_err(|e| Error::new(ErrorKind::Config, format!("default_ttl: {}", e.message())))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::new(
+                ErrorKind::Config,
+                "Engine::build must be called inside a Tokio runtime",
+            )
+        })?;
+        let inner = Arc::new(Inner {
+            caps,
+            db_caps: self.db.capabilities(),
+            cache: self.cache,
+            db: self.db,
+            tombstone_ttl,
+            default_ttl,
+            tables: RwLock::new(HashMap::new()),
+            flights: Flights::default(),
+            breaker: Breaker::new(self.cfg.breaker),
+            resync: ResyncSet::new(self.cfg.max_resync_keys),
+            acks: Mutex::new(Vec::new()),
+            stats: Counters::default(),
+            #[cfg(feature = "test-hooks")]
+            hooks: self.hooks,
+            background: Mutex::new(None),
+            cfg: self.cfg,
+        });
+        let task = runtime.spawn(maintenance::run(Arc::downgrade(&inner)));
+        *inner.background.lock() = Some(task);
+        Ok(Engine { inner })
+    }
+}
+
+pub(crate) struct Inner {
+    cache: Arc<dyn CacheStore>,
+    db: Arc<dyn DbStore>,
+    caps: CacheCapabilities,
+    db_caps: DbCapabilities,
+    cfg: Config,
+    tombstone_ttl: Duration,
+    default_ttl: Option<Duration>,
+    tables: RwLock<HashMap<String, Arc<TableState>>>,
+    flights: Flights,
+    breaker: Breaker,
+    resync: ResyncSet,
+    /// Outbox records whose cache effect was applied, to remove in the next batch.
+    acks: Mutex<Vec<i64>>,
+    stats: Counters,
+    #[cfg(feature = "test-hooks")]
+    hooks: Option<Arc<dyn Hooks>>,
+    background: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.background.lock().take() {
+            task.abort();
+        }
+    }
+}
+
+fn check_ttl(caps: &CacheCapabilities, cfg: &Config, ttl: Duration) -> Result<Duration> {
+    let ttl = caps.check_ttl(ttl)?;
+    if ttl < cfg.load_deadline {
+        return Err(Error::new(
+            ErrorKind::InvalidTtl,
+            format!(
+                "a TTL of {ttl:?} is shorter than the load deadline of {:?}: a slow read could \
+                 outlive the entries that fence it (lower Config::load_deadline to allow it)",
+                cfg.load_deadline
+            ),
+        ));
+    }
+    Ok(ttl)
+}
+
+impl Engine {
+    /// Starts building an engine over `cache` and `db`.
+    pub fn builder(cache: impl CacheStore, db: impl DbStore) -> EngineBuilder {
+        Self::builder_dyn(Arc::new(cache), Arc::new(db))
+    }
+
+    /// Starts building an engine over backends chosen at run time.
+    pub fn builder_dyn(cache: Arc<dyn CacheStore>, db: Arc<dyn DbStore>) -> EngineBuilder {
+        EngineBuilder {
+            cache,
+            db,
+            cfg: Config::default(),
+            #[cfg(feature = "test-hooks")]
+            hooks: None,
+        }
+    }
+
+    /// Registers the table of entity `E` (creating it in the database unless
+    /// told not to) and returns a typed handle to it.
+    pub async fn register<E: Entity>(&self, opts: TableOptions<E>) -> Result<Handle<E>> {
+        self.register_as(E::table(), opts).await
+    }
+
+    /// Registers `table` for plain [`Row`]s.
+    pub async fn register_table(
+        &self,
+        table: Table,
+        opts: TableOptions<Row>,
+    ) -> Result<Handle<Row>> {
+        self.register_as(table, opts).await
+    }
+
+    async fn register_as<R: Record>(
+        &self,
+        table: Table,
+        opts: TableOptions<R>,
+    ) -> Result<Handle<R>> {
+        let inner = &self.inner;
+        let ttl = opts
+            .ttl
+            .map(|t| check_ttl(&inner.caps, &inner.cfg, t))
+            .transpose()
+            .map_err(|e| e.with_operation("register"))?;
+        if opts.create {
+            inner
+                .db_call("db.ensure_table", inner.db.ensure_table(&table))
+                .await?;
+        }
+        let (cache_if, ttl_fn) = opts.erase(&table);
+        let st = Arc::new(TableState {
+            prefix: format!("{}:{}:", inner.cfg.namespace, table.name()),
+            table,
+            ttl,
+            ttl_fn,
+            cache_if,
+        });
+        inner
+            .tables
+            .write()
+            .insert(st.table.name().as_str().to_owned(), st.clone());
+        Ok(Handle::new(self.inner.clone(), st, opts.validate))
+    }
+
+    /// Opens a transaction scope: several writes in one database
+    /// transaction, whose cache effects apply only after it commits.
+    pub async fn begin(&self) -> Result<Tx> {
+        let opts = TxOptions::with_outbox(self.inner.cfg.consistency.outbox);
+        let tx = self
+            .inner
+            .db_call("begin", self.inner.db.begin(opts))
+            .await?;
+        Ok(Tx::new(self.inner.clone(), tx))
+    }
+
+    /// What the engine did so far.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
+    }
+
+    /// The cache circuit breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state()
+    }
+
+    /// How many times the breaker has opened.
+    pub fn breaker_trips(&self) -> u64 {
+        self.inner.breaker.times_opened()
+    }
+
+    /// Keys waiting to be resynced into the cache.
+    pub fn pending_resync(&self) -> usize {
+        self.inner.resync.len()
+    }
+
+    /// Replays outbox records older than the grace period now, as the
+    /// background reconciler does every `reconcile_interval`.
+    pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        self.inner.reconcile(self.inner.cfg.outbox_grace).await
+    }
+
+    /// Replays every outbox record now, however young: what an engine does
+    /// when it starts, to repair what a crashed process left behind.
+    pub async fn reconcile_all(&self) -> Result<ReconcileReport> {
+        self.inner.reconcile(Duration::ZERO).await
+    }
+
+    /// Resyncs every key waiting for it, if the cache answers; returns how many are left.
+    pub async fn resync_now(&self) -> usize {
+        self.inner.resync_pass().await;
+        self.inner.resync.len()
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    /// The cache backend.
+    pub fn cache(&self) -> &Arc<dyn CacheStore> {
+        &self.inner.cache
+    }
+
+    /// The database backend.
+    pub fn db(&self) -> &Arc<dyn DbStore> {
+        &self.inner.db
+    }
+}
+
+/// A write ready to go: checked, encoded, with its cache key and TTL.
+pub(crate) struct Prepared {
+    pub(crate) key: Key,
+    pub(crate) cache_key: String,
+    pub(crate) row: Row,
+    /// The encoded row if it is to be cached; `None` invalidates instead.
+    pub(crate) payload: Option<Payload>,
+    pub(crate) ttl: Option<Duration>,
+}
+
+/// What a committed write does to the cache.
+pub(crate) enum EffectKind {
+    /// Store this entry.
+    Put(Bytes, Option<Duration>),
+    /// Remove the key (a tombstone at the write's version when fenced).
+    Invalidate,
+}
+
+pub(crate) struct Effect {
+    pub(crate) cache_key: String,
+    pub(crate) key: Key,
+    pub(crate) table: Arc<TableState>,
+    pub(crate) version: u64,
+    pub(crate) kind: EffectKind,
+    pub(crate) outbox_id: Option<i64>,
+}
+
+/// Marks keys for resync if dropped while armed: a write cancelled between
+/// its commit and its cache write, or during a commit whose outcome is
+/// therefore unknown, still gets its cache entry repaired.
+pub(crate) struct ResyncGuard<'a> {
+    inner: &'a Inner,
+    keys: Vec<(String, Arc<TableState>, Key)>,
+}
+
+impl ResyncGuard<'_> {
+    pub(crate) fn disarm(mut self) {
+        self.keys.clear();
+    }
+}
+
+impl Drop for ResyncGuard<'_> {
+    fn drop(&mut self) {
+        for (ck, st, key) in self.keys.drain(..) {
+            self.inner.flights.forget(&ck);
+            self.inner.resync.mark(&ck, &st, key.clone(), 0);
+        }
+    }
+}
+
+impl Inner {
+    #[cfg(feature = "test-hooks")]
+    async fn hook(&self, point: HookPoint, key: &str) {
+        if let Some(h) = &self.hooks {
+            h.at(point, key).await;
+        }
+    }
+
+    #[cfg(not(feature = "test-hooks"))]
+    #[inline(always)]
+    async fn hook(&self, _: HookPoint, _: &str) {}
+
+    pub(crate) fn guard(&self, keys: Vec<(String, Arc<TableState>, Key)>) -> ResyncGuard<'_> {
+        ResyncGuard { inner: self, keys }
+    }
+
+    /// Runs a cache call under the cache timeout, feeding the breaker.
+    async fn cache_call<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let r = if self.caps.in_process {
+            f.await
+        } else {
+            match tokio::time::timeout(self.cfg.cache_timeout, f).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("no answer within {:?}", self.cfg.cache_timeout),
+                )),
+            }
+        };
+        match r {
+            Ok(v) => {
+                self.breaker.record_success();
+                Ok(v)
+            }
+            Err(e) => {
+                Counters::add(&self.stats.cache_errors, 1);
+                if e.is_temporary() {
+                    self.breaker.record_failure();
+                }
+                Err(e.with_operation(op).with_backend(self.cache.name()))
+            }
+        }
+    }
+
+    /// Runs a database call under the database timeout. A timeout leaves the
+    /// outcome of a write unknown, so it is marked in doubt.
+    pub(crate) async fn db_call<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let r = match tokio::time::timeout(self.cfg.db_timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("no answer within {:?}", self.cfg.db_timeout),
+            )
+            .in_doubt()),
+        };
+        r.map_err(|e| {
+            Counters::add(&self.stats.db_errors, 1);
+            e.with_operation(op).with_backend(self.db.name())
+        })
+    }
+
+    fn table_state(&self, name: &str) -> Option<Arc<TableState>> {
+        self.tables.read().get(name).cloned()
+    }
+
+    /// Checks everything about a write that can be checked without a side effect.
+    pub(crate) fn prepare<R: Record>(
+        &self,
+        st: &TableState,
+        validate: Option<&Validator<R>>,
+        record: &R,
+        opts: &crate::engine::WriteOptions,
+    ) -> Result<Prepared> {
+        let (key, row) = st.table.normalize_row(record.to_row()?)?;
+        let cache_key = st.cache_key(&key);
+        self.caps.check_key(&cache_key)?;
+        self.check_db_values(row.iter().map(|(_, v)| v))?;
+        if let Some(v) = validate {
+            v(record).map_err(|m| Error::new(ErrorKind::Validation, m))?;
+        }
+        let call_ttl = opts
+            .ttl
+            .map(|t| check_ttl(&self.caps, &self.cfg, t))
+            .transpose()?;
+        let (payload, ttl) = if !opts.skip_cache && st.caches(&row) {
+            let ttl = self.resolve_ttl(st, &row, call_ttl)?;
+            let payload = self.cfg.codec.encode(&st.table, &row)?;
+            self.caps.check_value_len(payload.entry_len())?;
+            (Some(payload), ttl)
+        } else {
+            (None, None)
+        };
+        Ok(Prepared {
+            key,
+            cache_key,
+            row,
+            payload,
+            ttl,
+        })
+    }
+
+    fn resolve_ttl(
+        &self,
+        st: &TableState,
+        row: &Row,
+        call: Option<Duration>,
+    ) -> Result<Option<Duration>> {
+        if call.is_some() {
+            return Ok(call);
+        }
+        if let Some(f) = &st.ttl_fn
+            && let Some(t) = f(row)
+        {
+            return check_ttl(&self.caps, &self.cfg, t).map(Some);
+        }
+        Ok(st.ttl.or(self.default_ttl))
+    }
+
+    pub(crate) fn check_db_values<'v>(
+        &self,
+        values: impl Iterator<Item = &'v Value>,
+    ) -> Result<()> {
+        if self.db_caps.text_allows_nul {
+            return Ok(());
+        }
+        for v in values {
+            let has_nul = match v {
+                Value::Text(s) => s.contains('\0'),
+                Value::Json(j) => j.to_string().contains("\\u0000"),
+                _ => false,
+            };
+            if has_nul {
+                return Err(Error::new(
+                    ErrorKind::InvalidValue,
+                    format!("{} cannot store text containing a NUL byte", self.db.name()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a key for `st` and returns its cache key.
+    pub(crate) fn key_for(&self, st: &TableState, key: &Key) -> Result<String> {
+        st.table.check_key(key)?;
+        let ck = st.cache_key(key);
+        self.caps.check_key(&ck)?;
+        Ok(ck)
+    }
+
+    /// Upserts the prepared rows in one transaction, then applies their cache effects.
+    pub(crate) async fn commit_upserts(
+        &self,
+        st: &Arc<TableState>,
+        mut prepared: Vec<Prepared>,
+    ) -> Result<Vec<WriteOutcome>> {
+        let writes = prepared
+            .iter_mut()
+            .map(|p| Write {
+                table: st.table.clone(),
+                op: WriteOp::Upsert(std::mem::take(&mut p.row)),
+            })
+            .collect();
+        let guard = self.guard(
+            prepared
+                .iter()
+                .map(|p| (p.cache_key.clone(), st.clone(), p.key.clone()))
+                .collect(),
+        );
+        let opts = TxOptions::with_outbox(self.cfg.consistency.outbox);
+        let outcomes = match self
+            .db_call("db.execute", self.db.execute(writes, opts))
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.is_in_doubt() => return Err(e), // the guard marks the keys
+            Err(e) => {
+                guard.disarm();
+                return Err(e);
+            }
+        };
+        Counters::add(&self.stats.writes, outcomes.len() as u64);
+        let effects = prepared
+            .into_iter()
+            .zip(&outcomes)
+            .map(|(p, o)| {
+                let kind = match p.payload {
+                    Some(payload) => EffectKind::Put(payload.into_entry(o.version), p.ttl),
+                    None => EffectKind::Invalidate,
+                };
+                Effect {
+                    cache_key: p.cache_key,
+                    key: p.key,
+                    table: st.clone(),
+                    version: o.version,
+                    kind,
+                    outbox_id: o.outbox_id,
+                }
+            })
+            .collect();
+        self.apply_effects(effects, guard).await;
+        Ok(outcomes)
+    }
+
+    /// The cache effect of an update or delete, from its outcome.
+    pub(crate) fn effect_of(
+        &self,
+        st: &Arc<TableState>,
+        key: Key,
+        cache_key: String,
+        o: &WriteOutcome,
+    ) -> Effect {
+        let kind = match &o.row {
+            Some(row) if st.caches(row) => match self.entry_for(st, row, o.version) {
+                Some((entry, ttl)) => EffectKind::Put(entry, ttl),
+                None => EffectKind::Invalidate,
+            },
+            _ => EffectKind::Invalidate,
+        };
+        Effect {
+            cache_key,
+            key,
+            table: st.clone(),
+            version: o.version,
+            kind,
+            outbox_id: o.outbox_id,
+        }
+    }
+
+    /// The cache entry for a row read back from the database, or `None` when
+    /// it cannot be cached (too large, or a computed TTL the cache refuses).
+    fn entry_for(
+        &self,
+        st: &TableState,
+        row: &Row,
+        version: u64,
+    ) -> Option<(Bytes, Option<Duration>)> {
+        let ttl = self.resolve_ttl(st, row, None).ok()?;
+        let payload = self.cfg.codec.encode(&st.table, row).ok()?;
+        self.caps.check_value_len(payload.entry_len()).ok()?;
+        Some((payload.into_entry(version), ttl))
+    }
+
+    /// Applies committed writes' cache effects, retrying transient failures;
+    /// what still fails is remembered for resync. Never fails: the writes
+    /// are committed and acknowledged whatever the cache does.
+    pub(crate) async fn apply_effects(&self, effects: Vec<Effect>, guard: ResyncGuard<'_>) {
+        for e in &effects {
+            self.flights.forget(&e.cache_key);
+            self.hook(HookPoint::AfterCommit, &e.cache_key).await;
+        }
+        if effects.is_empty() {
+            guard.disarm();
+            return;
+        }
+        let mut attempt = 1;
+        let ok = loop {
+            if !self.breaker.allows() {
+                break false;
+            }
+            match self.write_effects(&effects).await {
+                Ok(()) => break true,
+                Err(e) if e.is_temporary() && attempt < self.cfg.retry.attempts => {
+                    tokio::time::sleep(self.cfg.retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache write failed after commit; keys queued for resync");
+                    break false;
+                }
+            }
+        };
+        guard.disarm();
+        if ok {
+            let ids: Vec<i64> = effects.iter().filter_map(|e| e.outbox_id).collect();
+            if !ids.is_empty() {
+                self.acks.lock().extend(ids);
+            }
+        } else {
+            Counters::add(&self.stats.cache_write_failures, effects.len() as u64);
+            for e in &effects {
+                self.resync
+                    .mark(&e.cache_key, &e.table, e.key.clone(), e.version);
+            }
+        }
+    }
+
+    fn item(&self, cache_key: &str, version: u64, kind: &EffectKind) -> CacheItem {
+        match kind {
+            EffectKind::Put(entry, ttl) => CacheItem {
+                key: cache_key.to_owned(),
+                entry: entry.clone(),
+                version,
+                ttl: *ttl,
+            },
+            EffectKind::Invalidate => CacheItem {
+                key: cache_key.to_owned(),
+                entry: codec::tombstone(version),
+                version,
+                ttl: Some(self.tombstone_ttl),
+            },
+        }
+    }
+
+    async fn write_effects(&self, effects: &[Effect]) -> Result<()> {
+        if self.cfg.consistency.fence {
+            let mut items: Vec<CacheItem> = effects
+                .iter()
+                .map(|e| self.item(&e.cache_key, e.version, &e.kind))
+                .collect();
+            let fences = if items.len() == 1 {
+                let item = items.pop().expect("one item");
+                vec![
+                    self.cache_call("cache.set_if_newer", self.cache.set_if_newer(item))
+                        .await?,
+                ]
+            } else {
+                self.cache_call(
+                    "cache.set_many_if_newer",
+                    self.cache.set_many_if_newer(items),
+                )
+                .await?
+            };
+            let stale = fences.iter().filter(|f| **f == Fence::Stale).count();
+            Counters::add(&self.stats.stale_refused, stale as u64);
+            return Ok(());
+        }
+        // Unfenced: the textbook write-through, with its races.
+        let mut puts = Vec::new();
+        for e in effects {
+            match &e.kind {
+                EffectKind::Put(..) => puts.push(self.item(&e.cache_key, e.version, &e.kind)),
+                EffectKind::Invalidate => {
+                    self.cache_call("cache.delete", self.cache.delete(&e.cache_key))
+                        .await?;
+                }
+            }
+        }
+        match puts.len() {
+            0 => Ok(()),
+            1 => {
+                let it = puts.pop().expect("one item");
+                self.cache_call("cache.set", self.cache.set(&it.key, it.entry, it.ttl))
+                    .await
+            }
+            _ => {
+                self.cache_call("cache.set_many", self.cache.set_many(puts))
+                    .await
+            }
+        }
+    }
+
+    /// Reads one key: the cache, else the database through single flight.
+    pub(crate) async fn read<R: Record>(
+        self: &Arc<Self>,
+        st: &Arc<TableState>,
+        key: Key,
+    ) -> Result<Option<R>> {
+        let ck = self.key_for(st, &key)?;
+        if let Some(hit) = self.lookup::<R>(st, &ck).await {
+            return Ok(Some(hit));
+        }
+        let loaded = self
+            .load(&ck, || {
+                self.clone().load_from_db(st.clone(), key, ck.clone())
+            })
+            .await?;
+        loaded.map(|vr| R::from_row(&st.table, vr.row)).transpose()
+    }
+
+    /// Looks `ck` up in the cache; `None` is a miss for whatever reason.
+    pub(crate) async fn lookup<R: Record>(&self, st: &TableState, ck: &str) -> Option<R> {
+        let usable = self.breaker.allows() && !self.resync.contains(ck);
+        if usable && let Ok(Some(bytes)) = self.cache_call("cache.get", self.cache.get(ck)).await {
+            match codec::decode(&bytes) {
+                Decoded::Row { codec, payload, .. } => {
+                    match R::from_payload(codec, &st.table, payload) {
+                        Ok(r) => {
+                            Counters::add(&self.stats.hits, 1);
+                            return Some(r);
+                        }
+                        Err(e) => {
+                            Counters::add(&self.stats.corrupt_entries, 1);
+                            tracing::warn!(key = ck, error = %e, "cached row does not decode; reading the database");
+                        }
+                    }
+                }
+                Decoded::Tombstone { .. } => {}
+                Decoded::Corrupt => Counters::add(&self.stats.corrupt_entries, 1),
+            }
+        }
+        Counters::add(&self.stats.misses, 1);
+        None
+    }
+
+    /// Runs `load` for `ck`, shared with concurrent callers when single flight is on.
+    pub(crate) async fn load(
+        &self,
+        ck: &str,
+        load: impl FnOnce() -> BoxFuture<'static, LoadResult>,
+    ) -> LoadResult {
+        if self.cfg.consistency.single_flight {
+            self.flights.run(ck, load).await
+        } else {
+            load().await
+        }
+    }
+
+    fn load_from_db(
+        self: Arc<Self>,
+        st: Arc<TableState>,
+        key: Key,
+        ck: String,
+    ) -> BoxFuture<'static, LoadResult> {
+        async move {
+            self.hook(HookPoint::BeforeLoad, &ck).await;
+            let started = Instant::now();
+            Counters::add(&self.stats.loads, 1);
+            let row = self.db_call("db.get", self.db.get(&st.table, &key)).await?;
+            self.hook(HookPoint::AfterLoad, &ck).await;
+            if let Some(vr) = &row {
+                self.populate(&st, &ck, vr, started).await;
+            }
+            Ok(row)
+        }
+        .boxed()
+    }
+
+    /// Puts a loaded row in the cache, fenced by its version. Waits for the
+    /// cache's answer, so that a reader who saw this row and then reads
+    /// again cannot be handed an older one another reader put there.
+    pub(crate) async fn populate(
+        &self,
+        st: &TableState,
+        ck: &str,
+        vr: &VersionedRow,
+        started: Instant,
+    ) {
+        if !self.breaker.allows() || self.resync.overflowed() || !st.caches(&vr.row) {
+            return;
+        }
+        if started.elapsed() >= self.cfg.load_deadline {
+            Counters::add(&self.stats.late_loads, 1);
+            return;
+        }
+        let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version) else {
+            return;
+        };
+        let r = if self.cfg.consistency.fence {
+            let item = CacheItem {
+                key: ck.to_owned(),
+                entry,
+                version: vr.version,
+                ttl,
+            };
+            self.cache_call("cache.set_if_newer", self.cache.set_if_newer(item))
+                .await
+        } else {
+            self.cache_call("cache.set", self.cache.set(ck, entry, ttl))
+                .await
+                .map(|()| Fence::Applied)
+        };
+        match r {
+            Ok(Fence::Applied) => Counters::add(&self.stats.populates, 1),
+            Ok(Fence::Stale) => Counters::add(&self.stats.stale_refused, 1),
+            Err(_) => {}
+        }
+    }
+
+    /// Makes the cache entry of `ck` agree with `row`, the current database
+    /// row (or its absence, as of `gone_version` if known).
+    pub(crate) async fn repair(
+        &self,
+        st: &TableState,
+        ck: &str,
+        row: Option<VersionedRow>,
+        gone_version: u64,
+    ) -> Result<()> {
+        let item = match &row {
+            Some(vr) => match st
+                .caches(&vr.row)
+                .then(|| self.entry_for(st, &vr.row, vr.version))
+            {
+                Some(Some((entry, ttl))) => Some(CacheItem {
+                    key: ck.to_owned(),
+                    entry,
+                    version: vr.version,
+                    ttl,
+                }),
+                _ => None,
+            },
+            None => None,
+        };
+        let version = row.as_ref().map_or(gone_version, |vr| vr.version);
+        if !self.cfg.consistency.fence || (item.is_none() && version == 0) {
+            // Nothing to fence with: remove whatever is there.
+            return match item {
+                Some(it) if !self.cfg.consistency.fence => {
+                    self.cache_call("cache.set", self.cache.set(ck, it.entry, it.ttl))
+                        .await
+                }
+                _ => self
+                    .cache_call("cache.delete", self.cache.delete(ck))
+                    .await
+                    .map(drop),
+            };
+        }
+        let item = item.unwrap_or_else(|| self.item(ck, version, &EffectKind::Invalidate));
+        self.cache_call("cache.set_if_newer", self.cache.set_if_newer(item))
+            .await
+            .map(drop)
+    }
+}

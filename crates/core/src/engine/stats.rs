@@ -1,0 +1,69 @@
+//! Counters of what the engine did, readable at any time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        #[derive(Default)]
+        pub(crate) struct Counters { $(pub(crate) $name: AtomicU64,)* }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self) -> Stats {
+                Stats { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        /// What the engine did since it was built.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Stats { $($(#[$doc])* pub $name: u64,)* }
+    };
+}
+
+counters! {
+    /// Reads answered from the cache.
+    hits,
+    /// Reads that did not find a usable entry in the cache.
+    misses,
+    /// Rows loaded from the database (or a caller's loader) on a miss.
+    loads,
+    /// Loaded rows put in the cache.
+    populates,
+    /// Cache writes refused because the cache held the same or a newer version.
+    stale_refused,
+    /// Writes (puts, updates, deletes) committed to the database.
+    writes,
+    /// Cache writes that failed after their retries.
+    cache_write_failures,
+    /// Failed cache calls of any kind.
+    cache_errors,
+    /// Failed database calls.
+    db_errors,
+    /// Cache entries that were not readable (foreign, truncated, old format).
+    corrupt_entries,
+    /// Keys whose cache entries were repaired by resync.
+    resynced,
+    /// Outbox records replayed by the reconciler.
+    replayed,
+    /// Loads that took longer than the load deadline and were not cached.
+    late_loads,
+}
+
+impl Counters {
+    #[inline]
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl Stats {
+    /// Hits over all reads, or 0 before the first read.
+    pub fn hit_ratio(&self) -> f64 {
+        let reads = self.hits + self.misses;
+        if reads == 0 {
+            0.0
+        } else {
+            self.hits as f64 / reads as f64
+        }
+    }
+}

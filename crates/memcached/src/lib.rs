@@ -1,0 +1,1 @@
+//! Memcached as a writethrough cache (in progress).

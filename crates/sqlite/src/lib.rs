@@ -1,0 +1,614 @@
+//! SQLite as a writethrough database, on rusqlite.
+//!
+//! SQLite calls block, so none of them runs on the async workers. Writes go
+//! to one dedicated writer thread (SQLite has one writer at a time anyway)
+//! as whole transactions: a write, its version bump and its outbox record
+//! cost one thread hop, not one per statement. When writes queue up, the
+//! writer commits them together (group commit): each in its own savepoint,
+//! so one failing write does not fail the others, and one `COMMIT` for all,
+//! which is where SQLite spends its time. Reads go to a small pool of
+//! reader threads with their own connections, which WAL lets run beside the
+//! writer.
+//!
+//! ```no_run
+//! # fn main() -> writethrough_core::Result<()> {
+//! let db = writethrough_sqlite::SqliteStore::open("app.db")?;
+//! # Ok(()) }
+//! ```
+
+mod sql;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+use writethrough_core::{
+    DbCapabilities, DbStore, Error, ErrorKind, Key, OUTBOX_TABLE, OutboxEntry, Result, Table,
+    Transaction, TxOptions, VersionedRow, Write, WriteOutcome, async_trait,
+};
+
+use sql::{SqlCache, map_err};
+
+/// How durable a commit is (SQLite's `synchronous` pragma in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// A commit survives a process crash but may be lost on power loss; fast.
+    Normal,
+    /// A commit is on disk before it returns.
+    Full,
+}
+
+/// Settings of a [`SqliteStore`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SqliteConfig {
+    /// The database file.
+    pub path: PathBuf,
+    /// How long a statement waits for a lock held by another connection
+    /// before failing with `ErrorKind::Busy`.
+    pub busy_timeout: Duration,
+    /// Reader threads (each with its own connection).
+    pub readers: usize,
+    /// Most write transactions committed together.
+    pub group_commit_max: usize,
+    /// Durability of commits.
+    pub synchronous: Synchronous,
+    /// An interactive transaction left idle this long is rolled back, so a
+    /// forgotten one cannot hold SQLite's single write lock forever.
+    pub idle_transaction_timeout: Duration,
+}
+
+impl SqliteConfig {
+    /// Defaults for the file at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SqliteConfig {
+            path: path.into(),
+            busy_timeout: Duration::from_secs(5),
+            readers: 2,
+            group_commit_max: 256,
+            synchronous: Synchronous::Normal,
+            idle_transaction_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets the busy timeout.
+    #[must_use]
+    pub fn busy_timeout(mut self, d: Duration) -> Self {
+        self.busy_timeout = d;
+        self
+    }
+
+    /// Sets the number of reader threads (at least 1).
+    #[must_use]
+    pub fn readers(mut self, n: usize) -> Self {
+        self.readers = n.max(1);
+        self
+    }
+
+    /// Sets the durability of commits.
+    #[must_use]
+    pub fn synchronous(mut self, s: Synchronous) -> Self {
+        self.synchronous = s;
+        self
+    }
+
+    /// Sets the largest group of transactions committed together (1 turns group commit off).
+    #[must_use]
+    pub fn group_commit_max(mut self, n: usize) -> Self {
+        self.group_commit_max = n.max(1);
+        self
+    }
+}
+
+/// A SQLite database backend. Cheap to clone; the threads stop when the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    writer: Sender<WriterJob>,
+    readers: Sender<ReadJob>,
+    path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.shared.path)
+            .finish()
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+enum WriterJob {
+    Group(GroupItem),
+    Begin(Interactive),
+    Ensure(Table, Reply<()>),
+}
+
+enum GroupItem {
+    Writes(Vec<Write>, TxOptions, Reply<Vec<WriteOutcome>>),
+    OutboxRemove(Vec<i64>, Reply<()>),
+}
+
+struct Interactive {
+    cmds: Receiver<TxCmd>,
+    opts: TxOptions,
+    started: Reply<()>,
+}
+
+enum TxCmd {
+    Apply(Box<Write>, Reply<WriteOutcome>),
+    Get(Table, Key, Reply<Option<VersionedRow>>),
+    Commit(Reply<()>),
+    Rollback(Reply<()>),
+}
+
+enum ReadJob {
+    Get(Table, Key, Reply<Option<VersionedRow>>),
+    Scan(Table, Option<Key>, usize, Reply<Vec<VersionedRow>>),
+    OutboxPending(Duration, usize, Reply<Vec<OutboxEntry>>),
+    Ping(Reply<()>),
+}
+
+fn gone() -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        "the SQLite worker thread is gone; the outcome of the call is unknown",
+    )
+    .with_backend("sqlite")
+    .in_doubt()
+}
+
+async fn ask<T>(rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+    rx.await.unwrap_or_else(|_| Err(gone()))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` with default settings.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::with_config(SqliteConfig::new(path.as_ref()))
+    }
+
+    /// Opens a fresh database in a temporary directory, removed when the
+    /// store is dropped: for examples and tests.
+    pub fn open_temporary() -> Result<Self> {
+        let dir = tempfile::tempdir().map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                "cannot create a temporary directory",
+            )
+            .with_source(e)
+        })?;
+        let mut store = Self::with_config(SqliteConfig::new(dir.path().join("writethrough.db")))?;
+        Arc::get_mut(&mut store.shared)
+            .expect("a new store is not shared yet")
+            ._temp = Some(dir);
+        Ok(store)
+    }
+
+    /// Opens the database described by `cfg`.
+    pub fn with_config(cfg: SqliteConfig) -> Result<Self> {
+        let writer_conn = open_conn(&cfg, false)?;
+        writer_conn
+            .execute_batch(&sql::engine_tables_sql())
+            .map_err(map_err)?;
+        let (wtx, wrx) = crossbeam_channel::unbounded();
+        let (rtx, rrx) = crossbeam_channel::unbounded();
+        for i in 0..cfg.readers.max(1) {
+            let conn = open_conn(&cfg, true)?;
+            let rrx = rrx.clone();
+            spawn(format!("wt-sqlite-read-{i}"), move || {
+                reader_loop(conn, rrx)
+            })?;
+        }
+        let (max, idle) = (cfg.group_commit_max.max(1), cfg.idle_transaction_timeout);
+        spawn("wt-sqlite-write".into(), move || {
+            writer_loop(writer_conn, wrx, max, idle)
+        })?;
+        Ok(SqliteStore {
+            shared: Arc::new(Shared {
+                writer: wtx,
+                readers: rtx,
+                path: cfg.path,
+                _temp: None,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    async fn write<T>(&self, job: WriterJob, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        self.shared.writer.send(job).map_err(|_| gone())?;
+        ask(rx).await
+    }
+
+    async fn read<T>(&self, job: ReadJob, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        self.shared.readers.send(job).map_err(|_| gone())?;
+        ask(rx).await
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| {
+            Error::new(ErrorKind::Unavailable, "cannot start a SQLite thread").with_source(e)
+        })
+}
+
+fn open_conn(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(&cfg.path, flags).map_err(map_err)?;
+    conn.busy_timeout(cfg.busy_timeout).map_err(map_err)?;
+    conn.set_prepared_statement_cache_capacity(256);
+    let sync = match cfg.synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;{}",
+        if read_only {
+            " PRAGMA query_only = 1;"
+        } else {
+            ""
+        }
+    ))
+    .map_err(map_err)?;
+    Ok(conn)
+}
+
+fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
+    let mut cache = SqlCache::default();
+    while let Ok(job) = jobs.recv() {
+        match job {
+            ReadJob::Get(t, k, reply) => {
+                let _ = reply.send(sql::get(&conn, &mut cache, &t, &k));
+            }
+            ReadJob::Scan(t, after, limit, reply) => {
+                let _ = reply.send(sql::scan(&conn, &mut cache, &t, after.as_ref(), limit));
+            }
+            ReadJob::OutboxPending(min_age, limit, reply) => {
+                let _ = reply.send(outbox_pending(&conn, min_age, limit));
+            }
+            ReadJob::Ping(reply) => {
+                let r = conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err);
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+fn outbox_pending(conn: &Connection, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let cutoff = now - i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX);
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT id, tbl, key, version FROM \"{OUTBOX_TABLE}\" WHERE created_ms <= ?1 ORDER BY id LIMIT ?2"
+        ))
+        .map_err(map_err)?;
+    let rows = stmt
+        .query_map(
+            rusqlite::params![cutoff, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            },
+        )
+        .map_err(map_err)?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (id, table, key, version) = r.map_err(map_err)?;
+        out.push(OutboxEntry {
+            id,
+            table,
+            key: Key::decode(&key)?,
+            version: u64::try_from(version).unwrap_or(0),
+        });
+    }
+    Ok(out)
+}
+
+fn exec(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute([]))
+        .map(drop)
+        .map_err(map_err)
+}
+
+fn writer_loop(conn: Connection, jobs: Receiver<WriterJob>, group_max: usize, idle: Duration) {
+    let mut cache = SqlCache::default();
+    let mut carry = None;
+    loop {
+        let job = match carry.take() {
+            Some(j) => j,
+            None => match jobs.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        match job {
+            WriterJob::Group(first) => {
+                let mut group = vec![first];
+                while group.len() < group_max {
+                    match jobs.try_recv() {
+                        Ok(WriterJob::Group(item)) => group.push(item),
+                        Ok(other) => {
+                            carry = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                run_group(&conn, &mut cache, group);
+            }
+            WriterJob::Begin(it) => run_interactive(&conn, &mut cache, it, idle),
+            WriterJob::Ensure(t, reply) => {
+                let _ = reply.send(sql::ensure_table(&conn, &mut cache, &t));
+            }
+        }
+    }
+}
+
+fn run_item(
+    conn: &Connection,
+    cache: &mut SqlCache,
+    item: &GroupItem,
+) -> Result<Option<Vec<WriteOutcome>>> {
+    match item {
+        GroupItem::Writes(writes, opts, _) => writes
+            .iter()
+            .map(|w| sql::apply(conn, cache, w, opts.outbox))
+            .collect::<Result<Vec<_>>>()
+            .map(Some),
+        GroupItem::OutboxRemove(ids, _) => {
+            let mut stmt = conn
+                .prepare_cached(&format!("DELETE FROM \"{OUTBOX_TABLE}\" WHERE id = ?1"))
+                .map_err(map_err)?;
+            for id in ids {
+                stmt.execute([id]).map_err(map_err)?;
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Commits a group of write transactions with one `COMMIT`; each runs in
+/// its own savepoint so that a failing one is rolled back alone.
+fn run_group(conn: &Connection, cache: &mut SqlCache, group: Vec<GroupItem>) {
+    let reply_all = |group: Vec<GroupItem>, results: Vec<Result<Option<Vec<WriteOutcome>>>>| {
+        for (item, r) in group.into_iter().zip(results) {
+            match item {
+                GroupItem::Writes(_, _, reply) => {
+                    let _ = reply.send(r.map(Option::unwrap_or_default));
+                }
+                GroupItem::OutboxRemove(_, reply) => {
+                    let _ = reply.send(r.map(drop));
+                }
+            }
+        }
+    };
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
+        let n = group.len();
+        reply_all(group, (0..n).map(|_| Err(e.clone())).collect());
+        return;
+    }
+    let single = group.len() == 1;
+    let mut results = Vec::with_capacity(group.len());
+    let mut savepoint_failed = None;
+    for item in &group {
+        if !single && let Err(e) = exec(conn, "SAVEPOINT wt_group") {
+            savepoint_failed = Some(e);
+            break;
+        }
+        let r = run_item(conn, cache, item);
+        if !single {
+            let undo = if r.is_err() {
+                exec(conn, "ROLLBACK TO wt_group")
+            } else {
+                Ok(())
+            };
+            if let Err(e) = undo.and_then(|()| exec(conn, "RELEASE wt_group")) {
+                savepoint_failed = Some(e);
+                break;
+            }
+        }
+        results.push(r);
+    }
+    let end = match savepoint_failed {
+        Some(e) => Err(e),
+        None if single && results[0].is_err() => {
+            let _ = exec(conn, "ROLLBACK");
+            reply_all(group, results);
+            return;
+        }
+        None => exec(conn, "COMMIT"),
+    };
+    if let Err(e) = end {
+        let _ = exec(conn, "ROLLBACK");
+        let n = group.len();
+        reply_all(group, (0..n).map(|_| Err(e.clone())).collect());
+        return;
+    }
+    reply_all(group, results);
+}
+
+fn run_interactive(conn: &Connection, cache: &mut SqlCache, it: Interactive, idle: Duration) {
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
+        let _ = it.started.send(Err(e));
+        return;
+    }
+    if it.started.send(Ok(())).is_err() {
+        let _ = exec(conn, "ROLLBACK");
+        return;
+    }
+    loop {
+        match it.cmds.recv_timeout(idle) {
+            Ok(TxCmd::Apply(w, reply)) => {
+                let _ = reply.send(sql::apply(conn, cache, &w, it.opts.outbox));
+            }
+            Ok(TxCmd::Get(t, k, reply)) => {
+                let _ = reply.send(sql::get(conn, cache, &t, &k));
+            }
+            Ok(TxCmd::Commit(reply)) => {
+                let r = exec(conn, "COMMIT");
+                if r.is_err() {
+                    let _ = exec(conn, "ROLLBACK");
+                }
+                let _ = reply.send(r);
+                return;
+            }
+            Ok(TxCmd::Rollback(reply)) => {
+                let _ = reply.send(exec(conn, "ROLLBACK"));
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                tracing::warn!(?idle, "rolling back an idle SQLite transaction");
+                let _ = exec(conn, "ROLLBACK");
+                return;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = exec(conn, "ROLLBACK");
+                return;
+            }
+        }
+    }
+}
+
+/// An interactive SQLite transaction, run on the writer thread.
+struct SqliteTx {
+    cmds: Sender<TxCmd>,
+}
+
+impl SqliteTx {
+    async fn call<T>(&self, cmd: impl FnOnce(Reply<T>) -> TxCmd) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(cmd(tx)).map_err(|_| closed())?;
+        rx.await.unwrap_or_else(|_| Err(closed()))
+    }
+}
+
+fn closed() -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        "the transaction was rolled back (idle too long, or its worker is gone)",
+    )
+    .with_backend("sqlite")
+}
+
+#[async_trait]
+impl Transaction for SqliteTx {
+    async fn apply(&mut self, write: &Write) -> Result<WriteOutcome> {
+        let w = Box::new(write.clone());
+        self.call(|r| TxCmd::Apply(w, r)).await
+    }
+    async fn get(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
+        let (t, k) = (table.clone(), key.clone());
+        self.call(|r| TxCmd::Get(t, k, r)).await
+    }
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.call(TxCmd::Commit).await.map_err(|e| {
+            if e.kind() == ErrorKind::Unavailable {
+                e.in_doubt()
+            } else {
+                e
+            }
+        })
+    }
+    async fn rollback(self: Box<Self>) -> Result<()> {
+        self.call(TxCmd::Rollback).await
+    }
+}
+
+#[async_trait]
+impl DbStore for SqliteStore {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn capabilities(&self) -> DbCapabilities {
+        let mut c = DbCapabilities::new();
+        c.text_allows_nul = true;
+        c
+    }
+
+    async fn ensure_table(&self, table: &Table) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriterJob::Ensure(table.clone(), tx), rx).await
+    }
+
+    async fn begin(&self, opts: TxOptions) -> Result<Box<dyn Transaction>> {
+        let (cmds_tx, cmds_rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = oneshot::channel();
+        let job = WriterJob::Begin(Interactive {
+            cmds: cmds_rx,
+            opts,
+            started: tx,
+        });
+        self.write(job, rx).await?;
+        Ok(Box::new(SqliteTx { cmds: cmds_tx }))
+    }
+
+    async fn execute(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriterJob::Group(GroupItem::Writes(writes, opts, tx)), rx)
+            .await
+    }
+
+    async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
+        let (tx, rx) = oneshot::channel();
+        self.read(ReadJob::Get(table.clone(), key.clone(), tx), rx)
+            .await
+    }
+
+    async fn scan(
+        &self,
+        table: &Table,
+        after: Option<Key>,
+        limit: usize,
+    ) -> Result<Vec<VersionedRow>> {
+        let (tx, rx) = oneshot::channel();
+        self.read(ReadJob::Scan(table.clone(), after, limit, tx), rx)
+            .await
+    }
+
+    async fn outbox_pending(&self, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>> {
+        let (tx, rx) = oneshot::channel();
+        self.read(ReadJob::OutboxPending(min_age, limit, tx), rx)
+            .await
+    }
+
+    async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriterJob::Group(GroupItem::OutboxRemove(ids, tx)), rx)
+            .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.read(ReadJob::Ping(tx), rx).await
+    }
+}

@@ -1,0 +1,415 @@
+//! SQL text for one table, values to and from SQLite, and error mapping.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OptionalExtension, ToSql, params_from_iter};
+use writethrough_core::{
+    ColumnType, Error, ErrorKind, Key, OUTBOX_TABLE, Patch, Result, Row, Table, VERSION_COLUMN,
+    Value, VersionedRow, Write, WriteOp, WriteOutcome,
+};
+
+pub(crate) const SEQ_TABLE: &str = "_wt_seq";
+
+/// Maps a rusqlite error to ours, in one place.
+pub(crate) fn map_err(e: rusqlite::Error) -> Error {
+    use rusqlite::ErrorCode as C;
+    let kind = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            C::DatabaseBusy | C::DatabaseLocked => ErrorKind::Busy,
+            C::ConstraintViolation => ErrorKind::ConstraintViolation,
+            C::CannotOpen | C::NotADatabase | C::PermissionDenied | C::ReadOnly => {
+                ErrorKind::Unavailable
+            }
+            C::TooBig => ErrorKind::InvalidValue,
+            _ => ErrorKind::Backend,
+        },
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => ErrorKind::SchemaMismatch,
+        _ => ErrorKind::Backend,
+    };
+    let msg = match kind {
+        ErrorKind::Busy => "the database stayed locked past the busy timeout",
+        _ => "",
+    };
+    Error::new(kind, msg).with_backend("sqlite").with_source(e)
+}
+
+pub(crate) struct Bind<'a>(pub(crate) &'a Value);
+
+impl ToSql for Bind<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Value::Null => ToSqlOutput::Owned(SqlValue::Null),
+            Value::Bool(b) => ToSqlOutput::Owned(SqlValue::Integer(i64::from(*b))),
+            Value::Int(i) => ToSqlOutput::Owned(SqlValue::Integer(*i)),
+            Value::Float(f) => ToSqlOutput::Owned(SqlValue::Real(*f)),
+            Value::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Value::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Value::Json(j) => ToSqlOutput::Owned(SqlValue::Text(j.to_string())),
+        })
+    }
+}
+
+pub(crate) struct BindKey<'a>(pub(crate) &'a Key);
+
+impl ToSql for BindKey<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Key::Int(i) => ToSqlOutput::Owned(SqlValue::Integer(*i)),
+            Key::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+        })
+    }
+}
+
+fn decode(ty: ColumnType, v: ValueRef<'_>) -> Result<Value> {
+    let bad = || {
+        Error::new(
+            ErrorKind::SchemaMismatch,
+            format!(
+                "a stored {} does not fit a {} column",
+                v.data_type(),
+                ty.as_str()
+            ),
+        )
+    };
+    Ok(match (ty, v) {
+        (_, ValueRef::Null) => Value::Null,
+        (ColumnType::Bool, ValueRef::Integer(i)) => Value::Bool(i != 0),
+        (ColumnType::Int, ValueRef::Integer(i)) => Value::Int(i),
+        (ColumnType::Float, ValueRef::Real(f)) => Value::Float(f),
+        (ColumnType::Float, ValueRef::Integer(i)) => Value::Float(i as f64),
+        (ColumnType::Text, ValueRef::Text(t)) => {
+            Value::Text(String::from_utf8(t.to_vec()).map_err(|_| bad())?)
+        }
+        (ColumnType::Bytes, ValueRef::Blob(b)) => Value::Bytes(b.to_vec()),
+        (ColumnType::Json, ValueRef::Text(t)) => {
+            Value::Json(serde_json::from_slice(t).map_err(|e| bad().with_source(e))?)
+        }
+        _ => return Err(bad()),
+    })
+}
+
+/// Reads a full row (every column, then the version) from a result row.
+pub(crate) fn read_row(table: &Table, r: &rusqlite::Row<'_>) -> Result<VersionedRow> {
+    let mut row = Row::with_capacity(table.columns().len());
+    for (i, col) in table.columns().iter().enumerate() {
+        let v = r.get_ref(i).map_err(map_err)?;
+        row.insert(col.name.clone(), decode(col.ty, v)?);
+    }
+    let version: i64 = r.get(table.columns().len()).map_err(map_err)?;
+    Ok(VersionedRow {
+        row,
+        version: u64::try_from(version).unwrap_or(0),
+    })
+}
+
+fn sql_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Bool | ColumnType::Int => "INTEGER",
+        ColumnType::Float => "REAL",
+        ColumnType::Text | ColumnType::Json => "TEXT",
+        ColumnType::Bytes => "BLOB",
+        _ => "ANY",
+    }
+}
+
+/// The statements of one table, built once.
+pub(crate) struct TableSql {
+    pub(crate) create: String,
+    pub(crate) upsert: String,
+    pub(crate) select: String,
+    pub(crate) delete: String,
+    pub(crate) scan_first: String,
+    pub(crate) scan_after: String,
+    /// `UPDATE ... SET` prefix; the patch's columns follow.
+    pub(crate) select_cols: String,
+}
+
+impl TableSql {
+    pub(crate) fn new(t: &Table) -> Self {
+        let name = t.name().quoted();
+        let key = t.key_column().name.quoted();
+        let cols: Vec<String> = t.columns().iter().map(|c| c.name.quoted()).collect();
+        let select_cols = format!("{}, \"{VERSION_COLUMN}\"", cols.join(", "));
+        let defs: Vec<String> = t
+            .columns()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let pk = if i == 0 { " PRIMARY KEY" } else { "" };
+                let null = if c.nullable { "" } else { " NOT NULL" };
+                format!("{} {}{pk}{null}", c.name.quoted(), sql_type(c.ty))
+            })
+            .collect();
+        let placeholders: Vec<String> = (1..=cols.len() + 1).map(|i| format!("?{i}")).collect();
+        let updates: Vec<String> = cols[1..]
+            .iter()
+            .chain(std::iter::once(&format!("\"{VERSION_COLUMN}\"")))
+            .map(|c| format!("{c} = excluded.{c}"))
+            .collect();
+        let set = if updates.is_empty() {
+            String::new()
+        } else {
+            updates.join(", ")
+        };
+        TableSql {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {name} ({}, \"{VERSION_COLUMN}\" INTEGER NOT NULL DEFAULT 0) STRICT",
+                defs.join(", ")
+            ),
+            upsert: format!(
+                "INSERT INTO {name} ({}, \"{VERSION_COLUMN}\") VALUES ({}) ON CONFLICT ({key}) DO UPDATE SET {set}",
+                cols.join(", "),
+                placeholders.join(", ")
+            ),
+            select: format!("SELECT {select_cols} FROM {name} WHERE {key} = ?1"),
+            delete: format!("DELETE FROM {name} WHERE {key} = ?1"),
+            scan_first: format!("SELECT {select_cols} FROM {name} ORDER BY {key} LIMIT ?1"),
+            scan_after: format!(
+                "SELECT {select_cols} FROM {name} WHERE {key} > ?1 ORDER BY {key} LIMIT ?2"
+            ),
+            select_cols,
+        }
+    }
+
+    fn update(&self, t: &Table, patch: &Patch) -> String {
+        let sets: Vec<String> = patch
+            .columns()
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| format!("{} = ?{}", c.quoted(), i + 1))
+            .collect();
+        let n = sets.len();
+        format!(
+            "UPDATE {} SET {}, \"{VERSION_COLUMN}\" = ?{} WHERE {} = ?{} RETURNING {}",
+            t.name().quoted(),
+            sets.join(", "),
+            n + 1,
+            t.key_column().name.quoted(),
+            n + 2,
+            self.select_cols
+        )
+    }
+}
+
+/// Per-connection cache of table statements, by table name.
+#[derive(Default)]
+pub(crate) struct SqlCache {
+    tables: HashMap<String, Arc<TableSql>>,
+}
+
+impl SqlCache {
+    pub(crate) fn get(&mut self, t: &Table) -> Arc<TableSql> {
+        if let Some(s) = self.tables.get(t.name().as_str()) {
+            return s.clone();
+        }
+        let s = Arc::new(TableSql::new(t));
+        self.tables.insert(t.name().as_str().to_owned(), s.clone());
+        s
+    }
+}
+
+pub(crate) fn engine_tables_sql() -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS \"{SEQ_TABLE}\" (id INTEGER PRIMARY KEY CHECK (id = 1), v INTEGER NOT NULL) STRICT;
+         INSERT OR IGNORE INTO \"{SEQ_TABLE}\" (id, v) VALUES (1, 0);
+         CREATE TABLE IF NOT EXISTS \"{OUTBOX_TABLE}\" (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             tbl TEXT NOT NULL,
+             key TEXT NOT NULL,
+             version INTEGER NOT NULL,
+             created_ms INTEGER NOT NULL
+         ) STRICT;"
+    )
+}
+
+/// Creates the table if missing; checks its columns and adds the version
+/// column to a table that predates the engine.
+pub(crate) fn ensure_table(conn: &Connection, cache: &mut SqlCache, t: &Table) -> Result<()> {
+    conn.execute_batch(&engine_tables_sql()).map_err(map_err)?;
+    let sql = cache.get(t);
+    conn.execute(&sql.create, []).map_err(map_err)?;
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT name FROM pragma_table_info({})",
+            quote_literal(t.name().as_str())
+        ))
+        .map_err(map_err)?;
+    let existing: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(map_err)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(map_err)?;
+    for c in t.columns() {
+        if !existing.iter().any(|e| e == c.name.as_str()) {
+            return Err(Error::new(
+                ErrorKind::SchemaMismatch,
+                format!("table {} exists without column {}", t.name(), c.name),
+            ));
+        }
+    }
+    if !existing.iter().any(|e| e == VERSION_COLUMN) {
+        conn.execute(
+            &format!(
+                "ALTER TABLE {} ADD COLUMN \"{VERSION_COLUMN}\" INTEGER NOT NULL DEFAULT 0",
+                t.name().quoted()
+            ),
+            [],
+        )
+        .map_err(map_err)?;
+    }
+    Ok(())
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn next_version(conn: &Connection) -> Result<u64> {
+    let v: i64 = conn
+        .prepare_cached(&format!(
+            "UPDATE \"{SEQ_TABLE}\" SET v = v + 1 WHERE id = 1 RETURNING v"
+        ))
+        .map_err(map_err)?
+        .query_row([], |r| r.get(0))
+        .map_err(map_err)?;
+    Ok(u64::try_from(v).unwrap_or(0))
+}
+
+fn record_outbox(conn: &Connection, t: &Table, key: &Key, version: u64) -> Result<i64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    conn.prepare_cached(&format!(
+        "INSERT INTO \"{OUTBOX_TABLE}\" (tbl, key, version, created_ms) VALUES (?1, ?2, ?3, ?4)"
+    ))
+    .map_err(map_err)?
+    .execute(rusqlite::params![
+        t.name().as_str(),
+        key.encode(),
+        version as i64,
+        now
+    ])
+    .map_err(map_err)?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Applies one write on `conn`, inside whatever transaction is open.
+pub(crate) fn apply(
+    conn: &Connection,
+    cache: &mut SqlCache,
+    w: &Write,
+    outbox: bool,
+) -> Result<WriteOutcome> {
+    let t = &w.table;
+    let sql = cache.get(t);
+    let version = next_version(conn)?;
+    let (key, existed, row) = match &w.op {
+        WriteOp::Upsert(row) => {
+            let key = row
+                .get(t.key_column().name.as_str())
+                .and_then(Key::from_value)
+                .ok_or_else(|| Error::new(ErrorKind::InvalidKey, "the row has no key"))?;
+            let vv = Value::Int(version as i64);
+            let params = row
+                .iter()
+                .map(|(_, v)| Bind(v))
+                .chain(std::iter::once(Bind(&vv)));
+            conn.prepare_cached(&sql.upsert)
+                .map_err(map_err)?
+                .execute(params_from_iter(params))
+                .map_err(map_err)?;
+            (key, false, None)
+        }
+        WriteOp::Update(key, patch) => {
+            let vv = Value::Int(version as i64);
+            let kv = key.to_value();
+            let params = patch
+                .columns()
+                .iter()
+                .map(|(_, v)| Bind(v))
+                .chain([Bind(&vv), Bind(&kv)]);
+            let found = conn
+                .prepare_cached(&sql.update(t, patch))
+                .map_err(map_err)?
+                .query_row(params_from_iter(params), |r| Ok(read_row(t, r)))
+                .optional()
+                .map_err(map_err)?
+                .transpose()?;
+            (key.clone(), found.is_some(), found.map(|vr| vr.row))
+        }
+        WriteOp::Delete(key) => {
+            let n = conn
+                .prepare_cached(&sql.delete)
+                .map_err(map_err)?
+                .execute([BindKey(key)])
+                .map_err(map_err)?;
+            (key.clone(), n > 0, None)
+        }
+    };
+    let outbox_id = if outbox {
+        Some(record_outbox(conn, t, &key, version)?)
+    } else {
+        None
+    };
+    Ok(WriteOutcome {
+        version,
+        existed,
+        row,
+        outbox_id,
+    })
+}
+
+pub(crate) fn get(
+    conn: &Connection,
+    cache: &mut SqlCache,
+    t: &Table,
+    key: &Key,
+) -> Result<Option<VersionedRow>> {
+    let sql = cache.get(t);
+    conn.prepare_cached(&sql.select)
+        .map_err(map_err)?
+        .query_row([BindKey(key)], |r| Ok(read_row(t, r)))
+        .optional()
+        .map_err(map_err)?
+        .transpose()
+}
+
+pub(crate) fn scan(
+    conn: &Connection,
+    cache: &mut SqlCache,
+    t: &Table,
+    after: Option<&Key>,
+    limit: usize,
+) -> Result<Vec<VersionedRow>> {
+    let sql = cache.get(t);
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    let mut push = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
+        out.push(read_row(t, r));
+        Ok(())
+    };
+    match after {
+        None => {
+            let mut stmt = conn.prepare_cached(&sql.scan_first).map_err(map_err)?;
+            let mut rows = stmt.query([limit]).map_err(map_err)?;
+            while let Some(r) = rows.next().map_err(map_err)? {
+                push(r).map_err(map_err)?;
+            }
+        }
+        Some(k) => {
+            let mut stmt = conn.prepare_cached(&sql.scan_after).map_err(map_err)?;
+            let mut rows = stmt
+                .query(rusqlite::params![BindKey(k), limit])
+                .map_err(map_err)?;
+            while let Some(r) = rows.next().map_err(map_err)? {
+                push(r).map_err(map_err)?;
+            }
+        }
+    }
+    out.into_iter().collect()
+}

@@ -1,0 +1,2 @@
+//! Test support for writethrough: real servers on free loopback ports,
+//! fault injection, the conformance suites, and the history checker.

@@ -177,6 +177,8 @@ pub enum Fence {
 ///   from this process or any other.
 /// * `set_many_if_newer` does the same per item, in one round trip where
 ///   the backend allows, and answers in the order of `items`.
+/// * `replace_if_unchanged`, where supported, stores `item` only if the key
+///   holds exactly `expected`, atomically.
 /// * `delete` removes the key and tells whether something was there.
 /// * `clear` removes every key that starts with `prefix`.
 /// * Every call either finishes or fails with a typed error; none panics
@@ -199,6 +201,20 @@ pub trait CacheStore: Send + Sync + 'static {
     async fn set_if_newer(&self, item: CacheItem) -> Result<Fence>;
     /// Stores each item only if newer, in one round trip where possible.
     async fn set_many_if_newer(&self, items: Vec<CacheItem>) -> Result<Vec<Fence>>;
+    /// Stores `item` only if its key still holds exactly `expected`: a
+    /// compare-and-set on bytes. The engine uses it to replace an entry it
+    /// could not read (a truncated payload behind a valid header, say),
+    /// which the version fence alone would keep, without racing a
+    /// concurrent write. Backends that cannot do it atomically keep this
+    /// default, and such entries are then read as misses until they expire
+    /// or a newer write replaces them.
+    async fn replace_if_unchanged(&self, expected: Bytes, item: CacheItem) -> Result<Fence> {
+        let _ = (expected, item);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "compare-and-set on bytes",
+        ))
+    }
     /// Removes one key.
     async fn delete(&self, key: &str) -> Result<bool>;
     /// Removes every key starting with `prefix`.
@@ -234,6 +250,13 @@ macro_rules! forward_cache_store {
             }
             async fn set_many_if_newer(&self, items: Vec<CacheItem>) -> Result<Vec<Fence>> {
                 (**self).set_many_if_newer(items).await
+            }
+            async fn replace_if_unchanged(
+                &self,
+                expected: Bytes,
+                item: CacheItem,
+            ) -> Result<Fence> {
+                (**self).replace_if_unchanged(expected, item).await
             }
             async fn delete(&self, key: &str) -> Result<bool> {
                 (**self).delete(key).await

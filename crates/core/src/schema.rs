@@ -170,6 +170,17 @@ impl Table {
         }
     }
 
+    /// The same schema under another name (several tables of one entity).
+    pub fn renamed(&self, name: &str) -> Result<Table> {
+        Ok(Table {
+            inner: Arc::new(TableInner {
+                name: Ident::new(name)?,
+                key: self.inner.key,
+                columns: self.inner.columns.clone(),
+            }),
+        })
+    }
+
     /// The table's name.
     pub fn name(&self) -> &Ident {
         &self.inner.name

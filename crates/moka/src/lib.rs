@@ -209,6 +209,28 @@ impl CacheStore for MokaCache {
         Ok(out)
     }
 
+    async fn replace_if_unchanged(&self, expected: Bytes, item: CacheItem) -> Result<Fence> {
+        let CacheItem {
+            key, entry, ttl, ..
+        } = item;
+        let result = self
+            .inner
+            .entry(key)
+            .and_compute_with(|current| {
+                let same = current.is_some_and(|e| e.value().bytes == expected);
+                std::future::ready(if same {
+                    Op::Put(Stored { bytes: entry, ttl })
+                } else {
+                    Op::Nop
+                })
+            })
+            .await;
+        Ok(match result {
+            moka::ops::compute::CompResult::ReplacedWith(_) => Fence::Applied,
+            _ => Fence::Stale,
+        })
+    }
+
     async fn delete(&self, key: &str) -> Result<bool> {
         Ok(self.inner.remove(key).await.is_some())
     }

@@ -1,2 +1,5 @@
 //! Test support for writethrough: real servers on free loopback ports,
 //! fault injection, the conformance suites, and the history checker.
+
+pub mod faults;
+pub mod suite;

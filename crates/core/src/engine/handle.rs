@@ -156,7 +156,7 @@ impl<R: Record> Handle<R> {
             .inner
             .key_for(&self.st, &key)
             .map_err(|e| e.with_operation("get_or_load"))?;
-        if let Some(hit) = self.inner.lookup::<R>(&self.st, &ck).await {
+        if let super::Lookup::Hit(hit) = self.inner.lookup::<R>(&self.st, &ck).await {
             return Ok(Some(hit));
         }
         let fut = loader(key.clone());

@@ -230,6 +230,16 @@ impl Engine {
         self.register_as(E::table(), opts).await
     }
 
+    /// Registers entity `E` in `table` instead of `E::table()`: for one
+    /// entity stored in several tables (see [`Table::renamed`]).
+    pub async fn register_in<E: Entity>(
+        &self,
+        table: Table,
+        opts: TableOptions<E>,
+    ) -> Result<Handle<E>> {
+        self.register_as(table, opts).await
+    }
+
     /// Registers `table` for plain [`Row`]s.
     pub async fn register_table(
         &self,
@@ -343,6 +353,14 @@ pub(crate) struct Prepared {
     /// The encoded row if it is to be cached; `None` invalidates instead.
     pub(crate) payload: Option<Payload>,
     pub(crate) ttl: Option<Duration>,
+}
+
+/// What a cache lookup found.
+pub(crate) enum Lookup<R> {
+    /// A readable row.
+    Hit(R),
+    /// Nothing usable; the bytes found if they were not a readable entry.
+    Miss(Option<Bytes>),
 }
 
 /// What a committed write does to the cache.
@@ -751,40 +769,78 @@ impl Inner {
         key: Key,
     ) -> Result<Option<R>> {
         let ck = self.key_for(st, &key)?;
-        if let Some(hit) = self.lookup::<R>(st, &ck).await {
-            return Ok(Some(hit));
-        }
+        let unreadable = match self.lookup::<R>(st, &ck).await {
+            Lookup::Hit(hit) => return Ok(Some(hit)),
+            Lookup::Miss(unreadable) => unreadable,
+        };
         let loaded = self
             .load(&ck, || {
                 self.clone().load_from_db(st.clone(), key, ck.clone())
             })
             .await?;
+        if let (Some(found), Some(vr)) = (unreadable, &loaded) {
+            self.replace_unreadable(st, &ck, found, vr).await;
+        }
         loaded.map(|vr| R::from_row(&st.table, vr.row)).transpose()
     }
 
-    /// Looks `ck` up in the cache; `None` is a miss for whatever reason.
-    pub(crate) async fn lookup<R: Record>(&self, st: &TableState, ck: &str) -> Option<R> {
+    /// Looks `ck` up in the cache. On a miss, returns the bytes found if
+    /// they were not a readable entry, so that the reader can replace them.
+    pub(crate) async fn lookup<R: Record>(&self, st: &TableState, ck: &str) -> Lookup<R> {
         let usable = self.breaker.allows() && !self.resync.contains(ck);
+        let mut unreadable = None;
         if usable && let Ok(Some(bytes)) = self.cache_call("cache.get", self.cache.get(ck)).await {
             match codec::decode(&bytes) {
                 Decoded::Row { codec, payload, .. } => {
                     match R::from_payload(codec, &st.table, payload) {
                         Ok(r) => {
                             Counters::add(&self.stats.hits, 1);
-                            return Some(r);
+                            return Lookup::Hit(r);
                         }
                         Err(e) => {
+                            // A valid entry this reader's type cannot decode: the
+                            // schemas disagree. Read the database; leave the entry.
                             Counters::add(&self.stats.corrupt_entries, 1);
                             tracing::warn!(key = ck, error = %e, "cached row does not decode; reading the database");
                         }
                     }
                 }
                 Decoded::Tombstone { .. } => {}
-                Decoded::Corrupt => Counters::add(&self.stats.corrupt_entries, 1),
+                Decoded::Corrupt => {
+                    Counters::add(&self.stats.corrupt_entries, 1);
+                    unreadable = Some(bytes);
+                }
             }
         }
         Counters::add(&self.stats.misses, 1);
-        None
+        Lookup::Miss(unreadable)
+    }
+
+    /// Replaces unreadable bytes with the row just loaded. The fence alone
+    /// would keep bytes whose header is intact but whose payload is not, so
+    /// this swaps exactly those bytes, atomically, where the backend can.
+    async fn replace_unreadable(&self, st: &TableState, ck: &str, found: Bytes, vr: &VersionedRow) {
+        if !self.breaker.allows() || !st.caches(&vr.row) {
+            return;
+        }
+        let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version) else {
+            return;
+        };
+        let item = CacheItem {
+            key: ck.to_owned(),
+            entry,
+            version: vr.version,
+            ttl,
+        };
+        let r = self
+            .cache_call(
+                "cache.replace_if_unchanged",
+                self.cache.replace_if_unchanged(found, item),
+            )
+            .await;
+        if let Ok(Fence::Applied) = r {
+            Counters::add(&self.stats.populates, 1);
+        }
     }
 
     /// Runs `load` for `ck`, shared with concurrent callers when single flight is on.

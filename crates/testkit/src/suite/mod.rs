@@ -1,0 +1,190 @@
+//! Conformance suites as plain async functions, run by any backend's tests.
+//!
+//! A [`Case`] takes a [`Pair`] (a cache and a database, both real) and
+//! either passes, panics with what went wrong, or declares itself
+//! [`Outcome::NotApplicable`] because the backend's capabilities rule it out
+//! — which is reported, never silently counted as a pass.
+
+pub mod engine;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use writethrough_core::{CacheStore, Config, DbStore, Engine, EngineBuilder};
+
+/// What a case concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every assertion held.
+    Passed,
+    /// The backend's capabilities rule the case out; says which.
+    NotApplicable(String),
+}
+
+/// A cache and a database to run a case on.
+#[derive(Clone)]
+pub struct Pair {
+    /// `cache+db`, e.g. `moka+sqlite`.
+    pub name: String,
+    /// The cache.
+    pub cache: Arc<dyn CacheStore>,
+    /// The database.
+    pub db: Arc<dyn DbStore>,
+}
+
+impl fmt::Debug for Pair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// A fresh identifier, unique across runs sharing a server: `{base}_{random}`.
+pub fn unique(base: &str) -> String {
+    format!("{base}_{:08x}", rand::random::<u32>())
+}
+
+impl Pair {
+    /// A pair named after its backends.
+    pub fn new(cache: Arc<dyn CacheStore>, db: Arc<dyn DbStore>) -> Self {
+        Pair {
+            name: format!("{}+{}", cache.name(), db.name()),
+            cache,
+            db,
+        }
+    }
+
+    /// The settings the suites use: a namespace of their own, and short
+    /// background intervals so that repairs show within a test.
+    pub fn config() -> Config {
+        let mut cfg = Config::default();
+        cfg.namespace = unique("t");
+        cfg.outbox_grace = Duration::from_millis(300);
+        cfg.reconcile_interval = Some(Duration::from_millis(200));
+        cfg.breaker.open_for = Duration::from_millis(100);
+        cfg.load_deadline = Duration::from_secs(2);
+        cfg.tombstone_ttl = Duration::from_secs(30);
+        cfg
+    }
+
+    /// An engine builder over this pair with [`Pair::config`].
+    pub fn builder(&self) -> EngineBuilder {
+        Engine::builder_dyn(self.cache.clone(), self.db.clone()).config(Self::config())
+    }
+
+    /// The same pair with another cache in front (a fault wrapper).
+    pub fn with_cache(&self, cache: Arc<dyn CacheStore>) -> Pair {
+        Pair {
+            name: self.name.clone(),
+            cache,
+            db: self.db.clone(),
+        }
+    }
+
+    /// The same pair with another database in front (a fault wrapper).
+    pub fn with_db(&self, db: Arc<dyn DbStore>) -> Pair {
+        Pair {
+            name: self.name.clone(),
+            cache: self.cache.clone(),
+            db,
+        }
+    }
+}
+
+/// One conformance case.
+#[derive(Clone, Copy)]
+pub struct Case {
+    /// Its name, which says what it proves.
+    pub name: &'static str,
+    /// Runs it.
+    pub run: fn(Pair) -> BoxFuture<'static, Outcome>,
+}
+
+impl fmt::Debug for Case {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// Builds a `Vec<Case>` from async functions `fn(Pair) -> Outcome`.
+#[macro_export]
+macro_rules! cases {
+    ($($f:path),* $(,)?) => {
+        vec![$($crate::suite::Case {
+            name: stringify!($f),
+            run: |p| Box::pin($f(p)),
+        }),*]
+    };
+}
+
+/// How one case ended.
+#[derive(Debug, Clone)]
+pub struct CaseReport {
+    /// The case.
+    pub name: &'static str,
+    /// Passed or not applicable; `Err` carries the panic message.
+    pub result: Result<Outcome, String>,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+/// Runs `cases` on `pair` one after another, each in its own task (a panic
+/// fails that case only) under `timeout`. `filter` keeps the cases whose
+/// name contains it.
+pub async fn run_cases(
+    pair: &Pair,
+    cases: &[Case],
+    filter: Option<&str>,
+    timeout: Duration,
+) -> Vec<CaseReport> {
+    let mut out = Vec::new();
+    for case in cases {
+        if filter.is_some_and(|f| !case.name.contains(f) && !pair.name.contains(f)) {
+            continue;
+        }
+        let started = Instant::now();
+        let task = tokio::spawn((case.run)(pair.clone()));
+        let result = match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) if e.is_panic() => Err(panic_message(e.into_panic())),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("did not finish within {timeout:?}")),
+        };
+        out.push(CaseReport {
+            name: case.name,
+            result,
+            elapsed: started.elapsed(),
+        });
+    }
+    out
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panicked".into()
+    }
+}
+
+/// Polls `check` every 10 ms until it returns true or `within` passes;
+/// returns whether it became true.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

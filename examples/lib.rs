@@ -1,0 +1,40 @@
+//! Shared pieces of the examples: the product catalogue they all use.
+
+use serde::{Deserialize, Serialize};
+use writethrough::{ColumnType, Entity, Table};
+
+/// A product of the catalogue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Product {
+    /// Its id, the key.
+    pub id: i64,
+    /// Its name.
+    pub name: String,
+    /// Its price.
+    pub price: f64,
+    /// How many are in stock.
+    pub stock: i64,
+}
+
+impl Entity for Product {
+    fn table() -> Table {
+        Table::builder("products")
+            .key("id", ColumnType::Int)
+            .column("name", ColumnType::Text)
+            .column("price", ColumnType::Float)
+            .column("stock", ColumnType::Int)
+            .build()
+            .expect("the products schema is valid")
+    }
+}
+
+/// Rejects what the catalogue must never hold.
+pub fn validate(p: &Product) -> Result<(), String> {
+    if p.name.trim().is_empty() {
+        return Err("a product needs a name".into());
+    }
+    if p.price < 0.0 {
+        return Err(format!("price {} is negative", p.price));
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The one test command of writethrough: formatting, lints, dependency
+# checks, and every test of the workspace against real servers.
+#
+# Run as root on a machine without redis-server, memcached or PostgreSQL,
+# it installs them from Debian's packages first; without root it stops and
+# prints the exact command. The tests start their own servers on free
+# loopback ports (crates/testkit), so nothing needs to be running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- server binaries -------------------------------------------------------
+missing=()
+have_pg() {
+    command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1 && return 0
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v memcached >/dev/null 2>&1 || missing+=(memcached)
+have_pg || missing+=(postgresql)
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        step "installing ${missing[*]} (Debian packages)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "error: the tests need ${missing[*]}; install with:" >&2
+        echo "    sudo apt-get install -y ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+
+# --- static checks ---------------------------------------------------------
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets --all-features -- -D warnings"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+step "cargo deny check"
+if ! command -v cargo-deny >/dev/null 2>&1; then
+    echo "cargo-deny is not installed; installing it from crates.io"
+    cargo install --locked cargo-deny
+fi
+cargo deny check bans licenses sources
+# The advisory database lives on github.com. Where it cannot be fetched
+# (this machine reaches only the package registries) say so loudly and use
+# the last fetched copy if there is one.
+if cargo deny check advisories 2>/tmp/wt-deny-advisories.log; then
+    echo "advisories ok"
+elif grep -q "failed to fetch advisory database" /tmp/wt-deny-advisories.log; then
+    if cargo deny check --disable-fetch advisories 2>/dev/null; then
+        echo "advisories ok (against the last fetched copy of the database)"
+    else
+        echo "NOTICE: advisories NOT checked: github.com/RustSec/advisory-db is unreachable from this machine"
+    fi
+else
+    cat /tmp/wt-deny-advisories.log >&2
+    exit 1
+fi
+
+# --- tests -----------------------------------------------------------------
+step "cargo test --workspace --all-features"
+cargo test --workspace --all-features
+
+step "all checks passed"

@@ -23,7 +23,8 @@ fn main() -> ExitCode {
 
 async fn run(filter: Option<&str>) -> bool {
     let pairs: Vec<Pair> = vec![writethrough_tests::embedded_pair()];
-    let cases = suite::engine::cases();
+    let mut cases = suite::engine::cases();
+    cases.extend(suite::races::cases());
     let mut summary = Vec::new();
     let runs: Vec<_> = pairs
         .into_iter()
@@ -47,7 +48,7 @@ async fn run(filter: Option<&str>) -> bool {
 }
 
 fn print_pair(pair: &str, reports: &[CaseReport]) {
-    println!("\nengine suite on {pair}");
+    println!("\nengine and race suites on {pair}");
     for r in reports {
         let ms = r.elapsed.as_millis();
         match &r.result {

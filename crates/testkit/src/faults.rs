@@ -49,6 +49,8 @@ pub struct CacheFaults {
     fail_writes: AtomicBool,
     stall: AtomicBool,
     delay_us: AtomicU64,
+    late_us: AtomicU64,
+    landed_late: AtomicU64,
     /// Calls seen, by operation (`get`, `set_if_newer`, ...).
     pub calls: Calls,
     ttls: Mutex<Vec<Option<Duration>>>,
@@ -74,14 +76,38 @@ impl CacheFaults {
     }
     /// Every call waits `d` first.
     pub fn delay(&self, d: Duration) {
-        self.delay_us
-            .store(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::SeqCst);
+        self.delay_us.store(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
+    }
+    /// Writes time out at once, as on a stalled connection, but their bytes
+    /// were sent: each one still reaches the real cache `d` later, after
+    /// whatever was written in between (`None` turns this off).
+    pub fn late_writes(&self, d: Option<Duration>) {
+        let us = d.map_or(0, |d| {
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+        });
+        self.late_us.store(us, Ordering::SeqCst);
     }
     /// Back to a healthy pass-through.
     pub fn heal(&self) {
         self.fail_all(false);
         self.stall(false);
         self.delay(Duration::ZERO);
+        self.late_writes(None);
+    }
+
+    /// How many late writes have reached the real cache so far.
+    pub fn landed_late(&self) -> u64 {
+        self.landed_late.load(Ordering::SeqCst)
+    }
+
+    fn late(&self) -> Option<Duration> {
+        match self.late_us.load(Ordering::SeqCst) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
     /// The TTLs of every item written so far, in order.
     pub fn ttls(&self) -> Vec<Option<Duration>> {
@@ -113,7 +139,25 @@ pub struct FaultyCache {
     faults: Arc<CacheFaults>,
 }
 
+fn stalled() -> Error {
+    Error::new(ErrorKind::Timeout, "injected fault: the connection stalled").with_backend("faulty")
+}
+
 impl FaultyCache {
+    /// Sends `write` to the real cache `d` from now, in the background.
+    fn land_late<F>(&self, d: Duration, write: F) -> Error
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let faults = self.faults.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            write.await;
+            faults.landed_late.fetch_add(1, Ordering::SeqCst);
+        });
+        stalled()
+    }
+
     /// Wraps `inner`, healthy.
     pub fn new(inner: Arc<dyn CacheStore>) -> Self {
         FaultyCache {
@@ -152,6 +196,12 @@ impl CacheStore for FaultyCache {
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         self.faults.enter("set", true).await?;
         self.faults.ttls.lock().push(ttl);
+        if let Some(d) = self.faults.late() {
+            let (inner, key) = (self.inner.clone(), key.to_owned());
+            return Err(self.land_late(d, async move {
+                let _ = inner.set(&key, value, ttl).await;
+            }));
+        }
         self.inner.set(key, value, ttl).await
     }
     async fn set_many(&self, items: Vec<CacheItem>) -> Result<()> {
@@ -162,6 +212,12 @@ impl CacheStore for FaultyCache {
     async fn set_if_newer(&self, item: CacheItem) -> Result<Fence> {
         self.faults.enter("set_if_newer", true).await?;
         self.faults.ttls.lock().push(item.ttl);
+        if let Some(d) = self.faults.late() {
+            let inner = self.inner.clone();
+            return Err(self.land_late(d, async move {
+                let _ = inner.set_if_newer(item).await;
+            }));
+        }
         self.inner.set_if_newer(item).await
     }
     async fn set_many_if_newer(&self, items: Vec<CacheItem>) -> Result<Vec<Fence>> {
@@ -214,8 +270,10 @@ impl DbFaults {
     }
     /// `get` waits `d` before reading.
     pub fn delay_reads(&self, d: Duration) {
-        self.delay_reads_us
-            .store(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::SeqCst);
+        self.delay_reads_us.store(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
     }
     /// Back to a healthy pass-through.
     pub fn heal(&self) {
@@ -335,7 +393,12 @@ impl DbStore for FaultyDb {
         self.faults.read("get").await?;
         self.inner.get(table, key).await
     }
-    async fn scan(&self, table: &Table, after: Option<Key>, limit: usize) -> Result<Vec<VersionedRow>> {
+    async fn scan(
+        &self,
+        table: &Table,
+        after: Option<Key>,
+        limit: usize,
+    ) -> Result<Vec<VersionedRow>> {
         self.faults.read("scan").await?;
         self.inner.scan(table, after, limit).await
     }

@@ -2,4 +2,6 @@
 //! fault injection, the conformance suites, and the history checker.
 
 pub mod faults;
+pub mod gates;
+pub mod history;
 pub mod suite;

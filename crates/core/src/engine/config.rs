@@ -20,6 +20,12 @@ pub struct Consistency {
     pub outbox: bool,
     /// Concurrent misses on one key in this process share one load (R7).
     pub single_flight: bool,
+    /// Keys whose cache write failed after the commit, or whose commit's
+    /// outcome is unknown (R4), are remembered: reads in this process skip
+    /// the cache for them until a resync re-reads the row and rewrites the
+    /// entry. Off: such failures are only logged, and the old entry is
+    /// served until its TTL ends.
+    pub resync: bool,
 }
 
 impl Default for Consistency {
@@ -28,6 +34,7 @@ impl Default for Consistency {
             fence: true,
             outbox: true,
             single_flight: true,
+            resync: true,
         }
     }
 }
@@ -49,12 +56,14 @@ impl Consistency {
     }
 
     /// Nothing on: the textbook write-through that the races break. For
-    /// benchmarks and demonstrations.
+    /// benchmarks and demonstrations; failures are still retried, and the
+    /// breaker still protects the cache.
     pub fn none() -> Self {
         Consistency {
             fence: false,
             outbox: false,
             single_flight: false,
+            resync: false,
         }
     }
 
@@ -76,6 +85,13 @@ impl Consistency {
     #[must_use]
     pub fn single_flight(mut self, on: bool) -> Self {
         self.single_flight = on;
+        self
+    }
+
+    /// Sets [`Consistency::resync`].
+    #[must_use]
+    pub fn resync(mut self, on: bool) -> Self {
+        self.resync = on;
         self
     }
 }

@@ -415,7 +415,10 @@ impl Inner {
     #[inline(always)]
     async fn hook(&self, _: HookPoint, _: &str) {}
 
-    pub(crate) fn guard(&self, keys: Vec<(String, Arc<TableState>, Key)>) -> ResyncGuard<'_> {
+    pub(crate) fn guard(&self, mut keys: Vec<(String, Arc<TableState>, Key)>) -> ResyncGuard<'_> {
+        if !self.cfg.consistency.resync {
+            keys.clear();
+        }
         ResyncGuard { inner: self, keys }
     }
 
@@ -690,6 +693,9 @@ impl Inner {
             }
         } else {
             Counters::add(&self.stats.cache_write_failures, effects.len() as u64);
+            if !self.cfg.consistency.resync {
+                return;
+            }
             for e in &effects {
                 self.resync
                     .mark(&e.cache_key, &e.table, e.key.clone(), e.version);

@@ -118,7 +118,10 @@ pub async fn setup_with(
         .build()
         .expect("engine builds");
     let table = Item::table().renamed(&unique("items")).expect("valid name");
-    let items = engine.register_in(table, opts).await.expect("table registers");
+    let items = engine
+        .register_in(table, opts)
+        .await
+        .expect("table registers");
     (engine, items)
 }
 
@@ -235,9 +238,15 @@ pub async fn update_reads_back_the_whole_row_and_caches_it(pair: Pair) -> Outcom
 /// Updating a row that does not exist returns `None` and writes nothing readable.
 pub async fn update_of_a_missing_row_returns_none(pair: Pair) -> Outcome {
     let (_, items) = setup(&pair, TableOptions::new()).await;
-    assert_eq!(items.update(5, Patch::new().set("qty", 1)).await.unwrap(), None);
+    assert_eq!(
+        items.update(5, Patch::new().set("qty", 1)).await.unwrap(),
+        None
+    );
     assert_eq!(in_db(&pair, &items, 5).await, None);
-    assert!(matches!(cached(&pair, &items, 5).await, None | Some((false, _))));
+    assert!(matches!(
+        cached(&pair, &items, 5).await,
+        None | Some((false, _))
+    ));
     assert_eq!(items.get(5).await.unwrap(), None);
     Outcome::Passed
 }
@@ -272,10 +281,17 @@ pub async fn put_many_is_one_transaction_and_one_cache_round_trip(pair: Pair) ->
     let batch: Vec<Item> = (1..=50).map(|i| item(i, i as f64)).collect();
     let versions = items.put_many(&batch).await.unwrap();
     assert_eq!(versions.len(), 50);
-    assert_eq!(db.faults().calls.get("execute"), 1, "one database transaction");
+    assert_eq!(
+        db.faults().calls.get("execute"),
+        1,
+        "one database transaction"
+    );
     let calls = &faulty.faults().calls;
     assert_eq!(calls.get("set_many_if_newer"), 1, "one cache round trip");
-    assert_eq!(calls.get("set_if_newer") + calls.get("set") + calls.get("set_many"), 0);
+    assert_eq!(
+        calls.get("set_if_newer") + calls.get("set") + calls.get("set_many"),
+        0
+    );
     for (it, v) in batch.iter().zip(&versions) {
         assert_eq!(cached(&pair, &items, it.id).await, Some((true, *v)));
     }
@@ -329,7 +345,10 @@ pub async fn validation_failure_writes_nothing(pair: Pair) -> Outcome {
     assert!(e.to_string().contains("negative price"), "{e}");
     assert_eq!(in_db(&pair, &items, 1).await, None);
     assert_eq!(cached(&pair, &items, 1).await, None);
-    let e = items.put_many(&[item(2, 1.0), item(3, -1.0)]).await.unwrap_err();
+    let e = items
+        .put_many(&[item(2, 1.0), item(3, -1.0)])
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Validation);
     assert_eq!(in_db(&pair, &items, 2).await, None);
     Outcome::Passed
@@ -369,13 +388,20 @@ pub async fn conditional_caching_writes_the_db_and_caches_only_when_told(pair: P
     let loads = engine.stats().loads;
     assert_eq!(items.get(1).await.unwrap(), Some(it.clone()));
     assert_eq!(items.get(1).await.unwrap(), Some(it));
-    assert_eq!(engine.stats().loads, loads + 2, "uncached rows are read from the database");
+    assert_eq!(
+        engine.stats().loads,
+        loads + 2,
+        "uncached rows are read from the database"
+    );
     let skip = items
         .put_with(&item(2, 1.0), WriteOptions::new().skip_cache())
         .await
         .unwrap();
     assert!(skip > 0);
-    assert!(matches!(cached(&pair, &items, 2).await, None | Some((false, _))));
+    assert!(matches!(
+        cached(&pair, &items, 2).await,
+        None | Some((false, _))
+    ));
     Outcome::Passed
 }
 
@@ -384,7 +410,11 @@ pub async fn conditional_caching_writes_the_db_and_caches_only_when_told(pair: P
 pub async fn ttl_comes_from_call_then_computed_then_table_then_default(pair: Pair) -> Outcome {
     let faulty = FaultyCache::new(pair.cache.clone());
     let p = pair.with_cache(Arc::new(faulty.clone()));
-    let g = p.cache.capabilities().ttl_granularity.max(Duration::from_secs(1));
+    let g = p
+        .cache
+        .capabilities()
+        .ttl_granularity
+        .max(Duration::from_secs(1));
     let (engine, items) = setup_with(
         &p,
         |c| c.default_ttl = Some(g * 400),
@@ -394,21 +424,34 @@ pub async fn ttl_comes_from_call_then_computed_then_table_then_default(pair: Pai
     )
     .await;
     let plain = engine
-        .register_in(Item::table().renamed(&unique("plain")).unwrap(), TableOptions::new())
+        .register_in(
+            Item::table().renamed(&unique("plain")).unwrap(),
+            TableOptions::new(),
+        )
         .await
         .unwrap();
-    items.put_with(&item(1, 1.0), WriteOptions::new().ttl(g * 100)).await.unwrap();
+    items
+        .put_with(&item(1, 1.0), WriteOptions::new().ttl(g * 100))
+        .await
+        .unwrap();
     items.put(&item(2, 500.0)).await.unwrap();
     items.put(&item(3, 1.0)).await.unwrap();
     plain.put(&item(4, 1.0)).await.unwrap();
     let ttls: Vec<Option<Duration>> = faulty.faults().ttls().into_iter().collect();
-    assert_eq!(ttls, vec![Some(g * 100), Some(g * 200), Some(g * 300), Some(g * 400)]);
+    assert_eq!(
+        ttls,
+        vec![Some(g * 100), Some(g * 200), Some(g * 300), Some(g * 400)]
+    );
     Outcome::Passed
 }
 
 /// An entry with a TTL disappears from the cache after it.
 pub async fn entries_expire_after_their_ttl(pair: Pair) -> Outcome {
-    let g = pair.cache.capabilities().ttl_granularity.max(Duration::from_millis(500));
+    let g = pair
+        .cache
+        .capabilities()
+        .ttl_granularity
+        .max(Duration::from_millis(500));
     let (_, items) = setup_with(
         &pair,
         |c| {
@@ -418,11 +461,18 @@ pub async fn entries_expire_after_their_ttl(pair: Pair) -> Outcome {
         TableOptions::new(),
     )
     .await;
-    items.put_with(&item(1, 1.0), WriteOptions::new().ttl(g)).await.unwrap();
+    items
+        .put_with(&item(1, 1.0), WriteOptions::new().ttl(g))
+        .await
+        .unwrap();
     assert!(cached(&pair, &items, 1).await.is_some());
     let gone = eventually(g * 6, || async { cached(&pair, &items, 1).await.is_none() }).await;
     assert!(gone, "the entry outlived its TTL of {g:?} six times over");
-    assert_eq!(items.get(1).await.unwrap(), Some(item(1, 1.0)), "the database still has it");
+    assert_eq!(
+        items.get(1).await.unwrap(),
+        Some(item(1, 1.0)),
+        "the database still has it"
+    );
     Outcome::Passed
 }
 
@@ -456,7 +506,11 @@ pub async fn db_commit_in_doubt_never_serves_the_old_value(pair: Pair) -> Outcom
     let e = items.put(&item(1, 2.0)).await.unwrap_err();
     assert!(e.is_in_doubt(), "{e}");
     db.faults().heal();
-    assert_eq!(items.get(1).await.unwrap(), Some(item(1, 2.0)), "the committed value, not the cached one");
+    assert_eq!(
+        items.get(1).await.unwrap(),
+        Some(item(1, 2.0)),
+        "the committed value, not the cached one"
+    );
     let repaired = eventually(Duration::from_secs(5), || async {
         engine.pending_resync() == 0
             && matches!(cached(&pair, &items, 1).await, Some((true, v)) if v > v1)
@@ -470,17 +524,30 @@ pub async fn db_commit_in_doubt_never_serves_the_old_value(pair: Pair) -> Outcom
 /// A cache that fails after the commit does not fail the write, and the
 /// stale entry it still holds is never served; the cache is resynced when
 /// it works again.
-pub async fn cache_failure_after_commit_keeps_the_write_and_serves_no_stale_value(pair: Pair) -> Outcome {
+pub async fn cache_failure_after_commit_keeps_the_write_and_serves_no_stale_value(
+    pair: Pair,
+) -> Outcome {
     let faulty = FaultyCache::new(pair.cache.clone());
     let p = pair.with_cache(Arc::new(faulty.clone()));
     let (engine, items) = setup(&p, TableOptions::new()).await;
     let v1 = items.put(&item(1, 1.0)).await.unwrap();
     faulty.faults().fail_writes(true);
-    let v2 = items.put(&item(1, 2.0)).await.expect("the write succeeds without the cache");
+    let v2 = items
+        .put(&item(1, 2.0))
+        .await
+        .expect("the write succeeds without the cache");
     assert!(v2 > v1);
     assert_eq!(in_db(&pair, &items, 1).await, Some((item(1, 2.0), v2)));
-    assert_eq!(cached(&pair, &items, 1).await, Some((true, v1)), "the cache still holds the old row");
-    assert_eq!(items.get(1).await.unwrap(), Some(item(1, 2.0)), "but it is not served");
+    assert_eq!(
+        cached(&pair, &items, 1).await,
+        Some((true, v1)),
+        "the cache still holds the old row"
+    );
+    assert_eq!(
+        items.get(1).await.unwrap(),
+        Some(item(1, 2.0)),
+        "but it is not served"
+    );
     assert!(engine.pending_resync() >= 1);
     faulty.faults().heal();
     let healed = eventually(Duration::from_secs(5), || async {
@@ -489,7 +556,11 @@ pub async fn cache_failure_after_commit_keeps_the_write_and_serves_no_stale_valu
             && cached(&pair, &items, 1).await == Some((true, v2))
     })
     .await;
-    assert!(healed, "the key was not resynced: {:?}", cached(&pair, &items, 1).await);
+    assert!(
+        healed,
+        "the key was not resynced: {:?}",
+        cached(&pair, &items, 1).await
+    );
     let hits = engine.stats().hits;
     assert_eq!(items.get(1).await.unwrap(), Some(item(1, 2.0)));
     assert_eq!(engine.stats().hits, hits + 1);
@@ -503,10 +574,17 @@ pub async fn transaction_scope_applies_cache_effects_only_after_commit(pair: Pai
     let vc = items.put(&item(3, 3.0)).await.unwrap();
     let mut tx = engine.begin().await.unwrap();
     tx.put(&items, &item(1, 1.0)).await.unwrap();
-    let b = tx.update(&items, 2, Patch::new().set("qty", 99)).await.unwrap();
+    let b = tx
+        .update(&items, 2, Patch::new().set("qty", 99))
+        .await
+        .unwrap();
     assert_eq!(b.map(|b| b.qty), Some(99));
     assert!(tx.delete(&items, 3).await.unwrap());
-    assert_eq!(tx.get(&items, 2).await.unwrap().map(|b| b.qty), Some(99), "reads its own writes");
+    assert_eq!(
+        tx.get(&items, 2).await.unwrap().map(|b| b.qty),
+        Some(99),
+        "reads its own writes"
+    );
     assert_eq!(cached(&pair, &items, 1).await, None);
     assert_eq!(cached(&pair, &items, 2).await, Some((true, vb)));
     assert_eq!(cached(&pair, &items, 3).await, Some((true, vc)));
@@ -543,7 +621,10 @@ pub async fn dropped_transaction_scope_rolls_back(pair: Pair) -> Outcome {
         let mut tx = engine.begin().await.unwrap();
         tx.put(&items, &item(1, 1.0)).await.unwrap();
     }
-    let v = items.put(&item(2, 2.0)).await.expect("the database is not left locked");
+    let v = items
+        .put(&item(2, 2.0))
+        .await
+        .expect("the database is not left locked");
     assert!(v > 0);
     assert_eq!(in_db(&pair, &items, 1).await, None);
     assert_eq!(items.get(1).await.unwrap(), None);
@@ -591,7 +672,10 @@ pub async fn corrupt_or_foreign_cache_bytes_read_as_a_miss_and_are_repaired(pair
         vec![0xff, 0xfe, 0x00],
     ];
     for bytes in junk {
-        pair.cache.set(&ck, bytes.clone().into(), None).await.unwrap();
+        pair.cache
+            .set(&ck, bytes.clone().into(), None)
+            .await
+            .unwrap();
         let corrupt = engine.stats().corrupt_entries;
         assert_eq!(items.get(1).await.unwrap(), Some(item(1, 1.0)), "{bytes:?}");
         assert_eq!(engine.stats().corrupt_entries, corrupt + 1);
@@ -604,29 +688,68 @@ pub async fn corrupt_or_foreign_cache_bytes_read_as_a_miss_and_are_repaired(pair
 pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome {
     let (engine, items) = setup(&pair, TableOptions::new()).await;
     let rows = engine
-        .register_table(Item::table().renamed(&unique("rows")).unwrap(), TableOptions::new())
+        .register_table(
+            Item::table().renamed(&unique("rows")).unwrap(),
+            TableOptions::new(),
+        )
         .await
         .unwrap();
     let caps = pair.cache.capabilities();
     let good = || writethrough_core::Record::to_row(&item(1, 1.0)).unwrap();
     let mut cases: Vec<(&str, Row, ErrorKind)> = vec![
-        ("NaN", good().set("price", f64::NAN), ErrorKind::InvalidValue),
-        ("infinity", good().set("price", f64::INFINITY), ErrorKind::InvalidValue),
-        ("-infinity", good().set("price", f64::NEG_INFINITY), ErrorKind::InvalidValue),
-        ("text key in an int table", good().set("id", "1"), ErrorKind::InvalidValue),
-        ("null in a NOT NULL column", good().set("name", Value::Null), ErrorKind::InvalidValue),
-        ("unknown column", good().set("colour", "red"), ErrorKind::SchemaMismatch),
-        ("wrong type", good().set("qty", "many"), ErrorKind::InvalidValue),
+        (
+            "NaN",
+            good().set("price", f64::NAN),
+            ErrorKind::InvalidValue,
+        ),
+        (
+            "infinity",
+            good().set("price", f64::INFINITY),
+            ErrorKind::InvalidValue,
+        ),
+        (
+            "-infinity",
+            good().set("price", f64::NEG_INFINITY),
+            ErrorKind::InvalidValue,
+        ),
+        (
+            "text key in an int table",
+            good().set("id", "1"),
+            ErrorKind::InvalidValue,
+        ),
+        (
+            "null in a NOT NULL column",
+            good().set("name", Value::Null),
+            ErrorKind::InvalidValue,
+        ),
+        (
+            "unknown column",
+            good().set("colour", "red"),
+            ErrorKind::SchemaMismatch,
+        ),
+        (
+            "wrong type",
+            good().set("qty", "many"),
+            ErrorKind::InvalidValue,
+        ),
     ];
     let mut missing = good();
     missing.remove("name");
     cases.push(("missing column", missing, ErrorKind::InvalidValue));
     if !pair.db.capabilities().text_allows_nul {
-        cases.push(("NUL byte in text", good().set("name", "a\0b"), ErrorKind::InvalidValue));
+        cases.push((
+            "NUL byte in text",
+            good().set("name", "a\0b"),
+            ErrorKind::InvalidValue,
+        ));
     }
     if caps.max_value_len <= 64 << 20 {
         let big = "x".repeat(caps.max_value_len + 1);
-        cases.push(("value over the item limit", good().set("name", big), ErrorKind::ValueTooLarge));
+        cases.push((
+            "value over the item limit",
+            good().set("name", big),
+            ErrorKind::ValueTooLarge,
+        ));
     }
     for (what, row, kind) in cases {
         let e = rows.put(&row).await.expect_err(what);
@@ -636,8 +759,14 @@ pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome 
     let g = caps.ttl_granularity;
     let mut ttls = vec![
         ("zero TTL", Duration::ZERO),
-        ("TTL over the backend's limit", caps.max_ttl + Duration::from_secs(1)),
-        ("TTL below the load deadline", Pair::config().load_deadline / 2),
+        (
+            "TTL over the backend's limit",
+            caps.max_ttl + Duration::from_secs(1),
+        ),
+        (
+            "TTL below the load deadline",
+            Pair::config().load_deadline / 2,
+        ),
     ];
     if g > Duration::from_millis(1) {
         ttls.push(("TTL finer than the backend's granularity", g / 2));
@@ -651,14 +780,26 @@ pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome 
     }
     let e = items.get(Key::Text("1".into())).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidKey);
-    let e = items.update(1, Patch::new().set("id", 2)).await.unwrap_err();
+    let e = items
+        .update(1, Patch::new().set("id", 2))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::SchemaMismatch);
-    let e = items.update(1, Patch::new().set("price", f64::NAN)).await.unwrap_err();
+    let e = items
+        .update(1, Patch::new().set("price", f64::NAN))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidValue);
     assert_eq!(in_db(&pair, &items, 1).await, None);
     assert_eq!(cached(&pair, &items, 1).await, None);
     assert_eq!(cached(&pair, &rows, 1).await, None);
-    assert!(pair.db.scan(rows.table(), None, 10).await.unwrap().is_empty());
+    assert!(
+        pair.db
+            .scan(rows.table(), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     Outcome::Passed
 }
 
@@ -670,14 +811,22 @@ pub async fn keys_the_cache_cannot_hold_are_refused(pair: Pair) -> Outcome {
         .column("v", ColumnType::Int)
         .build()
         .unwrap();
-    let named = engine.register_table(table, TableOptions::new()).await.unwrap();
+    let named = engine
+        .register_table(table, TableOptions::new())
+        .await
+        .unwrap();
     let caps = pair.cache.capabilities();
     let mut bad: Vec<String> = vec![String::new()];
     if caps.max_key_len < 1 << 20 {
         bad.push("k".repeat(caps.max_key_len));
     }
     if caps.key_rule == KeyRule::NoSpaceOrControl {
-        bad.extend(["a b".into(), "tab\there".into(), "nl\n".into(), "bell\u{7}".into()]);
+        bad.extend([
+            "a b".into(),
+            "tab\there".into(),
+            "nl\n".into(),
+            "bell\u{7}".into(),
+        ]);
     }
     for k in &bad {
         let row = Row::new().set("k", k.as_str()).set("v", 1);
@@ -686,7 +835,13 @@ pub async fn keys_the_cache_cannot_hold_are_refused(pair: Pair) -> Outcome {
         let e = named.get(k.as_str()).await.expect_err(k);
         assert_eq!(e.kind(), ErrorKind::InvalidKey, "{k:?}: {e}");
     }
-    assert!(pair.db.scan(named.table(), None, 10).await.unwrap().is_empty());
+    assert!(
+        pair.db
+            .scan(named.table(), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let ok = Row::new().set("k", "ünïcode-ok").set("v", 1);
     named.put(&ok).await.unwrap();
     assert_eq!(named.get("ünïcode-ok").await.unwrap(), Some(ok));
@@ -709,12 +864,20 @@ pub async fn get_or_load_caches_the_loaded_value_below_any_write(pair: Pair) -> 
     assert_eq!(items.get(1).await.unwrap(), Some(item(1, 42.0)));
     assert_eq!(engine.stats().hits, hits + 1);
     let v = items.put(&item(1, 1.0)).await.unwrap();
-    assert_eq!(cached(&pair, &items, 1).await, Some((true, v)), "a write replaces it");
+    assert_eq!(
+        cached(&pair, &items, 1).await,
+        Some((true, v)),
+        "a write replaces it"
+    );
     let e = items
         .get_or_load(2, |_| async { Ok(Some(item(3, 1.0))) })
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidValue, "a loader must return the key's row");
+    assert_eq!(
+        e.kind(),
+        ErrorKind::InvalidValue,
+        "a loader must return the key's row"
+    );
     Outcome::Passed
 }
 
@@ -749,7 +912,11 @@ pub async fn applied_outbox_records_are_removed(pair: Pair) -> Outcome {
     items.put(&item(1, 1.0)).await.unwrap();
     let table = items.table().name().as_str().to_owned();
     let cleared = eventually(Duration::from_secs(5), || async {
-        let pending = pair.db.outbox_pending(Duration::ZERO, 10_000).await.unwrap();
+        let pending = pair
+            .db
+            .outbox_pending(Duration::ZERO, 10_000)
+            .await
+            .unwrap();
         !pending.iter().any(|e| e.table == table)
     })
     .await;
@@ -760,12 +927,8 @@ pub async fn applied_outbox_records_are_removed(pair: Pair) -> Outcome {
 /// A writer that died between its commit and its cache write left an
 /// outbox record; the reconciler replays it and the stale entry goes.
 pub async fn reconcile_replays_what_a_crashed_writer_left(pair: Pair) -> Outcome {
-    let (engine, items) = setup_with(
-        &pair,
-        |c| c.reconcile_interval = None,
-        TableOptions::new(),
-    )
-    .await;
+    let (engine, items) =
+        setup_with(&pair, |c| c.reconcile_interval = None, TableOptions::new()).await;
     let v1 = items.put(&item(1, 1.0)).await.unwrap();
     // What a crash right after the commit leaves: the row, its outbox record, the old entry.
     let (_, row) = items
@@ -785,14 +948,25 @@ pub async fn reconcile_replays_what_a_crashed_writer_left(pair: Pair) -> Outcome
         .unwrap();
     let v2 = out[0].version;
     assert!(out[0].outbox_id.is_some());
-    assert_eq!(cached(&pair, &items, 1).await, Some((true, v1)), "stale, as a crash leaves it");
+    assert_eq!(
+        cached(&pair, &items, 1).await,
+        Some((true, v1)),
+        "stale, as a crash leaves it"
+    );
     let report = engine.reconcile_all().await.unwrap();
     assert!(report.replayed >= 1);
     assert_eq!(cached(&pair, &items, 1).await, Some((true, v2)));
     assert_eq!(items.get(1).await.unwrap(), Some(item(1, 2.0)));
     let table = items.table().name().as_str().to_owned();
-    let pending = pair.db.outbox_pending(Duration::ZERO, 10_000).await.unwrap();
-    assert!(!pending.iter().any(|e| e.table == table), "replayed records are removed");
+    let pending = pair
+        .db
+        .outbox_pending(Duration::ZERO, 10_000)
+        .await
+        .unwrap();
+    assert!(
+        !pending.iter().any(|e| e.table == table),
+        "replayed records are removed"
+    );
     Outcome::Passed
 }
 
@@ -809,16 +983,27 @@ pub async fn cache_outage_opens_the_breaker_and_resyncs_before_serving(pair: Pai
     }
     faulty.faults().fail_all(true);
     for i in 1..=5 {
-        items.put(&item(i, 2.0)).await.expect("writes go on without the cache");
+        items
+            .put(&item(i, 2.0))
+            .await
+            .expect("writes go on without the cache");
     }
     assert_eq!(engine.breaker_state(), BreakerState::Open);
     let calls = faulty.faults().calls.get("get");
     for i in 1..=5 {
         assert_eq!(items.get(i).await.unwrap(), Some(item(i, 2.0)));
     }
-    assert_eq!(faulty.faults().calls.get("get"), calls, "an open breaker does not call the cache");
+    assert_eq!(
+        faulty.faults().calls.get("get"),
+        calls,
+        "an open breaker does not call the cache"
+    );
     for i in 1..=5 {
-        assert_eq!(cached(&pair, &items, i).await, Some((true, v[i as usize - 1])), "old rows wait in the cache");
+        assert_eq!(
+            cached(&pair, &items, i).await,
+            Some((true, v[i as usize - 1])),
+            "old rows wait in the cache"
+        );
     }
     faulty.faults().heal();
     let closed = eventually(Duration::from_secs(5), || async {

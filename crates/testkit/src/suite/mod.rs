@@ -6,6 +6,7 @@
 //! — which is reported, never silently counted as a pass.
 
 pub mod engine;
+pub mod races;
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,0 +1,493 @@
+//! The history checker: many clients on several engines run random
+//! operations on a few hot keys; every operation's invocation and
+//! completion is recorded, and each key's history is checked for
+//! linearizability against a register (the Wing–Gong–Lowe search with the
+//! memoization Porcupine adds). A stale read shows as a history no order of
+//! the operations can explain.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rand::Rng;
+use writethrough_core::{Handle, Patch};
+
+use crate::suite::engine::{Item, item};
+
+/// What an operation did to, or saw in, a key's register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Wrote value `.0`.
+    Write(u32),
+    /// Read; `None` if no row.
+    Read(Option<u32>),
+    /// Updated to `.0` if a row existed; the bool says whether one did.
+    Update(u32, bool),
+    /// Deleted; the bool says whether a row existed.
+    Delete(bool),
+}
+
+/// One recorded operation on one key.
+#[derive(Debug, Clone, Copy)]
+pub struct Event {
+    /// The key.
+    pub key: i64,
+    /// What it did.
+    pub op: Op,
+    /// Logical time of the invocation.
+    pub call: u64,
+    /// Logical time of the completion; `u64::MAX` if its outcome is unknown
+    /// (it failed in a way that may have taken effect).
+    pub ret: u64,
+    /// Which client ran it.
+    pub client: u32,
+}
+
+/// Collects events; timestamps come from one atomic counter, so their order
+/// agrees with real time across every thread.
+#[derive(Default)]
+pub struct Recorder {
+    clock: AtomicU64,
+    events: Mutex<Vec<Event>>,
+}
+
+impl Recorder {
+    /// A timestamp for an invocation or a completion.
+    pub fn now(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Records a finished operation.
+    pub fn record(&self, e: Event) {
+        self.events.lock().push(e);
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().clone()
+    }
+}
+
+/// The sizes of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// Operations in all.
+    pub ops: usize,
+    /// Hot keys, `1..=keys`.
+    pub keys: i64,
+    /// Concurrent clients, spread over the engines.
+    pub clients: usize,
+}
+
+/// What a run found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Operations recorded.
+    pub ops: usize,
+    /// Keys.
+    pub keys: i64,
+    /// Clients.
+    pub clients: usize,
+    /// Engines.
+    pub engines: usize,
+    /// Operations that failed (and so were recorded with an unknown outcome).
+    pub failed: usize,
+    /// Keys whose history is not linearizable, with a description.
+    pub violations: Vec<String>,
+    /// How long the operations took.
+    pub run_time: Duration,
+    /// How long the check took.
+    pub check_time: Duration,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ops on {} keys by {} clients over {} engines ({} failed) in {:.1?}, checked in {:.1?}: {} violations",
+            self.ops,
+            self.keys,
+            self.clients,
+            self.engines,
+            self.failed,
+            self.run_time,
+            self.check_time,
+            self.violations.len()
+        )
+    }
+}
+
+/// Runs `w` with clients spread round-robin over `handles` (one per
+/// engine, all on the same table), then checks every key.
+pub async fn run(handles: &[Handle<Item>], w: Workload) -> Report {
+    let rec = Arc::new(Recorder::default());
+    let next_value = Arc::new(AtomicU32::new(1));
+    let remaining = Arc::new(AtomicU64::new(w.ops as u64));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..w.clients)
+        .map(|c| {
+            let h = handles[c % handles.len()].clone();
+            let (rec, next_value, remaining) = (rec.clone(), next_value.clone(), remaining.clone());
+            tokio::spawn(async move {
+                client(c as u32, h, w.keys, &rec, &next_value, &remaining).await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("a client does not panic");
+    }
+    let run_time = started.elapsed();
+    let events = rec.events();
+    let failed = events.iter().filter(|e| e.ret == u64::MAX).count();
+    let started = Instant::now();
+    let mut violations = Vec::new();
+    for key in 1..=w.keys {
+        let mut evs: Vec<Event> = events.iter().filter(|e| e.key == key).copied().collect();
+        evs.sort_by_key(|e| e.call);
+        if !linearizable(&evs) {
+            violations.push(describe(key, &evs));
+        }
+    }
+    Report {
+        ops: events.len(),
+        keys: w.keys,
+        clients: w.clients,
+        engines: handles.len(),
+        failed,
+        violations,
+        run_time,
+        check_time: started.elapsed(),
+    }
+}
+
+async fn client(
+    id: u32,
+    h: Handle<Item>,
+    keys: i64,
+    rec: &Recorder,
+    next_value: &AtomicU32,
+    remaining: &AtomicU64,
+) {
+    while remaining
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        let (key, dice) = {
+            let mut rng = rand::rng();
+            (rng.random_range(1..=keys), rng.random_range(0..100u32))
+        };
+        let call = rec.now();
+        let (op, ok) = match dice {
+            0..50 => match h.get(key).await {
+                Ok(it) => (Op::Read(it.map(|i| i.qty as u32)), true),
+                Err(_) => (Op::Read(None), false),
+            },
+            50..75 => {
+                let v = next_value.fetch_add(1, Ordering::SeqCst);
+                let mut it = item(key, f64::from(v));
+                it.qty = i64::from(v);
+                (Op::Write(v), h.put(&it).await.is_ok())
+            }
+            75..90 => {
+                let v = next_value.fetch_add(1, Ordering::SeqCst);
+                match h.update(key, Patch::new().set("qty", i64::from(v))).await {
+                    Ok(r) => (Op::Update(v, r.is_some()), true),
+                    Err(_) => (Op::Update(v, false), false),
+                }
+            }
+            _ => match h.delete(key).await {
+                Ok(existed) => (Op::Delete(existed), true),
+                Err(_) => (Op::Delete(false), false),
+            },
+        };
+        if !ok && matches!(op, Op::Read(_)) {
+            // A failed read observed nothing and changed nothing.
+            continue;
+        }
+        let ret = if ok { rec.now() } else { u64::MAX };
+        rec.record(Event {
+            key,
+            op,
+            call,
+            ret,
+            client: id,
+        });
+    }
+}
+
+/// One register step: whether `op` can happen in `state`, and the state after.
+fn step(state: Option<u32>, op: Op, outcome_known: bool) -> Option<Option<u32>> {
+    match op {
+        Op::Write(v) => Some(Some(v)),
+        Op::Read(seen) => (seen == state).then_some(state),
+        Op::Update(v, existed) => {
+            if !outcome_known {
+                // Unknown outcome: it updated the row if there was one.
+                return Some(state.map(|_| v));
+            }
+            match (state, existed) {
+                (Some(_), true) => Some(Some(v)),
+                (None, false) => Some(None),
+                _ => None,
+            }
+        }
+        Op::Delete(existed) => (!outcome_known || existed == state.is_some()).then_some(None),
+    }
+}
+
+/// Whether a key's history is linearizable: the Wing–Gong–Lowe search
+/// over a list of call and return entries, with a cache of (set of
+/// linearized operations, state) pairs already explored. Operations whose
+/// outcome is unknown have no return entry: they may take effect at any
+/// point after their call, or never.
+pub fn linearizable(events: &[Event]) -> bool {
+    #[derive(Clone, Copy)]
+    struct Entry {
+        op: usize,
+        call: bool,
+        prev: usize,
+        next: usize,
+    }
+    const NIL: usize = usize::MAX;
+    let n = events.len();
+    let mut raw: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * n);
+    for (i, e) in events.iter().enumerate() {
+        raw.push((e.call, true, i));
+        if e.ret != u64::MAX {
+            raw.push((e.ret, false, i));
+        }
+    }
+    // Calls before returns at equal times (they cannot be equal with one
+    // clock, but the order must be total).
+    raw.sort_by_key(|&(t, is_call, _)| (t, !is_call));
+    let len = raw.len();
+    let mut entries: Vec<Entry> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, call, op))| Entry {
+            op,
+            call,
+            prev: if i == 0 { NIL } else { i - 1 },
+            next: if i + 1 == len { NIL } else { i + 1 },
+        })
+        .collect();
+    let mut ret_of = vec![NIL; n];
+    for (i, e) in entries.iter().enumerate() {
+        if !e.call {
+            ret_of[e.op] = i;
+        }
+    }
+    let mut returns_left = entries.iter().filter(|e| !e.call).count();
+    let mut head = if len == 0 { NIL } else { 0 };
+    let mut linearized = vec![0u64; n.div_ceil(64).max(1)];
+    let mut seen: HashSet<(Vec<u64>, Option<u32>)> = HashSet::new();
+    let mut stack: Vec<(usize, Option<u32>)> = Vec::new();
+    let mut state: Option<u32> = None;
+
+    fn unlink(entries: &mut [Entry], head: &mut usize, i: usize) {
+        let (p, nx) = (entries[i].prev, entries[i].next);
+        if p == NIL {
+            *head = nx;
+        } else {
+            entries[p].next = nx;
+        }
+        if nx != NIL {
+            entries[nx].prev = p;
+        }
+    }
+    fn relink(entries: &mut [Entry], head: &mut usize, i: usize) {
+        let (p, nx) = (entries[i].prev, entries[i].next);
+        if p == NIL {
+            *head = i;
+        } else {
+            entries[p].next = i;
+        }
+        if nx != NIL {
+            entries[nx].prev = i;
+        }
+    }
+
+    let mut cur = head;
+    loop {
+        // Only calls of operations with unknown outcomes left: they may
+        // never have happened, so the history is explained.
+        if returns_left == 0 {
+            return true;
+        }
+        let backtrack = cur == NIL || !entries[cur].call;
+        if backtrack {
+            // Either every call before the first pending return was tried,
+            // or we reached a return whose operation is not linearized.
+            let Some((entry, prev_state)) = stack.pop() else {
+                return false;
+            };
+            let op = entries[entry].op;
+            linearized[op / 64] &= !(1 << (op % 64));
+            state = prev_state;
+            if ret_of[op] != NIL {
+                relink(&mut entries, &mut head, ret_of[op]);
+                returns_left += 1;
+            }
+            relink(&mut entries, &mut head, entry);
+            cur = entries[entry].next;
+            continue;
+        }
+        let e = entries[cur];
+        let ev = &events[e.op];
+        if let Some(next_state) = step(state, ev.op, ev.ret != u64::MAX) {
+            let mut lin = linearized.clone();
+            lin[e.op / 64] |= 1 << (e.op % 64);
+            if seen.insert((lin.clone(), next_state)) {
+                stack.push((cur, state));
+                state = next_state;
+                linearized = lin;
+                unlink(&mut entries, &mut head, cur);
+                if ret_of[e.op] != NIL {
+                    unlink(&mut entries, &mut head, ret_of[e.op]);
+                    returns_left -= 1;
+                }
+                cur = head;
+                continue;
+            }
+        }
+        cur = e.next;
+    }
+}
+
+fn describe(key: i64, evs: &[Event]) -> String {
+    let mut s = format!(
+        "key {key}: no linearization of {} operations; the last 30:\n",
+        evs.len()
+    );
+    for e in evs.iter().rev().take(30).rev() {
+        let ret = if e.ret == u64::MAX {
+            "?".to_string()
+        } else {
+            e.ret.to_string()
+        };
+        s.push_str(&format!(
+            "  [{:>7} .. {:>7}] client {:>2} {:?}\n",
+            e.call, ret, e.client, e.op
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(op: Op, call: u64, ret: u64) -> Event {
+        Event {
+            key: 1,
+            op,
+            call,
+            ret,
+            client: 0,
+        }
+    }
+
+    #[test]
+    fn sequential_histories_check_like_a_register() {
+        let ok = [
+            ev(Op::Read(None), 0, 1),
+            ev(Op::Write(1), 2, 3),
+            ev(Op::Read(Some(1)), 4, 5),
+            ev(Op::Update(2, true), 6, 7),
+            ev(Op::Read(Some(2)), 8, 9),
+            ev(Op::Delete(true), 10, 11),
+            ev(Op::Update(3, false), 12, 13),
+            ev(Op::Read(None), 14, 15),
+        ];
+        assert!(linearizable(&ok));
+    }
+
+    #[test]
+    fn a_stale_read_after_an_acknowledged_write_is_caught() {
+        let stale = [
+            ev(Op::Write(1), 0, 1),
+            ev(Op::Write(2), 2, 3),
+            ev(Op::Read(Some(1)), 4, 5),
+        ];
+        assert!(!linearizable(&stale));
+    }
+
+    #[test]
+    fn overlapping_operations_may_take_either_order() {
+        let h = [
+            ev(Op::Write(1), 0, 1),
+            ev(Op::Write(2), 2, 6),
+            ev(Op::Read(Some(1)), 3, 4),
+            ev(Op::Read(Some(2)), 5, 7),
+        ];
+        assert!(linearizable(&h));
+    }
+
+    #[test]
+    fn a_new_then_old_inversion_between_reads_is_caught() {
+        let h = [
+            ev(Op::Write(1), 0, 1),
+            ev(Op::Write(2), 2, 10),
+            ev(Op::Read(Some(2)), 3, 4),
+            ev(Op::Read(Some(1)), 5, 6),
+        ];
+        assert!(!linearizable(&h));
+    }
+
+    #[test]
+    fn a_resurrected_delete_is_caught() {
+        let h = [
+            ev(Op::Write(1), 0, 1),
+            ev(Op::Delete(true), 2, 3),
+            ev(Op::Read(Some(1)), 4, 5),
+        ];
+        assert!(!linearizable(&h));
+    }
+
+    #[test]
+    fn an_operation_of_unknown_outcome_may_or_may_not_have_happened() {
+        let took_effect = [
+            ev(Op::Write(1), 0, 1),
+            ev(Op::Write(2), 2, u64::MAX),
+            ev(Op::Read(Some(2)), 5, 6),
+        ];
+        assert!(linearizable(&took_effect));
+        let did_not = [
+            ev(Op::Write(1), 0, 1),
+            ev(Op::Write(2), 2, u64::MAX),
+            ev(Op::Read(Some(1)), 5, 6),
+            ev(Op::Read(Some(1)), 7, 8),
+        ];
+        assert!(linearizable(&did_not));
+        let flip_flop = [
+            ev(Op::Write(1), 0, 1),
+            ev(Op::Write(2), 2, u64::MAX),
+            ev(Op::Read(Some(2)), 5, 6),
+            ev(Op::Read(Some(1)), 7, 8),
+        ];
+        assert!(!linearizable(&flip_flop));
+    }
+
+    #[test]
+    fn a_long_concurrent_history_is_checked_and_a_late_stale_read_caught() {
+        // 8 clients, 4,000 overlapping writes and reads of one key.
+        let mut h = Vec::new();
+        let mut t = 0;
+        for i in 0..500u32 {
+            for c in 0..4u64 {
+                h.push(ev(Op::Write(i * 4 + c as u32), t + c, t + 8 + c));
+            }
+            t += 12;
+            for c in 0..4u64 {
+                h.push(ev(Op::Read(Some(i * 4 + 3)), t + c, t + 4 + c));
+            }
+            t += 8;
+        }
+        assert!(linearizable(&h));
+        let mut stale = h.clone();
+        stale.push(ev(Op::Read(Some(0)), t + 100, t + 101));
+        assert!(!linearizable(&stale));
+    }
+}

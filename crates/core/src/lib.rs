@@ -29,8 +29,8 @@ pub use db::{
 #[cfg(feature = "test-hooks")]
 pub use engine::Hooks;
 pub use engine::{
-    BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder, Handle, HookPoint,
-    ReconcileReport, RetryPolicy, Stats, TableOptions, Tx, WriteOptions,
+    AuditReport, BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder, Handle,
+    Health, HookPoint, ReconcileReport, RetryPolicy, Stats, TableOptions, Tx, WriteOptions,
 };
 pub use entity::{Entity, Record};
 pub use error::{Error, ErrorKind, Result, Status};

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::FutureExt;
+use tracing::Instrument;
 
+use super::metrics::OpKind;
 use super::stats::Counters;
 use super::table::{TableState, Validator, WriteOptions};
-use super::{Effect, Inner};
+use super::{DbCall, Effect, Inner};
 use crate::db::{TxOptions, Write, WriteOp, WriteOutcome};
 use crate::entity::Record;
 use crate::error::{Error, ErrorKind, Result};
@@ -81,17 +83,20 @@ impl<R: Record> Handle<R> {
 
     /// [`Handle::put`] with per-call options (TTL, skip the cache).
     pub async fn put_with(&self, record: &R, opts: WriteOptions) -> Result<u64> {
-        let p = self
-            .inner
-            .prepare(&self.st, self.validate.as_ref(), record, &opts)
-            .map_err(|e| e.with_operation("put"))?;
-        let key = p.cache_key.clone();
-        let out = self
-            .inner
-            .commit_upserts(&self.st, vec![p])
-            .await
-            .map_err(|e| e.with_operation("put").with_key(&key))?;
-        Ok(out[0].version)
+        self.observed(OpKind::Put, async {
+            let p = self
+                .inner
+                .prepare(&self.st, self.validate.as_ref(), record, &opts)
+                .map_err(|e| e.with_operation("put"))?;
+            let key = p.cache_key.clone();
+            let out = self
+                .inner
+                .commit_upserts(&self.st, vec![p])
+                .await
+                .map_err(|e| e.with_operation("put").with_key(&key))?;
+            Ok(out[0].version)
+        })
+        .await
     }
 
     /// Writes many records: one database transaction, then one pipelined
@@ -103,31 +108,35 @@ impl<R: Record> Handle<R> {
 
     /// [`Handle::put_many`] with options applied to every record.
     pub async fn put_many_with(&self, records: &[R], opts: WriteOptions) -> Result<Vec<u64>> {
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut seen = HashSet::with_capacity(records.len());
-        let mut prepared = Vec::with_capacity(records.len());
-        for r in records {
-            let p = self
-                .inner
-                .prepare(&self.st, self.validate.as_ref(), r, &opts)
-                .map_err(|e| e.with_operation("put_many"))?;
-            if !seen.insert(p.cache_key.clone()) {
-                return Err(
-                    Error::new(ErrorKind::InvalidKey, "the batch writes this key twice")
-                        .with_operation("put_many")
-                        .with_key(&p.cache_key),
-                );
+        self.observed(OpKind::PutMany, async {
+            if records.is_empty() {
+                return Ok(Vec::new());
             }
-            prepared.push(p);
-        }
-        let out = self
-            .inner
-            .commit_upserts(&self.st, prepared)
-            .await
-            .map_err(|e| e.with_operation("put_many"))?;
-        Ok(out.into_iter().map(|o| o.version).collect())
+            let mut seen = HashSet::with_capacity(records.len());
+            let mut prepared = Vec::with_capacity(records.len());
+            for r in records {
+                let p = self
+                    .inner
+                    .prepare(&self.st, self.validate.as_ref(), r, &opts)
+                    .map_err(|e| e.with_operation("put_many"))?;
+                if !seen.insert(p.cache_key.clone()) {
+                    return Err(Error::new(
+                        ErrorKind::InvalidKey,
+                        "the batch writes this key twice",
+                    )
+                    .with_operation("put_many")
+                    .with_key(&p.cache_key));
+                }
+                prepared.push(p);
+            }
+            let out = self
+                .inner
+                .commit_upserts(&self.st, prepared)
+                .await
+                .map_err(|e| e.with_operation("put_many"))?;
+            Ok(out.into_iter().map(|o| o.version).collect())
+        })
+        .await
     }
 
     /// Reads `key`: from the cache, else from the database (one load shared
@@ -135,10 +144,11 @@ impl<R: Record> Handle<R> {
     pub async fn get(&self, key: impl Into<Key>) -> Result<Option<R>> {
         let key = key.into();
         let shown = key.clone();
-        self.inner
-            .read(&self.st, key)
+        let (found, _) = self
+            .observed(OpKind::Get, self.inner.read(&self.st, key))
             .await
-            .map_err(|e| e.with_operation("get").with_key(shown))
+            .map_err(|e| e.with_operation("get").with_key(shown))?;
+        Ok(found)
     }
 
     /// Reads `key` from the cache, else from `loader` instead of the database.
@@ -197,40 +207,43 @@ impl<R: Record> Handle<R> {
     /// With a validator, the new row is validated inside the transaction,
     /// which is rolled back if it fails.
     pub async fn update(&self, key: impl Into<Key>, patch: Patch) -> Result<Option<R>> {
-        let key = key.into();
-        let op = |e: Error| e.with_operation("update");
-        let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
-        let patch = self.st.table.normalize_patch(patch).map_err(op)?;
-        self.inner
-            .check_db_values(patch.columns().iter().map(|(_, v)| v))
-            .map_err(op)?;
-        let write = Write {
-            table: self.st.table.clone(),
-            op: WriteOp::Update(key.clone(), patch),
-        };
-        let guard = self
-            .inner
-            .guard(vec![(ck.clone(), self.st.clone(), key.clone())]);
-        let outcome = match &self.validate {
-            None => self.inner.execute_one(write).await,
-            Some(v) => self.update_validated(write, v).await,
-        };
-        let outcome = match outcome {
-            Ok(o) => o,
-            Err(e) => {
-                if !e.is_in_doubt() {
-                    guard.disarm();
+        self.observed(OpKind::Update, async {
+            let key = key.into();
+            let op = |e: Error| e.with_operation("update");
+            let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
+            let patch = self.st.table.normalize_patch(patch).map_err(op)?;
+            self.inner
+                .check_db_values(patch.columns().iter().map(|(_, v)| v))
+                .map_err(op)?;
+            let write = Write {
+                table: self.st.table.clone(),
+                op: WriteOp::Update(key.clone(), patch),
+            };
+            let guard = self
+                .inner
+                .guard(vec![(ck.clone(), self.st.clone(), key.clone())]);
+            let outcome = match &self.validate {
+                None => self.inner.execute_one(write).await,
+                Some(v) => self.update_validated(write, v).await,
+            };
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(e) => {
+                    if !e.is_in_doubt() {
+                        guard.disarm();
+                    }
+                    return Err(op(e).with_key(&ck));
                 }
-                return Err(op(e).with_key(&ck));
-            }
-        };
-        Counters::add(&self.inner.stats.writes, 1);
-        let effect = self.inner.effect_of(&self.st, key, ck, &outcome);
-        self.inner.apply_effects(vec![effect], guard).await;
-        outcome
-            .row
-            .map(|row| R::from_row(&self.st.table, row))
-            .transpose()
+            };
+            Counters::add(&self.inner.stats.writes, 1);
+            let effect = self.inner.effect_of(&self.st, key, ck, &outcome);
+            self.inner.apply_effects(vec![effect], guard).await;
+            outcome
+                .row
+                .map(|row| R::from_row(&self.st.table, row))
+                .transpose()
+        })
+        .await
     }
 
     async fn update_validated(
@@ -240,16 +253,16 @@ impl<R: Record> Handle<R> {
     ) -> Result<WriteOutcome> {
         let inner = &self.inner;
         let opts = TxOptions::with_outbox(inner.cfg.consistency.outbox);
-        let mut tx = inner.db_call("db.begin", inner.db.begin(opts)).await?;
-        let o = inner.db_call("db.update", tx.apply(&write)).await?;
+        let mut tx = inner.db_call(DbCall::Begin, inner.db.begin(opts)).await?;
+        let o = inner.db_call(DbCall::Apply, tx.apply(&write)).await?;
         if let Some(row) = &o.row {
             let r = R::from_row(&self.st.table, row.clone())?;
             if let Err(m) = validate(&r) {
-                inner.db_call("db.rollback", tx.rollback()).await?;
+                inner.db_call(DbCall::Rollback, tx.rollback()).await?;
                 return Err(Error::new(ErrorKind::Validation, m));
             }
         }
-        inner.db_call("db.commit", tx.commit()).await?;
+        inner.db_call(DbCall::Commit, tx.commit()).await?;
         Ok(o)
     }
 
@@ -257,29 +270,74 @@ impl<R: Record> Handle<R> {
     /// read which loaded the old row cannot overwrite. Returns whether a row
     /// was deleted.
     pub async fn delete(&self, key: impl Into<Key>) -> Result<bool> {
-        let key = key.into();
-        let op = |e: Error| e.with_operation("delete");
-        let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
-        let write = Write {
-            table: self.st.table.clone(),
-            op: WriteOp::Delete(key.clone()),
-        };
-        let guard = self
-            .inner
-            .guard(vec![(ck.clone(), self.st.clone(), key.clone())]);
-        let outcome = match self.inner.execute_one(write).await {
-            Ok(o) => o,
-            Err(e) => {
-                if !e.is_in_doubt() {
-                    guard.disarm();
+        self.observed(OpKind::Delete, async {
+            let key = key.into();
+            let op = |e: Error| e.with_operation("delete");
+            let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
+            let write = Write {
+                table: self.st.table.clone(),
+                op: WriteOp::Delete(key.clone()),
+            };
+            let guard = self
+                .inner
+                .guard(vec![(ck.clone(), self.st.clone(), key.clone())]);
+            let outcome = match self.inner.execute_one(write).await {
+                Ok(o) => o,
+                Err(e) => {
+                    if !e.is_in_doubt() {
+                        guard.disarm();
+                    }
+                    return Err(op(e).with_key(&ck));
                 }
-                return Err(op(e).with_key(&ck));
-            }
-        };
-        Counters::add(&self.inner.stats.writes, 1);
-        let effect: Effect = self.inner.effect_of(&self.st, key, ck, &outcome);
-        self.inner.apply_effects(vec![effect], guard).await;
-        Ok(outcome.existed)
+            };
+            Counters::add(&self.inner.stats.writes, 1);
+            let effect: Effect = self.inner.effect_of(&self.st, key, ck, &outcome);
+            self.inner.apply_effects(vec![effect], guard).await;
+            Ok(outcome.existed)
+        })
+        .await
+    }
+
+    /// Runs one operation inside a tracing span and records its metrics.
+    async fn observed<T: Observed>(
+        &self,
+        kind: OpKind,
+        op: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let span =
+            tracing::debug_span!("writethrough", op = kind.name(), table = %self.st.table.name());
+        let started = Instant::now();
+        let r = op.instrument(span).await;
+        let took = started.elapsed();
+        let m = &self.inner.metrics;
+        if kind == OpKind::Get {
+            m.reads.record(took)
+        } else {
+            m.writes.record(took)
+        }
+        self.st.metrics.op(
+            kind,
+            took,
+            r.is_ok(),
+            r.as_ref().ok().and_then(Observed::hit),
+        );
+        r
+    }
+}
+
+/// What an operation's result says about where it was served from.
+trait Observed {
+    fn hit(&self) -> Option<bool> {
+        None
+    }
+}
+impl Observed for u64 {}
+impl Observed for bool {}
+impl Observed for Vec<u64> {}
+impl<R> Observed for Option<R> {}
+impl<R> Observed for (Option<R>, bool) {
+    fn hit(&self) -> Option<bool> {
+        Some(self.1)
     }
 }
 
@@ -287,7 +345,7 @@ impl Inner {
     pub(crate) async fn execute_one(&self, write: Write) -> Result<WriteOutcome> {
         let opts = TxOptions::with_outbox(self.cfg.consistency.outbox);
         let mut out = self
-            .db_call("db.execute", self.db.execute(vec![write], opts))
+            .db_call(DbCall::Execute, self.db.execute(vec![write], opts))
             .await?;
         out.pop()
             .ok_or_else(|| Error::new(ErrorKind::Backend, "the database returned no outcome"))

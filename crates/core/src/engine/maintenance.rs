@@ -5,8 +5,8 @@
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use super::Inner;
 use super::stats::Counters;
+use super::{CacheCall, DbCall, Inner};
 use crate::cache::CacheItem;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
@@ -34,6 +34,7 @@ pub(crate) async fn run(engine: Weak<Inner>) {
         };
         inner.probe_if_due().await;
         inner.resync_pass().await;
+        inner.metrics.resync_pending.set(inner.resync.len() as f64);
         inner.flush_acks().await;
         if let Some(every) = inner.cfg.reconcile_interval
             && Instant::now() >= next_reconcile
@@ -65,15 +66,18 @@ impl Inner {
         if !self.breaker.probe_due() {
             return;
         }
+        self.metrics.breaker_state.set(1.0);
         let ok = self
-            .cache_call("cache.ping", self.cache.ping())
+            .cache_call(CacheCall::Ping, self.cache.ping())
             .await
             .is_ok()
             && self.resync_all().await;
         if ok {
             self.breaker.close();
+            self.metrics.breaker_state.set(0.0);
         } else {
             self.breaker.reopen();
+            self.metrics.breaker_state.set(2.0);
         }
     }
 
@@ -92,7 +96,7 @@ impl Inner {
             let generation = self.resync.current_generation();
             let prefix = format!("{}:", self.cfg.namespace);
             if self
-                .cache_call("cache.clear", self.cache.clear(&prefix))
+                .cache_call(CacheCall::Clear, self.cache.clear(&prefix))
                 .await
                 .is_err()
             {
@@ -102,7 +106,7 @@ impl Inner {
         }
         for d in self.resync.batch(usize::MAX) {
             let Ok(row) = self
-                .db_call("db.get", self.db.get(&d.table.table, &d.key))
+                .db_call(DbCall::Get, self.db.get(&d.table.table, &d.key))
                 .await
             else {
                 return false;
@@ -126,7 +130,7 @@ impl Inner {
             return;
         }
         if let Err(e) = self
-            .db_call("db.outbox_remove", self.db.outbox_remove(ids))
+            .db_call(DbCall::OutboxRemove, self.db.outbox_remove(ids))
             .await
         {
             // The records stay; the reconciler replays them (harmlessly) and removes them.
@@ -151,7 +155,7 @@ impl Inner {
         loop {
             let entries = self
                 .db_call(
-                    "db.outbox_pending",
+                    DbCall::OutboxPending,
                     self.db.outbox_pending(min_age, REPLAY_BATCH),
                 )
                 .await?;
@@ -162,7 +166,7 @@ impl Inner {
                     Some(st) => {
                         let ck = st.cache_key(&e.key);
                         let row = self
-                            .db_call("db.get", self.db.get(&st.table, &e.key))
+                            .db_call(DbCall::Get, self.db.get(&st.table, &e.key))
                             .await?;
                         self.repair(&st, &ck, row, e.version).await?;
                     }
@@ -175,18 +179,19 @@ impl Inner {
                             version: e.version,
                             ttl: Some(self.tombstone_ttl),
                         };
-                        self.cache_call("cache.set_if_newer", self.cache.set_if_newer(item))
+                        self.cache_call(CacheCall::SetIfNewer, self.cache.set_if_newer(item))
                             .await?;
                     }
                 }
                 ids.push(e.id);
             }
             if !ids.is_empty() {
-                self.db_call("db.outbox_remove", self.db.outbox_remove(ids))
+                self.db_call(DbCall::OutboxRemove, self.db.outbox_remove(ids))
                     .await?;
             }
             report.replayed += n;
             Counters::add(&self.stats.replayed, n as u64);
+            self.metrics.replayed.increment(n as u64);
             if n < REPLAY_BATCH {
                 return Ok(report);
             }

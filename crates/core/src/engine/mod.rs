@@ -5,12 +5,14 @@
 //! mechanisms that make this safe under concurrency and faults are described
 //! on [`Consistency`] and in the README's "Guarantees" section.
 
+mod audit;
 mod breaker;
 mod config;
 mod flight;
 mod handle;
 mod hooks;
 mod maintenance;
+mod metrics;
 mod stats;
 mod table;
 mod tx;
@@ -25,6 +27,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 
+pub use audit::AuditReport;
 pub use breaker::BreakerState;
 pub use config::{BreakerConfig, Config, Consistency, RetryPolicy};
 pub use handle::Handle;
@@ -32,6 +35,7 @@ pub use hooks::HookPoint;
 #[cfg(feature = "test-hooks")]
 pub use hooks::Hooks;
 pub use maintenance::ReconcileReport;
+pub use metrics::Health;
 pub use stats::Stats;
 pub use table::{TableOptions, WriteOptions};
 pub use tx::Tx;
@@ -45,6 +49,8 @@ use crate::schema::Table;
 use crate::value::{Key, Row, Value, VersionedRow};
 use breaker::{Breaker, ResyncSet};
 use flight::{Flights, LoadResult};
+pub(crate) use metrics::{CacheCall, DbCall};
+use metrics::{EngineMetrics, TableMetrics};
 use stats::Counters;
 use table::{TableState, Validator};
 
@@ -140,6 +146,7 @@ impl EngineBuilder {
                 "Engine::build must be called inside a Tokio runtime",
             )
         })?;
+        let metrics = EngineMetrics::new(self.cache.name(), self.db.name());
         let inner = Arc::new(Inner {
             caps,
             db_caps: self.db.capabilities(),
@@ -153,6 +160,9 @@ impl EngineBuilder {
             resync: ResyncSet::new(self.cfg.max_resync_keys),
             acks: Mutex::new(Vec::new()),
             stats: Counters::default(),
+            metrics,
+            started: Instant::now(),
+            health_mark: Mutex::new(metrics::HealthMark::new()),
             #[cfg(feature = "test-hooks")]
             hooks: self.hooks,
             background: Mutex::new(None),
@@ -179,6 +189,9 @@ pub(crate) struct Inner {
     /// Outbox records whose cache effect was applied, to remove in the next batch.
     acks: Mutex<Vec<i64>>,
     stats: Counters,
+    metrics: EngineMetrics,
+    started: Instant,
+    health_mark: Mutex<metrics::HealthMark>,
     #[cfg(feature = "test-hooks")]
     hooks: Option<Arc<dyn Hooks>>,
     background: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -262,12 +275,13 @@ impl Engine {
             .map_err(|e| e.with_operation("register"))?;
         if opts.create {
             inner
-                .db_call("db.ensure_table", inner.db.ensure_table(&table))
+                .db_call(DbCall::EnsureTable, inner.db.ensure_table(&table))
                 .await?;
         }
         let (cache_if, ttl_fn) = opts.erase(&table);
         let st = Arc::new(TableState {
             prefix: format!("{}:{}:", inner.cfg.namespace, table.name()),
+            metrics: TableMetrics::new(table.name().as_str(), inner.cache.name(), inner.db.name()),
             table,
             ttl,
             ttl_fn,
@@ -286,7 +300,7 @@ impl Engine {
         let opts = TxOptions::with_outbox(self.inner.cfg.consistency.outbox);
         let tx = self
             .inner
-            .db_call("begin", self.inner.db.begin(opts))
+            .db_call(DbCall::Begin, self.inner.db.begin(opts))
             .await?;
         Ok(Tx::new(self.inner.clone(), tx))
     }
@@ -299,6 +313,37 @@ impl Engine {
     /// The cache circuit breaker's state.
     pub fn breaker_state(&self) -> BreakerState {
         self.inner.breaker.state()
+    }
+
+    /// Throughput, latency percentiles, failure rates and breaker state
+    /// over the window since the previous call (or since the start).
+    ///
+    /// ```no_run
+    /// # fn f(engine: writethrough_core::Engine) {
+    /// let h = engine.health();
+    /// println!("{:.0} ops/s, read p99 {:?}, cache failures {:.1}%",
+    ///     h.throughput, h.read_p99, 100.0 * h.cache_failure_rate);
+    /// # }
+    /// ```
+    pub fn health(&self) -> Health {
+        let inner = &self.inner;
+        let (window, operations, [read_p50, read_p99, write_p50, write_p99], cache_rate, db_rate) =
+            inner.metrics.window(&mut inner.health_mark.lock());
+        Health {
+            breaker: inner.breaker.state(),
+            breaker_trips: inner.breaker.times_opened(),
+            pending_resync: inner.resync.len(),
+            window,
+            operations,
+            throughput: operations as f64 / window.as_secs_f64().max(1e-9),
+            read_p50,
+            read_p99,
+            write_p50,
+            write_p99,
+            cache_failure_rate: cache_rate,
+            db_failure_rate: db_rate,
+            uptime: inner.started.elapsed(),
+        }
     }
 
     /// How many times the breaker has opened.
@@ -422,12 +467,13 @@ impl Inner {
         ResyncGuard { inner: self, keys }
     }
 
-    /// Runs a cache call under the cache timeout, feeding the breaker.
+    /// Runs a cache call under the cache timeout, feeding the breaker and the metrics.
     async fn cache_call<T>(
         &self,
-        op: &'static str,
+        call: CacheCall,
         f: impl Future<Output = Result<T>>,
     ) -> Result<T> {
+        let started = Instant::now();
         let r = if self.caps.in_process {
             f.await
         } else {
@@ -439,6 +485,7 @@ impl Inner {
                 )),
             }
         };
+        self.metrics.cache_call(call, started.elapsed(), r.is_ok());
         match r {
             Ok(v) => {
                 self.breaker.record_success();
@@ -446,10 +493,13 @@ impl Inner {
             }
             Err(e) => {
                 Counters::add(&self.stats.cache_errors, 1);
-                if e.is_temporary() {
-                    self.breaker.record_failure();
+                if e.is_temporary() && self.breaker.record_failure() {
+                    self.metrics.breaker_trips.increment(1);
+                    self.metrics.breaker_state.set(2.0);
                 }
-                Err(e.with_operation(op).with_backend(self.cache.name()))
+                Err(e
+                    .with_operation(call.name())
+                    .with_backend(self.cache.name()))
             }
         }
     }
@@ -458,9 +508,10 @@ impl Inner {
     /// outcome of a write unknown, so it is marked in doubt.
     pub(crate) async fn db_call<T>(
         &self,
-        op: &'static str,
+        call: DbCall,
         f: impl Future<Output = Result<T>>,
     ) -> Result<T> {
+        let started = Instant::now();
         let r = match tokio::time::timeout(self.cfg.db_timeout, f).await {
             Ok(r) => r,
             Err(_) => Err(Error::new(
@@ -469,9 +520,10 @@ impl Inner {
             )
             .in_doubt()),
         };
+        self.metrics.db_call(call, started.elapsed(), r.is_ok());
         r.map_err(|e| {
             Counters::add(&self.stats.db_errors, 1);
-            e.with_operation(op).with_backend(self.db.name())
+            e.with_operation(call.name()).with_backend(self.db.name())
         })
     }
 
@@ -584,7 +636,7 @@ impl Inner {
         );
         let opts = TxOptions::with_outbox(self.cfg.consistency.outbox);
         let outcomes = match self
-            .db_call("db.execute", self.db.execute(writes, opts))
+            .db_call(DbCall::Execute, self.db.execute(writes, opts))
             .await
         {
             Ok(o) => o,
@@ -729,18 +781,19 @@ impl Inner {
             let fences = if items.len() == 1 {
                 let item = items.pop().expect("one item");
                 vec![
-                    self.cache_call("cache.set_if_newer", self.cache.set_if_newer(item))
+                    self.cache_call(CacheCall::SetIfNewer, self.cache.set_if_newer(item))
                         .await?,
                 ]
             } else {
                 self.cache_call(
-                    "cache.set_many_if_newer",
+                    CacheCall::SetManyIfNewer,
                     self.cache.set_many_if_newer(items),
                 )
                 .await?
             };
             let stale = fences.iter().filter(|f| **f == Fence::Stale).count();
             Counters::add(&self.stats.stale_refused, stale as u64);
+            self.metrics.stale_refused.increment(stale as u64);
             return Ok(());
         }
         // Unfenced: the textbook write-through, with its races.
@@ -749,7 +802,7 @@ impl Inner {
             match &e.kind {
                 EffectKind::Put(..) => puts.push(self.item(&e.cache_key, e.version, &e.kind)),
                 EffectKind::Invalidate => {
-                    self.cache_call("cache.delete", self.cache.delete(&e.cache_key))
+                    self.cache_call(CacheCall::Delete, self.cache.delete(&e.cache_key))
                         .await?;
                 }
             }
@@ -758,11 +811,11 @@ impl Inner {
             0 => Ok(()),
             1 => {
                 let it = puts.pop().expect("one item");
-                self.cache_call("cache.set", self.cache.set(&it.key, it.entry, it.ttl))
+                self.cache_call(CacheCall::Set, self.cache.set(&it.key, it.entry, it.ttl))
                     .await
             }
             _ => {
-                self.cache_call("cache.set_many", self.cache.set_many(puts))
+                self.cache_call(CacheCall::SetMany, self.cache.set_many(puts))
                     .await
             }
         }
@@ -773,10 +826,10 @@ impl Inner {
         self: &Arc<Self>,
         st: &Arc<TableState>,
         key: Key,
-    ) -> Result<Option<R>> {
+    ) -> Result<(Option<R>, bool)> {
         let ck = self.key_for(st, &key)?;
         let unreadable = match self.lookup::<R>(st, &ck).await {
-            Lookup::Hit(hit) => return Ok(Some(hit)),
+            Lookup::Hit(hit) => return Ok((Some(hit), true)),
             Lookup::Miss(unreadable) => unreadable,
         };
         let loaded = self
@@ -787,7 +840,10 @@ impl Inner {
         if let (Some(found), Some(vr)) = (unreadable, &loaded) {
             self.replace_unreadable(st, &ck, found, vr).await;
         }
-        loaded.map(|vr| R::from_row(&st.table, vr.row)).transpose()
+        let found = loaded
+            .map(|vr| R::from_row(&st.table, vr.row))
+            .transpose()?;
+        Ok((found, false))
     }
 
     /// Looks `ck` up in the cache. On a miss, returns the bytes found if
@@ -795,12 +851,14 @@ impl Inner {
     pub(crate) async fn lookup<R: Record>(&self, st: &TableState, ck: &str) -> Lookup<R> {
         let usable = self.breaker.allows() && !self.resync.contains(ck);
         let mut unreadable = None;
-        if usable && let Ok(Some(bytes)) = self.cache_call("cache.get", self.cache.get(ck)).await {
+        if usable && let Ok(Some(bytes)) = self.cache_call(CacheCall::Get, self.cache.get(ck)).await
+        {
             match codec::decode(&bytes) {
                 Decoded::Row { codec, payload, .. } => {
                     match R::from_payload(codec, &st.table, payload) {
                         Ok(r) => {
                             Counters::add(&self.stats.hits, 1);
+                            st.metrics.hits.increment(1);
                             return Lookup::Hit(r);
                         }
                         Err(e) => {
@@ -819,6 +877,8 @@ impl Inner {
             }
         }
         Counters::add(&self.stats.misses, 1);
+        st.metrics.misses.increment(1);
+        st.metrics.misses.increment(1);
         Lookup::Miss(unreadable)
     }
 
@@ -840,7 +900,7 @@ impl Inner {
         };
         let r = self
             .cache_call(
-                "cache.replace_if_unchanged",
+                CacheCall::ReplaceIfUnchanged,
                 self.cache.replace_if_unchanged(found, item),
             )
             .await;
@@ -872,7 +932,9 @@ impl Inner {
             self.hook(HookPoint::BeforeLoad, &ck).await;
             let started = Instant::now();
             Counters::add(&self.stats.loads, 1);
-            let row = self.db_call("db.get", self.db.get(&st.table, &key)).await?;
+            let row = self
+                .db_call(DbCall::Get, self.db.get(&st.table, &key))
+                .await?;
             self.hook(HookPoint::AfterLoad, &ck).await;
             if let Some(vr) = &row {
                 self.populate(&st, &ck, vr, started).await;
@@ -891,16 +953,16 @@ impl Inner {
         ck: &str,
         vr: &VersionedRow,
         started: Instant,
-    ) {
+    ) -> bool {
         if !self.breaker.allows() || self.resync.overflowed() || !st.caches(&vr.row) {
-            return;
+            return false;
         }
         if started.elapsed() >= self.cfg.load_deadline {
             Counters::add(&self.stats.late_loads, 1);
-            return;
+            return false;
         }
         let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version) else {
-            return;
+            return false;
         };
         let r = if self.cfg.consistency.fence {
             let item = CacheItem {
@@ -909,17 +971,24 @@ impl Inner {
                 version: vr.version,
                 ttl,
             };
-            self.cache_call("cache.set_if_newer", self.cache.set_if_newer(item))
+            self.cache_call(CacheCall::SetIfNewer, self.cache.set_if_newer(item))
                 .await
         } else {
-            self.cache_call("cache.set", self.cache.set(ck, entry, ttl))
+            self.cache_call(CacheCall::Set, self.cache.set(ck, entry, ttl))
                 .await
                 .map(|()| Fence::Applied)
         };
         match r {
-            Ok(Fence::Applied) => Counters::add(&self.stats.populates, 1),
-            Ok(Fence::Stale) => Counters::add(&self.stats.stale_refused, 1),
-            Err(_) => {}
+            Ok(Fence::Applied) => {
+                Counters::add(&self.stats.populates, 1);
+                true
+            }
+            Ok(Fence::Stale) => {
+                Counters::add(&self.stats.stale_refused, 1);
+                self.metrics.stale_refused.increment(1);
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -952,17 +1021,17 @@ impl Inner {
             // Nothing to fence with: remove whatever is there.
             return match item {
                 Some(it) if !self.cfg.consistency.fence => {
-                    self.cache_call("cache.set", self.cache.set(ck, it.entry, it.ttl))
+                    self.cache_call(CacheCall::Set, self.cache.set(ck, it.entry, it.ttl))
                         .await
                 }
                 _ => self
-                    .cache_call("cache.delete", self.cache.delete(ck))
+                    .cache_call(CacheCall::Delete, self.cache.delete(ck))
                     .await
                     .map(drop),
             };
         }
         let item = item.unwrap_or_else(|| self.item(ck, version, &EffectKind::Invalidate));
-        self.cache_call("cache.set_if_newer", self.cache.set_if_newer(item))
+        self.cache_call(CacheCall::SetIfNewer, self.cache.set_if_newer(item))
             .await
             .map(drop)
     }

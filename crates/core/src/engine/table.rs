@@ -163,6 +163,7 @@ pub(crate) struct TableState {
     pub(crate) ttl: Option<Duration>,
     pub(crate) ttl_fn: Option<RowTtl>,
     pub(crate) cache_if: Option<RowPredicate>,
+    pub(crate) metrics: super::metrics::TableMetrics,
 }
 
 impl TableState {

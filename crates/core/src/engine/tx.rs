@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::handle::Handle;
 use super::stats::Counters;
 use super::table::WriteOptions;
-use super::{Effect, EffectKind, Inner};
+use super::{DbCall, Effect, EffectKind, Inner};
 use crate::db::{Transaction, Write, WriteOp, WriteOutcome};
 use crate::entity::Record;
 use crate::error::{Error, ErrorKind, Result};
@@ -65,7 +65,7 @@ impl Tx {
             ));
         }
         let tx = self.tx.as_mut().expect("an open scope has a transaction");
-        let r = self.inner.db_call("db.apply", tx.apply(&write)).await;
+        let r = self.inner.db_call(DbCall::Apply, tx.apply(&write)).await;
         if let Err(e) = &r {
             self.poisoned = Some(e.clone());
         }
@@ -179,7 +179,7 @@ impl Tx {
         let tx = self.tx.as_mut().expect("an open scope has a transaction");
         let row = self
             .inner
-            .db_call("db.get", tx.get(&table.st.table, &key))
+            .db_call(DbCall::Get, tx.get(&table.st.table, &key))
             .await?;
         row.map(|vr| R::from_row(&table.st.table, vr.row))
             .transpose()
@@ -191,7 +191,7 @@ impl Tx {
     pub async fn commit(mut self) -> Result<()> {
         let tx = self.tx.take().expect("an open scope has a transaction");
         if let Some(e) = self.poisoned.take() {
-            let _ = self.inner.db_call("db.rollback", tx.rollback()).await;
+            let _ = self.inner.db_call(DbCall::Rollback, tx.rollback()).await;
             return Err(Error::new(
                 ErrorKind::Validation,
                 format!("the transaction was rolled back because a write failed: {e}"),
@@ -210,7 +210,7 @@ impl Tx {
                 .map(|e| (e.cache_key.clone(), e.table.clone(), e.key.clone()))
                 .collect(),
         );
-        match inner.db_call("db.commit", tx.commit()).await {
+        match inner.db_call(DbCall::Commit, tx.commit()).await {
             Ok(()) => {}
             Err(e) => {
                 if !e.is_in_doubt() {
@@ -228,7 +228,7 @@ impl Tx {
     pub async fn rollback(mut self) -> Result<()> {
         let tx = self.tx.take().expect("an open scope has a transaction");
         self.inner
-            .db_call("db.rollback", tx.rollback())
+            .db_call(DbCall::Rollback, tx.rollback())
             .await
             .map_err(|e| e.with_operation("tx.rollback"))
     }

@@ -47,6 +47,9 @@ pub fn cases() -> Vec<Case> {
         applied_outbox_records_are_removed,
         reconcile_replays_what_a_crashed_writer_left,
         cache_outage_opens_the_breaker_and_resyncs_before_serving,
+        audit_finds_and_repairs_a_divergent_entry,
+        warm_loads_rows_into_an_empty_cache,
+        health_reports_throughput_latency_and_failures,
     ]
 }
 
@@ -1019,5 +1022,70 @@ pub async fn cache_outage_opens_the_breaker_and_resyncs_before_serving(pair: Pai
         assert_eq!(items.get(i).await.unwrap(), Some(item(i, 2.0)));
     }
     assert!(engine.breaker_trips() >= 1);
+    Outcome::Passed
+}
+
+/// The audit finds an entry older than its row (planted behind the
+/// engine's back), leaves agreeing and absent entries alone, and repairs.
+pub async fn audit_finds_and_repairs_a_divergent_entry(pair: Pair) -> Outcome {
+    let (_, items) = setup(&pair, TableOptions::new()).await;
+    for i in 1..=10 {
+        items.put(&item(i, 1.0)).await.unwrap();
+    }
+    let ck = items.cache_key(3).unwrap();
+    let old = pair.cache.get(&ck).await.unwrap().unwrap();
+    let v2 = items.put(&item(3, 2.0)).await.unwrap();
+    pair.cache.set(&ck, old, None).await.unwrap();
+    pair.cache.delete(&items.cache_key(5).unwrap()).await.unwrap();
+    let report = items.audit(100, Duration::from_millis(20), false).await.unwrap();
+    assert_eq!(report.checked, 10);
+    assert_eq!(report.divergent, vec![Key::Int(3)]);
+    assert_eq!((report.agree, report.absent, report.repaired), (8, 1, 0));
+    let report = items.audit(100, Duration::from_millis(20), true).await.unwrap();
+    assert_eq!(report.repaired, 1);
+    assert_eq!(cached(&pair, &items, 3).await, Some((true, v2)));
+    let report = items.audit(100, Duration::from_millis(20), false).await.unwrap();
+    assert!(report.divergent.is_empty(), "{report:?}");
+    Outcome::Passed
+}
+
+/// Warming loads rows the cache lacks, so that reads hit.
+pub async fn warm_loads_rows_into_an_empty_cache(pair: Pair) -> Outcome {
+    let (engine, items) = setup(&pair, TableOptions::new()).await;
+    for i in 1..=20 {
+        db_only_put(&pair, &items, &item(i, 1.0)).await;
+    }
+    assert_eq!(items.warm(15).await.unwrap(), 15);
+    assert_eq!(items.warm(100).await.unwrap(), 5, "already cached rows are not rewritten");
+    let hits = engine.stats().hits;
+    for i in 1..=20 {
+        assert!(items.get(i).await.unwrap().is_some());
+    }
+    assert_eq!(engine.stats().hits, hits + 20);
+    Outcome::Passed
+}
+
+/// The health report shows the window's operations, latencies and failures.
+pub async fn health_reports_throughput_latency_and_failures(pair: Pair) -> Outcome {
+    let faulty = FaultyCache::new(pair.cache.clone());
+    let p = pair.with_cache(Arc::new(faulty.clone()));
+    let (engine, items) = setup(&p, TableOptions::new()).await;
+    let _ = engine.health();
+    for i in 1..=10 {
+        items.put(&item(i, 1.0)).await.unwrap();
+        items.get(i).await.unwrap();
+    }
+    let h = engine.health();
+    assert_eq!(h.operations, 20);
+    assert!(h.throughput > 0.0);
+    assert!(h.read_p50 > Duration::ZERO && h.read_p99 >= h.read_p50);
+    assert!(h.write_p50 > Duration::ZERO && h.write_p99 >= h.write_p50);
+    assert_eq!((h.cache_failure_rate, h.db_failure_rate), (0.0, 0.0));
+    assert_eq!(h.breaker, BreakerState::Closed);
+    faulty.faults().fail_reads(true);
+    items.get(1).await.unwrap();
+    let h = engine.health();
+    assert_eq!(h.operations, 1, "a new window");
+    assert!(h.cache_failure_rate > 0.0);
     Outcome::Passed
 }

@@ -1,0 +1,178 @@
+//! Audit, repair and warm-up: comparing the cache with the database.
+
+use std::time::Duration;
+
+use super::handle::Handle;
+use super::stats::Counters;
+use super::{CacheCall, DbCall, Inner, TableState};
+use crate::codec::{self, Decoded};
+use crate::entity::Record;
+use crate::error::Result;
+use crate::value::{Key, VersionedRow};
+
+/// What an audit found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuditReport {
+    /// Rows compared.
+    pub checked: usize,
+    /// Rows whose cache entry holds the same version and content.
+    pub agree: usize,
+    /// Rows with no entry (or a tombstone) in the cache: allowed.
+    pub absent: usize,
+    /// Rows whose cache entry disagrees with the database (older version,
+    /// other content, unreadable bytes), confirmed by a second look.
+    pub divergent: Vec<Key>,
+    /// Of those, how many were repaired (when asked to).
+    pub repaired: usize,
+}
+
+enum Verdict {
+    Agree,
+    Absent,
+    Divergent,
+}
+
+impl Inner {
+    fn verdict(&self, st: &TableState, vr: &VersionedRow, cached: Option<&[u8]>) -> Verdict {
+        let Some(bytes) = cached else {
+            return Verdict::Absent;
+        };
+        match codec::decode(bytes) {
+            Decoded::Tombstone { version } if version >= vr.version => Verdict::Absent,
+            Decoded::Row {
+                version,
+                codec,
+                payload,
+            } if version == vr.version => match codec::decode_row(codec, &st.table, payload) {
+                Ok(row) if row == vr.row => Verdict::Agree,
+                _ => Verdict::Divergent,
+            },
+            _ => Verdict::Divergent,
+        }
+    }
+}
+
+impl<R: Record> Handle<R> {
+    /// Compares up to `limit` rows (in key order) with their cache entries.
+    /// A disagreement is looked at again after `settle` (a write in flight
+    /// between its commit and its cache write is not a divergence), and
+    /// with `repair` the confirmed ones are rewritten from the database.
+    /// Confirmed divergences count in `writethrough_consistency_violations_total`.
+    pub async fn audit(&self, limit: usize, settle: Duration, repair: bool) -> Result<AuditReport> {
+        let inner = &self.inner;
+        let st = &self.st;
+        let mut report = AuditReport::default();
+        let mut suspects = Vec::new();
+        let mut after: Option<Key> = None;
+        while report.checked < limit {
+            let page = (limit - report.checked).min(500);
+            let rows = inner
+                .db_call(DbCall::Scan, inner.db.scan(&st.table, after.clone(), page))
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            let keys: Vec<Key> = rows
+                .iter()
+                .map(|vr| {
+                    Key::from_value(
+                        vr.row
+                            .get(st.table.key_column().name.as_str())
+                            .expect("rows carry their key"),
+                    )
+                    .expect("keys are int or text")
+                })
+                .collect();
+            let cks: Vec<String> = keys.iter().map(|k| st.cache_key(k)).collect();
+            let cached = inner
+                .cache_call(CacheCall::GetMany, inner.cache.get_many(&cks))
+                .await?;
+            for ((vr, key), c) in rows.iter().zip(&keys).zip(&cached) {
+                report.checked += 1;
+                match inner.verdict(st, vr, c.as_deref()) {
+                    Verdict::Agree => report.agree += 1,
+                    Verdict::Absent => report.absent += 1,
+                    Verdict::Divergent => suspects.push(key.clone()),
+                }
+            }
+            after = keys.last().cloned();
+            if rows.len() < page {
+                break;
+            }
+        }
+        if suspects.is_empty() {
+            return Ok(report);
+        }
+        tokio::time::sleep(settle).await;
+        for key in suspects {
+            let ck = st.cache_key(&key);
+            let row = inner
+                .db_call(DbCall::Get, inner.db.get(&st.table, &key))
+                .await?;
+            let cached = inner
+                .cache_call(CacheCall::Get, inner.cache.get(&ck))
+                .await?;
+            let confirmed = match &row {
+                Some(vr) => matches!(inner.verdict(st, vr, cached.as_deref()), Verdict::Divergent),
+                None => cached.as_deref().is_some_and(|b| {
+                    matches!(codec::decode(b), Decoded::Row { .. } | Decoded::Corrupt)
+                }),
+            };
+            if !confirmed {
+                continue;
+            }
+            st.metrics.violations.increment(1);
+            report.divergent.push(key.clone());
+            if repair {
+                // Delete first: the fence would keep an entry at the same
+                // version with other content.
+                inner
+                    .cache_call(CacheCall::Delete, inner.cache.delete(&ck))
+                    .await?;
+                inner.repair(st, &ck, row, 0).await?;
+                Counters::add(&inner.stats.resynced, 1);
+                report.repaired += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Loads up to `limit` rows (in key order) into the cache, fenced like
+    /// any read; returns how many were written.
+    pub async fn warm(&self, limit: usize) -> Result<usize> {
+        let inner = &self.inner;
+        let st = &self.st;
+        let mut warmed = 0;
+        let mut seen = 0;
+        let mut after: Option<Key> = None;
+        while seen < limit {
+            let page = (limit - seen).min(500);
+            let rows = inner
+                .db_call(DbCall::Scan, inner.db.scan(&st.table, after.clone(), page))
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            seen += rows.len();
+            let started = std::time::Instant::now();
+            for vr in &rows {
+                let key = Key::from_value(
+                    vr.row
+                        .get(st.table.key_column().name.as_str())
+                        .expect("rows carry their key"),
+                )
+                .expect("keys are int or text");
+                let ck = st.cache_key(&key);
+                if inner.populate(st, &ck, vr, started).await {
+                    warmed += 1;
+                }
+                after = Some(key);
+            }
+            if rows.len() < page {
+                break;
+            }
+        }
+        Ok(warmed)
+    }
+}

@@ -4,4 +4,6 @@
 pub mod faults;
 pub mod gates;
 pub mod history;
+pub mod proxy;
+pub mod server;
 pub mod suite;

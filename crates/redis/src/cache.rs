@@ -1,0 +1,561 @@
+//! [`RedisCache`]: the [`CacheStore`] on one Redis server.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Pipeline, ServerErrorKind, Value};
+use writethrough_core::{
+    CacheCapabilities, CacheItem, CacheStore, Error, ErrorKind, Fence, KeyRule, Result, async_trait,
+};
+
+use crate::config::{MAX_KEY_LEN, RedisConfig};
+use crate::error::{BACKEND, map_err, unexpected};
+use crate::script;
+
+/// The longest TTL accepted: 100 years. Redis keeps expiry times as signed
+/// 64-bit Unix milliseconds, so this is nowhere near its limit.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Keys per `SCAN` page and per `UNLINK` in [`RedisCache::clear`].
+const SCAN_COUNT: usize = 1000;
+
+/// A cache backend on a Redis server (or anything speaking its protocol:
+/// Valkey, KeyDB, Dragonfly with Lua scripting).
+///
+/// All calls share one multiplexed connection, held by a redis-rs
+/// [`ConnectionManager`]: requests from many tasks are pipelined on it, and
+/// when the server goes away the calls fail with
+/// [`ErrorKind::Unavailable`] while the manager reconnects in the
+/// background, so the same `RedisCache` works again once the server is
+/// back. Cloning is cheap and shares the connection.
+///
+/// Fenced writes run a Lua script on the server (see the crate docs), which
+/// makes `set_if_newer` atomic against every client of the server.
+///
+/// ```no_run
+/// # async fn demo() -> writethrough_core::Result<()> {
+/// use writethrough_core::CacheStore;
+/// use writethrough_redis::RedisCache;
+///
+/// let cache = RedisCache::connect("redis://127.0.0.1:6379").await?;
+/// cache.set("greeting", "hello".into(), None).await?;
+/// assert_eq!(cache.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisCache {
+    conn: ConnectionManager,
+    max_value_len: usize,
+    url: Arc<str>,
+}
+
+impl fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("url", &self.url)
+            .field("max_value_len", &self.max_value_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisCache {
+    /// Connects to the server at `url` with the default settings
+    /// ([`RedisConfig::from_url`]).
+    ///
+    /// Fails with [`ErrorKind::Config`] for an unusable URL and with
+    /// [`ErrorKind::Unavailable`] or [`ErrorKind::Timeout`] when the server
+    /// cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::with_config(RedisConfig::from_url(url)?).await
+    }
+
+    /// Connects with `config`, waits for the connection, and loads the
+    /// scripts.
+    pub async fn with_config(config: RedisConfig) -> Result<Self> {
+        let client = config.validate()?;
+        let conn = ConnectionManager::new_with_config(client, manager_config(&config))
+            .await
+            .map_err(|e| map_err(e, "cache.connect"))?;
+        let cache = Self::from_parts(conn, &config);
+        cache.load_scripts().await?;
+        Ok(cache)
+    }
+
+    /// Builds the cache without connecting: the first call connects. Use it
+    /// when the application must start while Redis is down (the engine
+    /// serves from the database meanwhile).
+    pub fn with_config_lazy(config: RedisConfig) -> Result<Self> {
+        let client = config.validate()?;
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config(&config))
+            .map_err(|e| map_err(e, "cache.connect"))?;
+        Ok(Self::from_parts(conn, &config))
+    }
+
+    fn from_parts(conn: ConnectionManager, config: &RedisConfig) -> Self {
+        RedisCache {
+            conn,
+            max_value_len: config.max_value_len,
+            url: config.redacted_url().into(),
+        }
+    }
+
+    /// Loads the adapter's scripts into the server's script cache.
+    ///
+    /// Never required: a call that finds a script missing loads it and
+    /// retries. Calling it after a known restart only saves that retry.
+    pub async fn load_scripts(&self) -> Result<()> {
+        const OP: &str = "cache.load_scripts";
+        let mut pipe = Pipeline::with_capacity(2);
+        pipe.add_command(script::load(script::FENCED_SET));
+        pipe.add_command(script::load(script::REPLACE_IF_UNCHANGED));
+        let replies = self.call_many(&pipe, OP).await?;
+        for (reply, s) in replies
+            .into_iter()
+            .zip([&*script::FENCE, &*script::REPLACE])
+        {
+            check_loaded(OP, s, reply)?;
+        }
+        Ok(())
+    }
+
+    async fn call(&self, cmd: &Cmd, op: &'static str) -> Result<Value> {
+        let mut conn = self.conn.clone();
+        match conn.req_packed_command(cmd).await {
+            Ok(Value::ServerError(e)) => Err(map_err(e.into(), op)),
+            Ok(v) => Ok(v),
+            Err(e) => Err(map_err(e, op)),
+        }
+    }
+
+    async fn call_many(&self, pipe: &Pipeline, op: &'static str) -> Result<Vec<Value>> {
+        let mut conn = self.conn.clone();
+        let replies = conn
+            .req_packed_commands(pipe, 0, pipe.len())
+            .await
+            .map_err(|e| map_err(e, op))?;
+        if replies.len() != pipe.len() {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!("{} replies to {} commands", replies.len(), pipe.len()),
+            )
+            .with_operation(op)
+            .with_backend(BACKEND));
+        }
+        Ok(replies)
+    }
+
+    fn check_value(&self, key: &str, len: usize, op: &'static str) -> Result<()> {
+        if len > self.max_value_len {
+            return Err(Error::new(
+                ErrorKind::ValueTooLarge,
+                format!(
+                    "the cache entry is {len} bytes; this cache holds at most {}",
+                    self.max_value_len
+                ),
+            )
+            .with_operation(op)
+            .with_backend(BACKEND)
+            .with_key(key));
+        }
+        Ok(())
+    }
+
+    /// Checks every item before anything is sent, so bad input has no side effect.
+    fn check_items(&self, items: &[CacheItem], op: &'static str) -> Result<Vec<u64>> {
+        items
+            .iter()
+            .map(|it| {
+                self.check_value(&it.key, it.entry.len(), op)?;
+                ttl_ms(it.ttl).map_err(|e| e.with_operation(op).with_key(&it.key))
+            })
+            .collect()
+    }
+
+    async fn fenced(&self, items: &[CacheItem], op: &'static str) -> Result<Vec<Fence>> {
+        let ttls = self.check_items(items, op)?;
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = Pipeline::with_capacity(items.len());
+        for (it, &ttl) in items.iter().zip(&ttls) {
+            pipe.add_command(script::fenced_set(it, ttl));
+        }
+        let replies = self
+            .eval_all(&pipe, script::FENCED_SET, &script::FENCE, op)
+            .await?;
+        replies
+            .into_iter()
+            .zip(items)
+            .map(|(reply, it)| fence_of(op, &it.key, reply))
+            .collect()
+    }
+
+    /// Sends a pipeline of `EVALSHA` calls of `script` and answers in order.
+    ///
+    /// When the server has lost its script cache (a restart, `SCRIPT
+    /// FLUSH`, a failover to a replica that never saw the script) the calls
+    /// answered `NOSCRIPT` did nothing: load the script and send those calls
+    /// again, in order, in one round trip; the load runs first on the same
+    /// connection. Only a second `NOSCRIPT` in a row reaches the caller.
+    async fn eval_all(
+        &self,
+        pipe: &Pipeline,
+        source: &'static str,
+        script: &redis::Script,
+        op: &'static str,
+    ) -> Result<Vec<Value>> {
+        let mut replies = self.call_many(pipe, op).await?;
+        let forgotten: Vec<usize> = replies
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript)))
+            .map(|(i, _)| i)
+            .collect();
+        if forgotten.is_empty() {
+            return Ok(replies);
+        }
+        let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
+        let mut retry = Pipeline::with_capacity(forgotten.len() + 1);
+        retry.add_command(script::load(source));
+        for &i in &forgotten {
+            retry.add_command(cmds[i].clone());
+        }
+        let mut again = self.call_many(&retry, op).await?.into_iter();
+        check_loaded(op, script, again.next().unwrap_or_default())?;
+        for (&i, reply) in forgotten.iter().zip(again) {
+            replies[i] = reply;
+        }
+        Ok(replies)
+    }
+}
+
+fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connection_timeout))
+        .set_response_timeout(Some(config.response_timeout))
+        .set_number_of_retries(config.reconnect_retries)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(1))
+}
+
+/// The TTL as Redis milliseconds (`0` for none), rounded up so a sub-millisecond
+/// TTL never becomes "no expiry".
+fn ttl_ms(ttl: Option<Duration>) -> Result<u64> {
+    let Some(ttl) = ttl else { return Ok(0) };
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(Error::new(
+            ErrorKind::InvalidTtl,
+            format!("a TTL of {ttl:?} is outside 1 ms ..= {MAX_TTL:?}"),
+        )
+        .with_backend(BACKEND));
+    }
+    Ok(u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
+}
+
+fn fence_of(op: &'static str, key: &str, reply: Value) -> Result<Fence> {
+    match reply {
+        Value::Int(1) => Ok(Fence::Applied),
+        Value::Int(0) => Ok(Fence::Stale),
+        Value::ServerError(e) => Err(map_err(e.into(), op).with_key(key)),
+        other => Err(unexpected(op, &other).with_key(key)),
+    }
+}
+
+fn check_loaded(op: &'static str, script: &redis::Script, reply: Value) -> Result<()> {
+    let sha = script.get_hash();
+    match reply {
+        Value::BulkString(got) if got.as_slice() == sha.as_bytes() => Ok(()),
+        Value::SimpleString(got) if got == sha => Ok(()),
+        Value::ServerError(e) => Err(map_err(e.into(), op)),
+        other => Err(unexpected(op, &other)),
+    }
+}
+
+fn set_cmd(key: &str, value: &[u8], ttl_ms: u64) -> Cmd {
+    let mut cmd = Cmd::with_capacity(5, 32 + key.len() + value.len());
+    cmd.arg("SET").arg(key).arg(value);
+    if ttl_ms > 0 {
+        cmd.arg("PX").arg(ttl_ms);
+    }
+    cmd
+}
+
+/// Escapes Redis glob characters so `MATCH` takes the prefix literally.
+fn glob_escape(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 8);
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^' | '-') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('*');
+    out
+}
+
+fn scan_cmd(cursor: &[u8], pattern: &str) -> Cmd {
+    let mut cmd = Cmd::with_capacity(6, 32 + cursor.len() + pattern.len());
+    cmd.arg("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(SCAN_COUNT);
+    cmd
+}
+
+/// Splits a `SCAN` reply into the next cursor and the keys of this page.
+fn scan_page(op: &'static str, reply: Value) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
+    if let Value::Array(mut parts) = reply
+        && parts.len() == 2
+        && let Value::Array(keys) = parts.pop().unwrap_or_default()
+        && let Value::BulkString(cursor) = parts.pop().unwrap_or_default()
+    {
+        let keys = keys
+            .into_iter()
+            .map(|k| match k {
+                Value::BulkString(k) => Ok(k),
+                other => Err(unexpected(op, &other)),
+            })
+            .collect::<Result<_>>()?;
+        return Ok((cursor, keys));
+    }
+    Err(
+        Error::new(ErrorKind::Backend, "SCAN answered with an unexpected reply")
+            .with_operation(op)
+            .with_backend(BACKEND),
+    )
+}
+
+#[async_trait]
+impl CacheStore for RedisCache {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> CacheCapabilities {
+        let mut c = CacheCapabilities::new();
+        c.atomic_fencing = true;
+        c.in_process = false;
+        c.ttl_granularity = Duration::from_millis(1);
+        c.max_ttl = MAX_TTL;
+        c.max_key_len = MAX_KEY_LEN;
+        c.key_rule = KeyRule::Any;
+        c.max_value_len = self.max_value_len;
+        c
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        const OP: &str = "cache.get";
+        let mut cmd = Cmd::with_capacity(2, 3 + key.len());
+        cmd.arg("GET").arg(key);
+        let mut conn = self.conn.clone();
+        match conn.req_packed_command(&cmd).await {
+            // The reply's buffer becomes the `Bytes` without a copy.
+            Ok(Value::BulkString(v)) => Ok(Some(Bytes::from(v))),
+            Ok(Value::Nil) => Ok(None),
+            Ok(Value::ServerError(e)) => Err(map_err(e.into(), OP).with_key(key)),
+            Ok(other) => Err(unexpected(OP, &other).with_key(key)),
+            Err(e) => Err(map_err(e, OP).with_key(key)),
+        }
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>> {
+        const OP: &str = "cache.get_many";
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = Cmd::with_capacity(
+            keys.len() + 1,
+            4 + keys.iter().map(String::len).sum::<usize>(),
+        );
+        cmd.arg("MGET");
+        for k in keys {
+            cmd.arg(k.as_str());
+        }
+        let reply = self.call(&cmd, OP).await?;
+        let Value::Array(values) = reply else {
+            return Err(unexpected(OP, &reply));
+        };
+        if values.len() != keys.len() {
+            return Err(unexpected(OP, &Value::Array(values)));
+        }
+        values
+            .into_iter()
+            .zip(keys)
+            .map(|(v, k)| match v {
+                Value::BulkString(v) => Ok(Some(Bytes::from(v))),
+                Value::Nil => Ok(None),
+                other => Err(unexpected(OP, &other).with_key(k)),
+            })
+            .collect()
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        const OP: &str = "cache.set";
+        self.check_value(key, value.len(), OP)?;
+        let ttl = ttl_ms(ttl).map_err(|e| e.with_operation(OP).with_key(key))?;
+        match self.call(&set_cmd(key, &value, ttl), OP).await {
+            Ok(Value::Okay) => Ok(()),
+            Ok(other) => Err(unexpected(OP, &other).with_key(key)),
+            Err(e) => Err(e.with_key(key)),
+        }
+    }
+
+    async fn set_many(&self, items: Vec<CacheItem>) -> Result<()> {
+        const OP: &str = "cache.set_many";
+        let ttls = self.check_items(&items, OP)?;
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = Pipeline::with_capacity(items.len());
+        for (it, &ttl) in items.iter().zip(&ttls) {
+            pipe.add_command(set_cmd(&it.key, &it.entry, ttl));
+        }
+        let replies = self.call_many(&pipe, OP).await?;
+        for (reply, it) in replies.into_iter().zip(&items) {
+            match reply {
+                Value::Okay => {}
+                Value::ServerError(e) => return Err(map_err(e.into(), OP).with_key(&it.key)),
+                other => return Err(unexpected(OP, &other).with_key(&it.key)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_if_newer(&self, item: CacheItem) -> Result<Fence> {
+        const OP: &str = "cache.set_if_newer";
+        let mut fences = self.fenced(std::slice::from_ref(&item), OP).await?;
+        fences
+            .pop()
+            .ok_or_else(|| Error::new(ErrorKind::Backend, "no reply").with_operation(OP))
+    }
+
+    async fn set_many_if_newer(&self, items: Vec<CacheItem>) -> Result<Vec<Fence>> {
+        self.fenced(&items, "cache.set_many_if_newer").await
+    }
+
+    /// One `EVALSHA` of a script that compares the whole stored value with
+    /// `expected` and sets the new entry only if they are equal. A key of
+    /// another type, or no key, is not `expected`: [`Fence::Stale`].
+    async fn replace_if_unchanged(&self, expected: Bytes, item: CacheItem) -> Result<Fence> {
+        const OP: &str = "cache.replace_if_unchanged";
+        self.check_value(&item.key, item.entry.len(), OP)?;
+        let ttl = ttl_ms(item.ttl).map_err(|e| e.with_operation(OP).with_key(&item.key))?;
+        let mut pipe = Pipeline::with_capacity(1);
+        pipe.add_command(script::replace_if_unchanged(&expected, &item, ttl));
+        let reply = self
+            .eval_all(&pipe, script::REPLACE_IF_UNCHANGED, &script::REPLACE, OP)
+            .await
+            .map_err(|e| e.with_key(&item.key))?;
+        fence_of(OP, &item.key, reply.into_iter().next().unwrap_or_default())
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        const OP: &str = "cache.delete";
+        let mut cmd = Cmd::with_capacity(2, 3 + key.len());
+        cmd.arg("DEL").arg(key);
+        match self.call(&cmd, OP).await {
+            Ok(Value::Int(n)) => Ok(n > 0),
+            Ok(other) => Err(unexpected(OP, &other).with_key(key)),
+            Err(e) => Err(e.with_key(key)),
+        }
+    }
+
+    /// Removes every key starting with `prefix` with `SCAN MATCH` (the
+    /// prefix's glob characters escaped) and `UNLINK` of each page, the
+    /// `UNLINK` pipelined with the next `SCAN`. It never blocks the server
+    /// like `KEYS` would; keys written under the prefix while it runs may
+    /// survive, as `SCAN` promises only the keys present throughout.
+    async fn clear(&self, prefix: &str) -> Result<()> {
+        const OP: &str = "cache.clear";
+        let pattern = glob_escape(prefix);
+        let first = self.call(&scan_cmd(b"0", &pattern), OP).await?;
+        let (mut cursor, mut keys) = scan_page(OP, first)?;
+        loop {
+            let done = cursor.as_slice() == b"0";
+            if keys.is_empty() && done {
+                return Ok(());
+            }
+            let mut pipe = Pipeline::with_capacity(2);
+            if !keys.is_empty() {
+                let mut unlink = Cmd::with_capacity(keys.len() + 1, 0);
+                unlink.arg("UNLINK");
+                for k in &keys {
+                    unlink.arg(k.as_slice());
+                }
+                pipe.add_command(unlink);
+            }
+            if !done {
+                pipe.add_command(scan_cmd(&cursor, &pattern));
+            }
+            let mut replies = self.call_many(&pipe, OP).await?;
+            if !keys.is_empty() {
+                match replies.first() {
+                    Some(Value::Int(_)) => {}
+                    Some(Value::ServerError(e)) => return Err(map_err(e.clone().into(), OP)),
+                    Some(other) => return Err(unexpected(OP, other)),
+                    None => return Err(unexpected(OP, &Value::Nil)),
+                }
+            }
+            if done {
+                return Ok(());
+            }
+            let scan = replies.pop().unwrap_or_default();
+            if let Value::ServerError(e) = scan {
+                return Err(map_err(e.into(), OP));
+            }
+            (cursor, keys) = scan_page(OP, scan)?;
+        }
+    }
+
+    async fn ping(&self) -> Result<()> {
+        const OP: &str = "cache.ping";
+        let mut cmd = Cmd::with_capacity(1, 4);
+        cmd.arg("PING");
+        match self.call(&cmd, OP).await? {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            Value::BulkString(s) if s == b"PONG" => Ok(()),
+            other => Err(unexpected(OP, &other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped_and_the_prefix_is_open_ended() {
+        assert_eq!(glob_escape("app:"), "app:*");
+        assert_eq!(glob_escape(""), "*");
+        assert_eq!(glob_escape(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f*");
+        assert_eq!(glob_escape("ü-^"), r"ü\-\^*");
+    }
+
+    #[test]
+    fn ttls_become_whole_milliseconds_rounded_up() {
+        assert_eq!(ttl_ms(None).unwrap(), 0);
+        assert_eq!(ttl_ms(Some(Duration::from_millis(1500))).unwrap(), 1500);
+        assert_eq!(ttl_ms(Some(Duration::from_nanos(1))).unwrap(), 1);
+        assert_eq!(ttl_ms(Some(Duration::from_micros(2001))).unwrap(), 3);
+        for bad in [Duration::ZERO, MAX_TTL + Duration::from_millis(1)] {
+            assert_eq!(ttl_ms(Some(bad)).unwrap_err().kind(), ErrorKind::InvalidTtl);
+        }
+    }
+
+    #[test]
+    fn scan_replies_split_into_cursor_and_keys() {
+        let reply = Value::Array(vec![
+            Value::BulkString(b"17".to_vec()),
+            Value::Array(vec![Value::BulkString(b"a".to_vec())]),
+        ]);
+        let (cursor, keys) = scan_page("t", reply).unwrap();
+        assert_eq!(cursor, b"17");
+        assert_eq!(keys, vec![b"a".to_vec()]);
+        assert!(scan_page("t", Value::Nil).is_err());
+    }
+}

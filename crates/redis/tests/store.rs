@@ -1,0 +1,749 @@
+//! `RedisCache` against a real redis-server: every `CacheStore` call, the
+//! fencing rule, NOSCRIPT recovery, TTLs and prefix clearing.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redis::AsyncCommands;
+use writethrough_core::codec::{self, HEADER_LEN};
+use writethrough_core::{CacheItem, CacheStore, ErrorKind, Fence, KeyRule};
+use writethrough_redis::{DEFAULT_MAX_VALUE_LEN, MAX_KEY_LEN, RedisCache};
+
+use common::*;
+
+#[tokio::test]
+async fn get_returns_exactly_the_stored_bytes_and_none_when_absent() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    assert_eq!(cache.get("missing").await.unwrap(), None);
+    let binary = Bytes::from_static(b"\x00\xff\r\n$-1\r\nnot utf-8 \xc3\x28");
+    for (key, value) in [
+        ("k", Bytes::from_static(b"hello")),
+        ("empty", Bytes::new()),
+        ("binary", binary),
+        ("ünïcode key with spaces\n", Bytes::from_static(b"v")),
+    ] {
+        cache.set(key, value.clone(), None).await.unwrap();
+        assert_eq!(cache.get(key).await.unwrap(), Some(value), "{key:?}");
+    }
+}
+
+#[tokio::test]
+async fn get_many_answers_in_key_order_one_slot_per_key() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    assert!(cache.get_many(&[]).await.unwrap().is_empty());
+    cache.set("a", "A".into(), None).await.unwrap();
+    cache.set("c", "C".into(), None).await.unwrap();
+    let keys: Vec<String> = ["c", "b", "a", "c"].map(String::from).to_vec();
+    let got = cache.get_many(&keys).await.unwrap();
+    assert_eq!(
+        got,
+        vec![
+            Some(Bytes::from("C")),
+            None,
+            Some(Bytes::from("A")),
+            Some(Bytes::from("C"))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn set_and_set_many_store_unconditionally_with_their_ttls() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    let mut raw = raw(&srv).await;
+    // Unconditional: an older version overwrites a newer one.
+    cache.set("k", entry(9, "new"), None).await.unwrap();
+    cache.set("k", entry(1, "old"), None).await.unwrap();
+    assert_eq!(version_of(cache.get("k").await.unwrap().as_ref()), Some(1));
+    let ttl: i64 = raw.pttl("k").await.unwrap();
+    assert_eq!(ttl, -1, "no TTL means no expiry");
+
+    cache
+        .set_many(vec![
+            item("m1", entry(3, "x"), Some(Duration::from_secs(600))),
+            item("m2", entry(4, "y"), None),
+            item("k", entry(0, "z"), None),
+        ])
+        .await
+        .unwrap();
+    cache.set_many(Vec::new()).await.unwrap();
+    let got = cache
+        .get_many(&["m1".into(), "m2".into(), "k".into()])
+        .await
+        .unwrap();
+    let versions: Vec<_> = got.iter().map(|b| version_of(b.as_ref())).collect();
+    assert_eq!(versions, vec![Some(3), Some(4), Some(0)]);
+    let m1: i64 = raw.pttl("m1").await.unwrap();
+    assert!(m1 > 0 && m1 <= 600_000, "PTTL {m1}");
+    let m2: i64 = raw.pttl("m2").await.unwrap();
+    assert_eq!(m2, -1);
+}
+
+#[tokio::test]
+async fn delete_removes_the_key_and_tells_whether_it_was_there() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    cache.set("k", "v".into(), None).await.unwrap();
+    assert!(cache.delete("k").await.unwrap());
+    assert_eq!(cache.get("k").await.unwrap(), None);
+    assert!(!cache.delete("k").await.unwrap());
+}
+
+#[tokio::test]
+async fn ping_answers_and_capabilities_describe_redis() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    cache.ping().await.unwrap();
+    assert_eq!(cache.name(), "redis");
+    let caps = cache.capabilities();
+    assert!(caps.atomic_fencing);
+    assert!(!caps.in_process);
+    assert_eq!(caps.ttl_granularity, Duration::from_millis(1));
+    assert!(caps.max_ttl >= Duration::from_secs(10 * 365 * 86_400));
+    assert_eq!(caps.key_rule, KeyRule::Any);
+    assert_eq!(caps.max_key_len, MAX_KEY_LEN);
+    assert_eq!(caps.max_value_len, DEFAULT_MAX_VALUE_LEN);
+    // The capability limits are the ones the adapter enforces.
+    let big = Bytes::from(vec![b'x'; caps.max_value_len + 1]);
+    let e = cache.set("big", big, None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ValueTooLarge);
+    assert_eq!(cache.get("big").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn bad_ttls_and_oversized_items_are_refused_before_anything_is_written() {
+    let srv = server().await;
+    let cache = RedisCache::with_config(config(&srv).with_max_value_len(1024))
+        .await
+        .unwrap();
+    let e = cache
+        .set("k", "v".into(), Some(Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidTtl);
+    let e = cache
+        .set_many_if_newer(vec![
+            row_item("ok", 1),
+            item("big", entry_of_len(1, 2048), None),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ValueTooLarge);
+    assert_eq!(e.key(), Some("big"));
+    let e = cache
+        .set_many(vec![
+            row_item("ok", 1),
+            item("z", entry(1, "v"), Some(Duration::ZERO)),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidTtl);
+    // Nothing of either batch reached the server.
+    assert_eq!(cache.get("ok").await.unwrap(), None);
+    assert_eq!(cache.get("big").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn fenced_writes_apply_newer_and_refuse_older_or_equal_versions() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    assert_eq!(
+        cache.set_if_newer(row_item("k", 5)).await.unwrap(),
+        Fence::Applied,
+        "absent"
+    );
+    assert_eq!(
+        cache.set_if_newer(row_item("k", 4)).await.unwrap(),
+        Fence::Stale
+    );
+    assert_eq!(
+        cache.set_if_newer(row_item("k", 5)).await.unwrap(),
+        Fence::Stale
+    );
+    assert_eq!(version_of(cache.get("k").await.unwrap().as_ref()), Some(5));
+    assert_eq!(
+        cache.set_if_newer(row_item("k", 6)).await.unwrap(),
+        Fence::Applied
+    );
+    assert_eq!(version_of(cache.get("k").await.unwrap().as_ref()), Some(6));
+    // Across the 10-digit halves, and at the very top.
+    for (old, new) in [
+        (9_999_999_999, 10_000_000_000),
+        (10_000_000_000, 10_000_000_001),
+        (19_999_999_999, 20_000_000_000),
+        (u64::MAX - 1, u64::MAX),
+    ] {
+        let key = format!("edge:{new}");
+        assert_eq!(
+            cache.set_if_newer(row_item(&key, old)).await.unwrap(),
+            Fence::Applied
+        );
+        assert_eq!(
+            cache.set_if_newer(row_item(&key, new)).await.unwrap(),
+            Fence::Applied,
+            "{old} -> {new}"
+        );
+        assert_eq!(
+            cache.set_if_newer(row_item(&key, old)).await.unwrap(),
+            Fence::Stale,
+            "{new} -> {old}"
+        );
+        assert_eq!(
+            version_of(cache.get(&key).await.unwrap().as_ref()),
+            Some(new)
+        );
+    }
+}
+
+#[tokio::test]
+async fn tombstones_fence_like_values() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    assert_eq!(
+        cache.set_if_newer(tomb_item("k", 5)).await.unwrap(),
+        Fence::Applied
+    );
+    for v in [4, 5] {
+        assert_eq!(
+            cache.set_if_newer(row_item("k", v)).await.unwrap(),
+            Fence::Stale,
+            "a populate at {v} must not undo the delete at 5"
+        );
+    }
+    assert_eq!(
+        cache.get("k").await.unwrap(),
+        Some(codec::tombstone(5)),
+        "the tombstone is kept"
+    );
+    assert_eq!(
+        cache.set_if_newer(row_item("k", 6)).await.unwrap(),
+        Fence::Applied
+    );
+    assert_eq!(
+        cache.set_if_newer(tomb_item("k", 6)).await.unwrap(),
+        Fence::Stale
+    );
+    assert_eq!(
+        cache.set_if_newer(tomb_item("k", 7)).await.unwrap(),
+        Fence::Applied
+    );
+    assert_eq!(cache.get("k").await.unwrap(), Some(codec::tombstone(7)));
+}
+
+#[tokio::test]
+async fn corrupt_foreign_or_other_typed_values_are_replaced() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    let mut raw = raw(&srv).await;
+    let good = entry(50, "v").to_vec();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("foreign text", b"hello".to_vec()),
+        ("empty", Vec::new()),
+        ("truncated header", good[..HEADER_LEN - 1].to_vec()),
+    ];
+    let mut wrong_magic = good.clone();
+    wrong_magic[2] = b'0';
+    cases.push(("old envelope format", wrong_magic));
+    let mut wrong_kind = good.clone();
+    wrong_kind[3] = b'X';
+    cases.push(("unknown kind", wrong_kind));
+    let mut non_digit = good.clone();
+    non_digit[23] = b'a';
+    cases.push(("non-digit in version", non_digit));
+    let mut space = good.clone();
+    space[4] = b' ';
+    cases.push(("space in version", space));
+    let mut too_big = good.clone();
+    too_big[4..24].copy_from_slice(b"99999999999999999999");
+    cases.push(("version past u64::MAX", too_big));
+    let mut just_over = good.clone();
+    just_over[4..24].copy_from_slice(b"18446744073709551616");
+    cases.push(("u64::MAX + 1", just_over));
+
+    for (what, stored) in cases {
+        let key = format!("corrupt:{what}");
+        let () = raw.set(&key, stored.as_slice()).await.unwrap();
+        assert!(
+            codec::replaces(Some(&stored), 1),
+            "{what}: the codec calls it unreadable"
+        );
+        assert_eq!(
+            cache.set_if_newer(row_item(&key, 1)).await.unwrap(),
+            Fence::Applied,
+            "{what}"
+        );
+        assert_eq!(version_of(cache.get(&key).await.unwrap().as_ref()), Some(1));
+    }
+
+    // A checksum mismatch does not matter for fencing: the header is readable.
+    let mut flipped = good.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    let () = raw.set("flipped", flipped.as_slice()).await.unwrap();
+    assert_eq!(
+        cache.set_if_newer(row_item("flipped", 50)).await.unwrap(),
+        Fence::Stale
+    );
+
+    // Keys of other types are not entries either.
+    let _: i64 = raw.rpush("a-list", "x").await.unwrap();
+    let _: i64 = raw.hset("a-hash", "f", "v").await.unwrap();
+    let _: i64 = raw.sadd("a-set", "m").await.unwrap();
+    for key in ["a-list", "a-hash", "a-set"] {
+        assert_eq!(
+            cache.set_if_newer(tomb_item(key, 1)).await.unwrap(),
+            Fence::Applied,
+            "{key}"
+        );
+        assert_eq!(cache.get(key).await.unwrap(), Some(codec::tombstone(1)));
+    }
+}
+
+/// Stored bytes near the envelope: valid headers with versions around the
+/// 10-digit halves and `u64::MAX`, and every kind of damage.
+fn arbitrary_stored(rng: &mut StdRng) -> Vec<u8> {
+    let version: u64 = match rng.random_range(0..6) {
+        0 => rng.random_range(0..100),
+        1 => rng.random_range(9_999_999_990..10_000_000_010),
+        2 => u64::MAX - rng.random_range(0..100),
+        3 => 1_844_674_407_000_000_000 + rng.random_range(0..10_000_000_000),
+        _ => rng.random(),
+    };
+    let mut b = if rng.random_bool(0.5) {
+        codec::tombstone(version).to_vec()
+    } else {
+        entry(version, "row").to_vec()
+    };
+    match rng.random_range(0..12) {
+        0 => b.truncate(rng.random_range(0..HEADER_LEN)),
+        1 => b[rng.random_range(0..4)] = rng.random(),
+        2 => b[rng.random_range(4..24)] = rng.random(),
+        3 => {
+            // Twenty digits that may exceed u64::MAX.
+            let hi: u64 = rng.random_range(1_844_674_400..1_844_674_415);
+            let lo: u64 = rng.random_range(0..10_000_000_000);
+            b[4..24].copy_from_slice(format!("{hi:010}{lo:010}").as_bytes());
+        }
+        4 => b[rng.random_range(4..24)] = [b'/', b':', b' ', 0, 0xd9][rng.random_range(0..5)],
+        5 => b = (0..rng.random_range(0..64)).map(|_| rng.random()).collect(),
+        _ => {}
+    }
+    b
+}
+
+#[tokio::test]
+async fn the_script_decides_exactly_like_codec_replaces() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let n = 3000;
+    let stored: Vec<Vec<u8>> = (0..n).map(|_| arbitrary_stored(&mut rng)).collect();
+    let items: Vec<CacheItem> = stored
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let near = codec::entry_version(s).unwrap_or_else(|| rng.random());
+            let version = match rng.random_range(0..4) {
+                0 => near,
+                1 => near.saturating_add(rng.random_range(0..3)),
+                2 => near.saturating_sub(rng.random_range(0..3)),
+                _ => rng.random(),
+            };
+            row_item(&format!("p:{i}"), version)
+        })
+        .collect();
+    cache
+        .set_many(
+            stored
+                .iter()
+                .enumerate()
+                .map(|(i, s)| CacheItem {
+                    key: format!("p:{i}"),
+                    entry: Bytes::from(s.clone()),
+                    version: 0,
+                    ttl: None,
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let fences = cache.set_many_if_newer(items.clone()).await.unwrap();
+    let keys: Vec<String> = items.iter().map(|it| it.key.clone()).collect();
+    let after = cache.get_many(&keys).await.unwrap();
+    let mut applied = 0;
+    for i in 0..n {
+        let expect = codec::replaces(Some(&stored[i]), items[i].version);
+        assert_eq!(
+            fences[i] == Fence::Applied,
+            expect,
+            "stored {:?}, new version {}",
+            String::from_utf8_lossy(&stored[i][..stored[i].len().min(HEADER_LEN)]),
+            items[i].version
+        );
+        let now = after[i].as_deref().unwrap();
+        if expect {
+            applied += 1;
+            assert_eq!(now, &items[i].entry[..]);
+        } else {
+            assert_eq!(now, &stored[i][..]);
+        }
+    }
+    // The generator must exercise both outcomes for the comparison to mean anything.
+    assert!(applied > n / 10 && applied < n * 9 / 10, "{applied} of {n}");
+}
+
+#[tokio::test]
+async fn set_many_if_newer_answers_in_order_with_mixed_outcomes() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    cache.set_if_newer(row_item("a", 10)).await.unwrap();
+    cache.set_if_newer(tomb_item("b", 10)).await.unwrap();
+    cache.set("c", "junk".into(), None).await.unwrap();
+    let fences = cache
+        .set_many_if_newer(vec![
+            row_item("a", 9),   // older: stale
+            row_item("b", 11),  // newer than the tombstone: applied
+            row_item("c", 1),   // over junk: applied
+            row_item("d", 1),   // absent: applied
+            tomb_item("a", 10), // equal: stale
+            row_item("d", 1),   // equal to the write just above: stale
+            row_item("d", 2),   // newer than it: applied
+        ])
+        .await
+        .unwrap();
+    use Fence::{Applied, Stale};
+    assert_eq!(
+        fences,
+        vec![Stale, Applied, Applied, Applied, Stale, Stale, Applied]
+    );
+    let got = cache
+        .get_many(&["a", "b", "c", "d"].map(String::from))
+        .await
+        .unwrap();
+    let versions: Vec<_> = got.iter().map(|b| version_of(b.as_ref())).collect();
+    assert_eq!(versions, vec![Some(10), Some(11), Some(1), Some(2)]);
+    assert!(
+        cache
+            .set_many_if_newer(Vec::new())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_fenced_writers_leave_the_highest_version() {
+    let srv = server().await;
+    // Several caches, so the race also crosses connections, as between processes.
+    let mut caches = Vec::new();
+    for _ in 0..3 {
+        caches.push(cache(&srv).await);
+    }
+    let tasks = 24;
+    let per_task = 40;
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let cache = caches[t % caches.len()].clone();
+        handles.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(t as u64);
+            let mut mine = Vec::new();
+            for _ in 0..per_task {
+                let v: u64 = rng.random_range(1..1_000_000) * 10_000 + rng.random_range(0..10_000);
+                let it = if rng.random_bool(0.2) {
+                    tomb_item("hot", v)
+                } else {
+                    row_item("hot", v)
+                };
+                let fence = cache.set_if_newer(it).await.unwrap();
+                mine.push((v, fence));
+                if rng.random_bool(0.1) {
+                    let batch = vec![row_item("hot", v / 2), row_item("hot", v + 1)];
+                    let f = cache.set_many_if_newer(batch).await.unwrap();
+                    mine.push((v / 2, f[0]));
+                    mine.push((v + 1, f[1]));
+                }
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let max = all.iter().map(|(v, _)| *v).max().unwrap();
+    let stored = caches[0].get("hot").await.unwrap();
+    assert_eq!(version_of(stored.as_ref()), Some(max));
+    // Each version was applied at most once: a version applied twice would
+    // mean the check and the write were not one step.
+    let mut applied = HashSet::new();
+    for (v, f) in &all {
+        if *f == Fence::Applied {
+            assert!(applied.insert(*v), "version {v} applied twice");
+        }
+    }
+    assert!(applied.contains(&max));
+}
+
+#[tokio::test]
+async fn fenced_writes_recover_after_script_flush() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    let mut raw = raw(&srv).await;
+    let sha = redis::Script::new(writethrough_redis::FENCING_SCRIPT)
+        .get_hash()
+        .to_owned();
+    let loaded = |mut raw: redis::aio::MultiplexedConnection, sha: String| async move {
+        let exists: Vec<bool> = redis::cmd("SCRIPT")
+            .arg("EXISTS")
+            .arg(&sha)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        exists[0]
+    };
+    assert!(loaded(raw.clone(), sha.clone()).await, "connect loads it");
+
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(!loaded(raw.clone(), sha.clone()).await);
+    assert_eq!(
+        cache.set_if_newer(row_item("k", 2)).await.unwrap(),
+        Fence::Applied
+    );
+    assert!(loaded(raw.clone(), sha.clone()).await, "reloaded");
+    assert_eq!(
+        cache.set_if_newer(row_item("k", 1)).await.unwrap(),
+        Fence::Stale
+    );
+
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let fences = cache
+        .set_many_if_newer(vec![
+            row_item("k", 1),
+            row_item("k", 3),
+            row_item("j", 1),
+            row_item("k", 3),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        fences,
+        vec![Fence::Stale, Fence::Applied, Fence::Applied, Fence::Stale]
+    );
+    assert_eq!(version_of(cache.get("k").await.unwrap().as_ref()), Some(3));
+    assert!(loaded(raw, sha).await);
+}
+
+#[tokio::test]
+async fn entries_with_a_ttl_expire_and_fenced_writes_honour_it() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    let mut raw = raw(&srv).await;
+    let ttl = Duration::from_millis(200);
+    cache.set("plain", entry(1, "v"), Some(ttl)).await.unwrap();
+    cache
+        .set_if_newer(item("fenced", entry(1, "v"), Some(ttl)))
+        .await
+        .unwrap();
+    cache
+        .set_many_if_newer(vec![item("batch", entry(1, "v"), Some(ttl))])
+        .await
+        .unwrap();
+    cache
+        .set_if_newer(item("forever", entry(1, "v"), None))
+        .await
+        .unwrap();
+    for key in ["plain", "fenced", "batch"] {
+        // -2 if it already expired on a slow machine; otherwise at most the TTL.
+        let pttl: i64 = raw.pttl(key).await.unwrap();
+        assert!(
+            pttl == -2 || (0..=200).contains(&pttl),
+            "{key}: PTTL {pttl}"
+        );
+    }
+    let pttl: i64 = raw.pttl("forever").await.unwrap();
+    assert_eq!(pttl, -1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for key in ["plain", "fenced", "batch"] {
+        while cache.get(key).await.unwrap().is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{key} never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(cache.get("forever").await.unwrap().is_some());
+    // Once expired, the key is absent again, so an old version may fill it.
+    assert_eq!(
+        cache.set_if_newer(row_item("fenced", 0)).await.unwrap(),
+        Fence::Applied
+    );
+}
+
+#[tokio::test]
+async fn clear_removes_the_prefix_only_even_with_glob_characters() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    let prefix = r"ns*?[ab]\:";
+    let inside: Vec<String> = (0..2500)
+        .map(|i| format!("{prefix}{i}"))
+        .chain([prefix.to_owned()])
+        .collect();
+    let outside: Vec<String> = [
+        r"nsX?[ab]\:1", // '*' taken as a glob would match
+        r"ns*X[ab]\:1", // '?' taken as a glob would match
+        r"ns*?a\:1",    // '[ab]' taken as a class would match
+        r"ns*?[ab]:1",  // '\:' taken as an escape would match
+        r"ns*?[ab]\",   // shorter than the prefix
+        "ns",
+        "other:1",
+        r"Ns*?[ab]\:1", // case matters
+    ]
+    .map(String::from)
+    .to_vec();
+    let all: Vec<CacheItem> = inside
+        .iter()
+        .chain(&outside)
+        .map(|k| item(k, entry(1, "v"), None))
+        .collect();
+    cache.set_many(all).await.unwrap();
+
+    cache.clear(prefix).await.unwrap();
+
+    let gone = cache.get_many(&inside).await.unwrap();
+    assert!(gone.iter().all(Option::is_none), "a prefixed key survived");
+    let kept = cache.get_many(&outside).await.unwrap();
+    for (k, v) in outside.iter().zip(&kept) {
+        assert!(v.is_some(), "{k:?} is outside the prefix but was removed");
+    }
+    cache.clear("nothing-here:").await.unwrap();
+    assert!(cache.get_many(&outside).await.unwrap()[0].is_some());
+    // An empty prefix clears everything: only on a server of our own.
+    if !srv.is_external() {
+        cache.clear("").await.unwrap();
+        let kept = cache.get_many(&outside).await.unwrap();
+        assert!(
+            kept.iter().all(Option::is_none),
+            "an empty prefix clears all"
+        );
+    }
+}
+
+#[tokio::test]
+async fn large_entries_are_fenced_without_reading_them_whole() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    let big = entry_of_len(7, 4 << 20);
+    assert_eq!(
+        cache
+            .set_if_newer(item("big", big.clone(), None))
+            .await
+            .unwrap(),
+        Fence::Applied
+    );
+    assert_eq!(
+        cache.set_if_newer(row_item("big", 6)).await.unwrap(),
+        Fence::Stale
+    );
+    assert_eq!(cache.get("big").await.unwrap(), Some(big));
+}
+
+#[tokio::test]
+async fn replace_if_unchanged_swaps_only_the_exact_bytes_expected() {
+    let srv = server().await;
+    let cache = cache(&srv).await;
+    let mut raw = raw(&srv).await;
+    // A valid header over a damaged payload: the version fence keeps it.
+    let mut damaged = entry(5, "payload").to_vec();
+    *damaged.last_mut().unwrap() ^= 0x20;
+    let damaged = Bytes::from(damaged);
+    cache.set("r", damaged.clone(), None).await.unwrap();
+    assert_eq!(
+        cache
+            .set_if_newer(item("r", entry(5, "payload"), None))
+            .await
+            .unwrap(),
+        Fence::Stale
+    );
+    let fixed = item("r", entry(5, "payload"), Some(Duration::from_secs(60)));
+    // Other bytes, or a prefix of the stored ones: nothing happens.
+    for other in [
+        entry(5, "other"),
+        damaged.slice(..damaged.len() - 1),
+        Bytes::new(),
+    ] {
+        assert_eq!(
+            cache
+                .replace_if_unchanged(other, fixed.clone())
+                .await
+                .unwrap(),
+            Fence::Stale
+        );
+        assert_eq!(cache.get("r").await.unwrap(), Some(damaged.clone()));
+    }
+    assert_eq!(
+        cache
+            .replace_if_unchanged(damaged.clone(), fixed.clone())
+            .await
+            .unwrap(),
+        Fence::Applied
+    );
+    assert_eq!(cache.get("r").await.unwrap(), Some(entry(5, "payload")));
+    let pttl: i64 = raw.pttl("r").await.unwrap();
+    assert!(pttl > 0 && pttl <= 60_000, "PTTL {pttl}");
+    // Done once, the expected bytes are gone: a second replace is refused.
+    assert_eq!(
+        cache
+            .replace_if_unchanged(damaged, fixed.clone())
+            .await
+            .unwrap(),
+        Fence::Stale
+    );
+    // Nothing stored, or a key of another type: nothing to replace.
+    assert_eq!(
+        cache
+            .replace_if_unchanged(Bytes::new(), row_item("absent", 1))
+            .await
+            .unwrap(),
+        Fence::Stale
+    );
+    assert_eq!(cache.get("absent").await.unwrap(), None);
+    let _: i64 = raw.rpush("list", "x").await.unwrap();
+    assert_eq!(
+        cache
+            .replace_if_unchanged(Bytes::from_static(b"x"), row_item("list", 1))
+            .await
+            .unwrap(),
+        Fence::Stale
+    );
+
+    // After SCRIPT FLUSH the script is loaded again and the call goes through.
+    cache.set("s", "junk".into(), None).await.unwrap();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(
+        cache
+            .replace_if_unchanged("junk".into(), row_item("s", 1))
+            .await
+            .unwrap(),
+        Fence::Applied
+    );
+    assert_eq!(version_of(cache.get("s").await.unwrap().as_ref()), Some(1));
+}

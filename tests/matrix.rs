@@ -22,7 +22,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(filter: Option<&str>) -> bool {
-    let pairs: Vec<Pair> = vec![writethrough_tests::embedded_pair()];
+    let servers = writethrough_tests::Servers::start().await;
+    let pairs: Vec<Pair> = servers.pairs().await;
     let mut cases = suite::engine::cases();
     cases.extend(suite::races::cases());
     let mut summary = Vec::new();

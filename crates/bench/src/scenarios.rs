@@ -284,39 +284,42 @@ impl World {
                 }),
                 items_per_op: 1,
             },
-            "batch100" => Sides {
-                ours: op(move |i| {
-                    let h = h.clone();
-                    async move {
-                        let base = (i / 1_000_000) as i64 * 100;
-                        let ps: Vec<Product> = (0..100)
-                            .map(|j| product(10_000 + base + j, size, i as f64))
-                            .collect();
-                        timed(async { h.put_many(&ps).await.unwrap() }).await
-                    }
-                }),
-                raw: op(move |i| {
-                    let (rc, rd, rt) = (rc.clone(), rd.clone(), rt.clone());
-                    async move {
-                        let base = (i / 1_000_000) as i64 * 100;
-                        let ps: Vec<Product> = (0..100)
-                            .map(|j| product(10_000 + base + j, size, i as f64))
-                            .collect();
-                        timed(async {
-                            rd.upsert_many(&rt, &ps).await.unwrap();
-                            rc.set_many(
-                                ps.iter()
-                                    .map(|p| (raw_key(size, p.id), encode(p)))
-                                    .collect(),
-                            )
+            "batch100" | "batch100_unfenced" => {
+                let h = if scenario == "batch100" { h } else { hr };
+                Sides {
+                    ours: op(move |i| {
+                        let h = h.clone();
+                        async move {
+                            let base = (i / 1_000_000) as i64 * 100;
+                            let ps: Vec<Product> = (0..100)
+                                .map(|j| product(10_000 + base + j, size, i as f64))
+                                .collect();
+                            timed(async { h.put_many(&ps).await.unwrap() }).await
+                        }
+                    }),
+                    raw: op(move |i| {
+                        let (rc, rd, rt) = (rc.clone(), rd.clone(), rt.clone());
+                        async move {
+                            let base = (i / 1_000_000) as i64 * 100;
+                            let ps: Vec<Product> = (0..100)
+                                .map(|j| product(10_000 + base + j, size, i as f64))
+                                .collect();
+                            timed(async {
+                                rd.upsert_many(&rt, &ps).await.unwrap();
+                                rc.set_many(
+                                    ps.iter()
+                                        .map(|p| (raw_key(size, p.id), encode(p)))
+                                        .collect(),
+                                )
+                                .await
+                                .unwrap();
+                            })
                             .await
-                            .unwrap();
-                        })
-                        .await
-                    }
-                }),
-                items_per_op: 100,
-            },
+                        }
+                    }),
+                    items_per_op: 100,
+                }
+            }
             _ => return None,
         };
         Some(s)
@@ -399,7 +402,7 @@ impl World {
     }
 }
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     "read_hit",
     "read_miss",
     "write",
@@ -407,6 +410,7 @@ const ALL: [&str; 8] = [
     "update",
     "delete",
     "batch100",
+    "batch100_unfenced",
     "stampede",
 ];
 
@@ -448,8 +452,11 @@ async fn open(
         .starts_with("moka")
     {
         let ours = writethrough::open_cache(&args.cache).await?;
+        // What a careful user would configure: a bounded cache with a TTL
+        // (ours has per-entry TTLs, which cost Moka a little more).
         let raw = moka::future::Cache::builder()
             .max_capacity(256 << 20)
+            .time_to_live(Duration::from_secs(3600))
             .weigher(|k: &String, v: &Bytes| u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX))
             .build();
         (ours, Arc::new(RawMoka(raw)))

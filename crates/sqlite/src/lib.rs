@@ -379,17 +379,28 @@ fn run_item(
     item: &GroupItem,
 ) -> Result<Option<Vec<WriteOutcome>>> {
     match item {
-        GroupItem::Writes(writes, opts, _) => writes
-            .iter()
-            .map(|w| sql::apply(conn, cache, w, opts.outbox))
-            .collect::<Result<Vec<_>>>()
-            .map(Some),
+        GroupItem::Writes(writes, opts, _) => {
+            sql::apply_all(conn, cache, writes, opts.outbox).map(Some)
+        }
         GroupItem::OutboxRemove(ids, _) => {
+            // Ids come in runs (a batch's records are consecutive): one
+            // range delete per run instead of one statement per id.
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
             let mut stmt = conn
-                .prepare_cached(&format!("DELETE FROM \"{OUTBOX_TABLE}\" WHERE id = ?1"))
+                .prepare_cached(&format!(
+                    "DELETE FROM \"{OUTBOX_TABLE}\" WHERE id BETWEEN ?1 AND ?2"
+                ))
                 .map_err(map_err)?;
-            for id in ids {
-                stmt.execute([id]).map_err(map_err)?;
+            let mut i = 0;
+            while i < sorted.len() {
+                let mut j = i;
+                while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+                    j += 1;
+                }
+                stmt.execute([sorted[i], sorted[j]]).map_err(map_err)?;
+                i = j + 1;
             }
             Ok(None)
         }

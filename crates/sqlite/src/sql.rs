@@ -120,6 +120,9 @@ fn sql_type(ty: ColumnType) -> &'static str {
 pub(crate) struct TableSql {
     pub(crate) create: String,
     pub(crate) upsert: String,
+    upsert_head: String,
+    upsert_tail: String,
+    width: usize,
     pub(crate) select: String,
     pub(crate) delete: String,
     pub(crate) scan_first: String,
@@ -165,6 +168,12 @@ impl TableSql {
                 cols.join(", "),
                 placeholders.join(", ")
             ),
+            upsert_head: format!(
+                "INSERT INTO {name} ({}, \"{VERSION_COLUMN}\")",
+                cols.join(", ")
+            ),
+            upsert_tail: format!("ON CONFLICT ({key}) DO UPDATE SET {set}"),
+            width: cols.len() + 1,
             select: format!("SELECT {select_cols} FROM {name} WHERE {key} = ?1"),
             delete: format!("DELETE FROM {name} WHERE {key} = ?1"),
             scan_first: format!("SELECT {select_cols} FROM {name} ORDER BY {key} LIMIT ?1"),
@@ -173,6 +182,21 @@ impl TableSql {
             ),
             select_cols,
         }
+    }
+
+    /// The upsert of `n` rows in one statement (plain `?` placeholders,
+    /// bound in order).
+    fn upsert_rows(&self, n: usize) -> String {
+        if n == 1 {
+            return self.upsert.clone();
+        }
+        let row = format!("({})", vec!["?"; self.width].join(", "));
+        format!(
+            "{} VALUES {} {}",
+            self.upsert_head,
+            vec![row; n].join(", "),
+            self.upsert_tail
+        )
     }
 
     fn update(&self, t: &Table, patch: &Patch) -> String {
@@ -268,34 +292,156 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn next_version(conn: &Connection) -> Result<u64> {
+const BUMP_SQL: &str = "UPDATE \"_wt_seq\" SET v = v + ?1 WHERE id = 1 RETURNING v";
+
+/// Takes `n` versions from the sequence; returns the last (the others are
+/// the `n - 1` before it).
+fn bump_versions(conn: &Connection, n: usize) -> Result<u64> {
     let v: i64 = conn
-        .prepare_cached(&format!(
-            "UPDATE \"{SEQ_TABLE}\" SET v = v + 1 WHERE id = 1 RETURNING v"
-        ))
+        .prepare_cached(BUMP_SQL)
         .map_err(map_err)?
-        .query_row([], |r| r.get(0))
+        .query_row([n as i64], |r| r.get(0))
         .map_err(map_err)?;
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
-fn record_outbox(conn: &Connection, t: &Table, key: &Key, version: u64) -> Result<i64> {
-    let now = std::time::SystemTime::now()
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    conn.prepare_cached(&format!(
-        "INSERT INTO \"{OUTBOX_TABLE}\" (tbl, key, version, created_ms) VALUES (?1, ?2, ?3, ?4)"
-    ))
-    .map_err(map_err)?
-    .execute(rusqlite::params![
-        t.name().as_str(),
-        key.encode(),
-        version as i64,
-        now
-    ])
-    .map_err(map_err)?;
-    Ok(conn.last_insert_rowid())
+        .unwrap_or(0)
+}
+
+/// Records the cache effects of `(key, version)` pairs of table `t` in the
+/// outbox, in one statement per chunk; returns their ids in order.
+fn record_outbox(conn: &Connection, t: &Table, entries: &[(Key, u64)]) -> Result<Vec<i64>> {
+    let now = now_ms();
+    let mut ids = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
+        let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO \"{OUTBOX_TABLE}\" (tbl, key, version, created_ms) VALUES {values} RETURNING id, version"
+        );
+        let mut params: Vec<rusqlite::types::Value> = Vec::with_capacity(4 * chunk.len());
+        for (key, version) in chunk {
+            params.push(t.name().as_str().to_owned().into());
+            params.push(key.encode().into());
+            params.push((*version as i64).into());
+            params.push(now.into());
+        }
+        let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+        let mut by_version: Vec<(i64, i64)> = stmt
+            .query_map(params_from_iter(params), |r| Ok((r.get(1)?, r.get(0)?)))
+            .map_err(map_err)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(map_err)?;
+        // RETURNING gives no order; versions are unique, so sort by them.
+        by_version.sort_unstable();
+        let mut wanted: Vec<(i64, usize)> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, (_, v))| (*v as i64, i))
+            .collect();
+        wanted.sort_unstable();
+        let mut chunk_ids = vec![0; chunk.len()];
+        for ((_, id), (_, i)) in by_version.iter().zip(&wanted) {
+            chunk_ids[*i] = *id;
+        }
+        ids.extend(chunk_ids);
+    }
+    Ok(ids)
+}
+
+/// Rows per multi-row statement: few enough to stay under SQLite's bound
+/// on variables, and few distinct statements to cache.
+const ROWS_PER_STATEMENT: usize = 64;
+
+/// Applies `writes` in order inside whatever transaction is open. A run of
+/// upserts to one table costs one version bump, one multi-row upsert and
+/// one multi-row outbox insert per 64 rows, instead of three statements per row.
+pub(crate) fn apply_all(
+    conn: &Connection,
+    cache: &mut SqlCache,
+    writes: &[Write],
+    outbox: bool,
+) -> Result<Vec<WriteOutcome>> {
+    let mut out = Vec::with_capacity(writes.len());
+    let mut i = 0;
+    while i < writes.len() {
+        let name = writes[i].table.name();
+        let run = writes[i..]
+            .iter()
+            .take_while(|w| matches!(w.op, WriteOp::Upsert(_)) && w.table.name() == name)
+            .count();
+        if run >= 2 {
+            out.extend(upsert_run(conn, cache, &writes[i..i + run], outbox)?);
+            i += run;
+        } else {
+            out.push(apply(conn, cache, &writes[i], outbox)?);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn upsert_run(
+    conn: &Connection,
+    cache: &mut SqlCache,
+    writes: &[Write],
+    outbox: bool,
+) -> Result<Vec<WriteOutcome>> {
+    let t = &writes[0].table;
+    let sql = cache.get(t);
+    let last = bump_versions(conn, writes.len())?;
+    let first = last + 1 - writes.len() as u64;
+    let mut keys = Vec::with_capacity(writes.len());
+    for (c, chunk) in writes.chunks(ROWS_PER_STATEMENT).enumerate() {
+        let versions: Vec<Value> = (0..chunk.len())
+            .map(|i| Value::Int((first + (c * ROWS_PER_STATEMENT + i) as u64) as i64))
+            .collect();
+        let mut params = Vec::with_capacity(chunk.len() * (t.columns().len() + 1));
+        for (w, v) in chunk.iter().zip(&versions) {
+            let WriteOp::Upsert(row) = &w.op else {
+                unreachable!("a run holds upserts only")
+            };
+            keys.push(row_key(t, row)?);
+            params.extend(row.iter().map(|(_, v)| Bind(v)));
+            params.push(Bind(v));
+        }
+        conn.prepare_cached(&sql.upsert_rows(chunk.len()))
+            .map_err(map_err)?
+            .execute(params_from_iter(params))
+            .map_err(map_err)?;
+    }
+    let entries: Vec<(Key, u64)> = keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| (k, first + i as u64))
+        .collect();
+    let ids = if outbox {
+        record_outbox(conn, t, &entries)?
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        vec![None; entries.len()]
+    };
+    Ok(entries
+        .into_iter()
+        .zip(ids)
+        .map(|((_, version), outbox_id)| WriteOutcome {
+            version,
+            existed: false,
+            row: None,
+            outbox_id,
+        })
+        .collect())
+}
+
+fn row_key(t: &Table, row: &Row) -> Result<Key> {
+    row.get(t.key_column().name.as_str())
+        .and_then(Key::from_value)
+        .ok_or_else(|| Error::new(ErrorKind::InvalidKey, "the row has no key"))
 }
 
 /// Applies one write on `conn`, inside whatever transaction is open.
@@ -307,13 +453,10 @@ pub(crate) fn apply(
 ) -> Result<WriteOutcome> {
     let t = &w.table;
     let sql = cache.get(t);
-    let version = next_version(conn)?;
+    let version = bump_versions(conn, 1)?;
     let (key, existed, row) = match &w.op {
         WriteOp::Upsert(row) => {
-            let key = row
-                .get(t.key_column().name.as_str())
-                .and_then(Key::from_value)
-                .ok_or_else(|| Error::new(ErrorKind::InvalidKey, "the row has no key"))?;
+            let key = row_key(t, row)?;
             let vv = Value::Int(version as i64);
             let params = row
                 .iter()
@@ -352,7 +495,7 @@ pub(crate) fn apply(
         }
     };
     let outbox_id = if outbox {
-        Some(record_outbox(conn, t, &key, version)?)
+        record_outbox(conn, t, &[(key, version)])?.pop()
     } else {
         None
     };

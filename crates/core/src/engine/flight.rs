@@ -69,7 +69,18 @@ impl Flights {
 
     /// Detaches the load in flight for `key`, if any: later readers start anew.
     pub(crate) fn forget(&self, key: &str) {
-        self.map.lock().remove(key);
+        self.forget_all([key]);
+    }
+
+    /// [`Flights::forget`] for many keys, under one lock.
+    pub(crate) fn forget_all<'k>(&self, keys: impl IntoIterator<Item = &'k str>) {
+        let mut map = self.map.lock();
+        if map.is_empty() {
+            return;
+        }
+        for k in keys {
+            map.remove(k);
+        }
     }
 
     #[cfg(test)]

@@ -11,7 +11,7 @@
 //! | `writethrough_operations_total` | counter | op, table, outcome (hit, miss, ok, error), cache, db |
 //! | `writethrough_operation_seconds` | histogram | op, table, cache, db |
 //! | `writethrough_cache_hits_total`, `writethrough_cache_misses_total` | counter | table, cache |
-//! | `writethrough_cache_call_seconds` | histogram | call, backend |
+//! | `writethrough_cache_call_seconds` | histogram (not for in-process caches) | call, backend |
 //! | `writethrough_cache_call_errors_total` | counter | call, backend |
 //! | `writethrough_db_call_seconds` | histogram | call, backend |
 //! | `writethrough_db_call_errors_total` | counter | call, backend |
@@ -250,10 +250,13 @@ impl EngineMetrics {
         }
     }
 
-    pub(crate) fn cache_call(&self, call: CacheCall, took: Duration, ok: bool) {
-        let i = CacheCall::ALL.iter().position(|c| *c == call).unwrap_or(0);
-        let h = &self.cache_calls[i];
-        h.seconds.record(took.as_secs_f64());
+    /// Records a cache call; `took` is `None` for in-process caches, whose
+    /// calls are not timed.
+    pub(crate) fn cache_call(&self, call: CacheCall, took: Option<Duration>, ok: bool) {
+        let h = &self.cache_calls[call as usize];
+        if let Some(took) = took {
+            h.seconds.record(took.as_secs_f64());
+        }
         self.cache_calls_total.fetch_add(1, Ordering::Relaxed);
         if !ok {
             h.errors.increment(1);
@@ -262,8 +265,7 @@ impl EngineMetrics {
     }
 
     pub(crate) fn db_call(&self, call: DbCall, took: Duration, ok: bool) {
-        let i = DbCall::ALL.iter().position(|c| *c == call).unwrap_or(0);
-        let h = &self.db_calls[i];
+        let h = &self.db_calls[call as usize];
         h.seconds.record(took.as_secs_f64());
         self.db_calls_total.fetch_add(1, Ordering::Relaxed);
         if !ok {

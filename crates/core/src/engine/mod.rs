@@ -473,19 +473,25 @@ impl Inner {
         call: CacheCall,
         f: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        let started = Instant::now();
         let r = if self.caps.in_process {
-            f.await
+            // In-process calls cannot stall on a network: no timeout, and no
+            // clock reads (they would cost as much as the call itself).
+            let r = f.await;
+            self.metrics.cache_call(call, None, r.is_ok());
+            r
         } else {
-            match tokio::time::timeout(self.cfg.cache_timeout, f).await {
+            let started = Instant::now();
+            let r = match tokio::time::timeout(self.cfg.cache_timeout, f).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::new(
                     ErrorKind::Timeout,
                     format!("no answer within {:?}", self.cfg.cache_timeout),
                 )),
-            }
+            };
+            self.metrics
+                .cache_call(call, Some(started.elapsed()), r.is_ok());
+            r
         };
-        self.metrics.cache_call(call, started.elapsed(), r.is_ok());
         match r {
             Ok(v) => {
                 self.breaker.record_success();
@@ -712,8 +718,9 @@ impl Inner {
     /// what still fails is remembered for resync. Never fails: the writes
     /// are committed and acknowledged whatever the cache does.
     pub(crate) async fn apply_effects(&self, effects: Vec<Effect>, guard: ResyncGuard<'_>) {
+        self.flights
+            .forget_all(effects.iter().map(|e| e.cache_key.as_str()));
         for e in &effects {
-            self.flights.forget(&e.cache_key);
             self.hook(HookPoint::AfterCommit, &e.cache_key).await;
         }
         if effects.is_empty() {

@@ -168,14 +168,57 @@ pub(crate) struct TableState {
 
 impl TableState {
     pub(crate) fn cache_key(&self, key: &Key) -> String {
-        use std::fmt::Write;
-        let mut s = String::with_capacity(self.prefix.len() + 20);
-        s.push_str(&self.prefix);
-        let _ = write!(s, "{key}");
-        s
+        match key {
+            Key::Int(i) => {
+                let mut s = String::with_capacity(self.prefix.len() + 20);
+                s.push_str(&self.prefix);
+                push_int(&mut s, *i);
+                s
+            }
+            Key::Text(t) => {
+                let mut s = String::with_capacity(self.prefix.len() + t.len());
+                s.push_str(&self.prefix);
+                s.push_str(t);
+                s
+            }
+        }
     }
 
     pub(crate) fn caches(&self, row: &Row) -> bool {
         self.cache_if.as_ref().is_none_or(|f| f(row))
+    }
+}
+
+/// Appends `i` in decimal, without the formatting machinery (this is on
+/// every read's path).
+fn push_int(s: &mut String, i: i64) {
+    let mut buf = [0u8; 20];
+    let mut n = i.unsigned_abs();
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if i < 0 {
+        s.push('-');
+    }
+    s.push_str(std::str::from_utf8(&buf[at..]).expect("ASCII digits"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_int;
+
+    #[test]
+    fn integers_are_written_like_display() {
+        for i in [0, 7, -7, 10, 1234567890, i64::MAX, i64::MIN] {
+            let mut s = String::new();
+            push_int(&mut s, i);
+            assert_eq!(s, i.to_string());
+        }
     }
 }

@@ -1036,15 +1036,27 @@ pub async fn audit_finds_and_repairs_a_divergent_entry(pair: Pair) -> Outcome {
     let old = pair.cache.get(&ck).await.unwrap().unwrap();
     let v2 = items.put(&item(3, 2.0)).await.unwrap();
     pair.cache.set(&ck, old, None).await.unwrap();
-    pair.cache.delete(&items.cache_key(5).unwrap()).await.unwrap();
-    let report = items.audit(100, Duration::from_millis(20), false).await.unwrap();
+    pair.cache
+        .delete(&items.cache_key(5).unwrap())
+        .await
+        .unwrap();
+    let report = items
+        .audit(100, Duration::from_millis(20), false)
+        .await
+        .unwrap();
     assert_eq!(report.checked, 10);
     assert_eq!(report.divergent, vec![Key::Int(3)]);
     assert_eq!((report.agree, report.absent, report.repaired), (8, 1, 0));
-    let report = items.audit(100, Duration::from_millis(20), true).await.unwrap();
+    let report = items
+        .audit(100, Duration::from_millis(20), true)
+        .await
+        .unwrap();
     assert_eq!(report.repaired, 1);
     assert_eq!(cached(&pair, &items, 3).await, Some((true, v2)));
-    let report = items.audit(100, Duration::from_millis(20), false).await.unwrap();
+    let report = items
+        .audit(100, Duration::from_millis(20), false)
+        .await
+        .unwrap();
     assert!(report.divergent.is_empty(), "{report:?}");
     Outcome::Passed
 }
@@ -1056,7 +1068,11 @@ pub async fn warm_loads_rows_into_an_empty_cache(pair: Pair) -> Outcome {
         db_only_put(&pair, &items, &item(i, 1.0)).await;
     }
     assert_eq!(items.warm(15).await.unwrap(), 15);
-    assert_eq!(items.warm(100).await.unwrap(), 5, "already cached rows are not rewritten");
+    assert_eq!(
+        items.warm(100).await.unwrap(),
+        5,
+        "already cached rows are not rewritten"
+    );
     let hits = engine.stats().hits;
     for i in 1..=20 {
         assert!(items.get(i).await.unwrap().is_some());

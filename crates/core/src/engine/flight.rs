@@ -5,10 +5,17 @@
 //! one database read serves them all, and the load goes on as long as any
 //! of them is still waiting (a cancelled first reader does not cancel it).
 //!
-//! A write to the key removes its entry as soon as the write commits: a
-//! reader that starts after the write was acknowledged must not be handed a
-//! load that began before it (that would return the old row, breaking
-//! read-your-writes), so it starts a fresh one.
+//! Sharing must not break read-your-writes across processes: a reader that
+//! starts after some write was acknowledged must not be handed a row the
+//! load fetched before that write committed. This process can detach its
+//! own loads when it writes ([`Flights::forget`]), but it cannot see the
+//! writes of other processes. So every reader takes a stamp when it
+//! arrives, and every load takes one just before it queries the database;
+//! a reader uses the load's result only if the query was sent after it
+//! arrived. A reader that came too late gets [`Joined::Late`]: it waits for
+//! the load to finish (which fills the cache) and reads the cache again —
+//! by then the cache holds anything written before the reader arrived,
+//! because writes update the cache before they are acknowledged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,26 +31,75 @@ use crate::value::VersionedRow;
 pub(crate) type LoadResult = Result<Option<VersionedRow>>;
 type SharedLoad = Shared<BoxFuture<'static, LoadResult>>;
 
+/// What a reader got from [`Flights::run`].
+pub(crate) enum Joined {
+    /// The load's result, fetched after the reader arrived.
+    Fresh(LoadResult),
+    /// The load's query was sent before the reader arrived; its result may
+    /// predate writes the reader must see. The load has finished.
+    Late,
+}
+
+/// The moment a load sends its query; see the module docs.
+#[derive(Clone)]
+pub(crate) struct Issue {
+    clock: Arc<AtomicU64>,
+    stamp: Arc<AtomicU64>,
+}
+
+impl Issue {
+    /// Marks the query as sent now. Call it right before querying.
+    pub(crate) fn now(&self) {
+        let t = self.clock.fetch_add(1, Ordering::SeqCst) + 1;
+        self.stamp.store(t, Ordering::SeqCst);
+    }
+
+    /// A mark for a load that does not share (single flight off).
+    pub(crate) fn unshared() -> Self {
+        Issue {
+            clock: Arc::default(),
+            stamp: Arc::default(),
+        }
+    }
+}
+
+struct Flight {
+    id: u64,
+    load: SharedLoad,
+    issued: Arc<AtomicU64>,
+}
+
 #[derive(Default)]
 pub(crate) struct Flights {
-    map: Arc<Mutex<HashMap<String, (u64, SharedLoad)>>>,
+    map: Arc<Mutex<HashMap<String, Flight>>>,
     next_id: AtomicU64,
+    clock: Arc<AtomicU64>,
 }
 
 impl Flights {
+    /// A reader's arrival stamp: take it before looking in the cache.
+    pub(crate) fn arrive(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
     /// Awaits the load in flight for `key`, or starts `load` as the new one.
     pub(crate) async fn run(
         &self,
         key: &str,
-        load: impl FnOnce() -> BoxFuture<'static, LoadResult>,
-    ) -> LoadResult {
-        let shared = {
+        arrival: u64,
+        load: impl FnOnce(Issue) -> BoxFuture<'static, LoadResult>,
+    ) -> Joined {
+        let (shared, issued) = {
             let mut map = self.map.lock();
             match map.get(key) {
-                Some((_, shared)) => shared.clone(),
+                Some(f) => (f.load.clone(), f.issued.clone()),
                 None => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let fut = load();
+                    let issued = Arc::new(AtomicU64::new(0));
+                    let fut = load(Issue {
+                        clock: self.clock.clone(),
+                        stamp: issued.clone(),
+                    });
                     let map_ref = Arc::downgrade(&self.map);
                     let owned_key = key.to_owned();
                     // The future removes its own entry when done, whoever polls it last.
@@ -51,7 +107,7 @@ impl Flights {
                         let out = fut.await;
                         if let Some(map) = map_ref.upgrade() {
                             let mut map = map.lock();
-                            if map.get(&owned_key).is_some_and(|(i, _)| *i == id) {
+                            if map.get(&owned_key).is_some_and(|f| f.id == id) {
                                 map.remove(&owned_key);
                             }
                         }
@@ -59,12 +115,27 @@ impl Flights {
                     }
                     .boxed()
                     .shared();
-                    map.insert(key.to_owned(), (id, shared.clone()));
-                    shared
+                    map.insert(
+                        key.to_owned(),
+                        Flight {
+                            id,
+                            load: shared.clone(),
+                            issued: issued.clone(),
+                        },
+                    );
+                    (shared, issued)
                 }
             }
         };
-        shared.await
+        let out = shared.await;
+        let sent = issued.load(Ordering::SeqCst);
+        // A load that failed before querying fetched nothing stale: its
+        // error is as good for every waiter.
+        if out.is_ok() && sent != 0 && sent < arrival {
+            Joined::Late
+        } else {
+            Joined::Fresh(out)
+        }
     }
 
     /// Detaches the load in flight for `key`, if any: later readers start anew.
@@ -95,8 +166,13 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
-    fn counting_load(count: Arc<AtomicUsize>, version: u64) -> BoxFuture<'static, LoadResult> {
+    fn counting_load(
+        count: Arc<AtomicUsize>,
+        version: u64,
+        issue: Issue,
+    ) -> BoxFuture<'static, LoadResult> {
         async move {
+            issue.now();
             count.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(20)).await;
             Ok(Some(VersionedRow {
@@ -107,39 +183,68 @@ mod tests {
         .boxed()
     }
 
+    fn version(j: Joined) -> Option<u64> {
+        match j {
+            Joined::Fresh(r) => Some(r.unwrap().unwrap().version),
+            Joined::Late => None,
+        }
+    }
+
     #[tokio::test]
-    async fn concurrent_callers_share_one_load_and_the_entry_is_removed() {
+    async fn callers_arriving_before_the_query_share_its_result() {
         let flights = Arc::new(Flights::default());
         let count = Arc::new(AtomicUsize::new(0));
-        let tasks: Vec<_> = (0..50)
-            .map(|_| {
+        // Every caller arrives before any query is sent.
+        let stamps: Vec<u64> = (0..50).map(|_| flights.arrive()).collect();
+        let tasks: Vec<_> = stamps
+            .into_iter()
+            .map(|a| {
                 let (f, c) = (flights.clone(), count.clone());
-                tokio::spawn(async move { f.run("k", || counting_load(c, 1)).await })
+                tokio::spawn(async move { f.run("k", a, |i| counting_load(c, 1, i)).await })
             })
             .collect();
         for t in tasks {
-            assert_eq!(t.await.unwrap().unwrap().unwrap().version, 1);
+            assert_eq!(version(t.await.unwrap()), Some(1));
         }
         assert_eq!(count.load(Ordering::SeqCst), 1);
         assert_eq!(flights.len(), 0);
     }
 
     #[tokio::test]
+    async fn a_caller_arriving_after_the_query_is_told_it_came_late() {
+        let flights = Arc::new(Flights::default());
+        let count = Arc::new(AtomicUsize::new(0));
+        let (f1, c1) = (flights.clone(), count.clone());
+        let a1 = flights.arrive();
+        let first = tokio::spawn(async move { f1.run("k", a1, |i| counting_load(c1, 1, i)).await });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let late = flights.arrive();
+        let c2 = count.clone();
+        let joined = flights.run("k", late, |i| counting_load(c2, 2, i)).await;
+        assert!(matches!(joined, Joined::Late));
+        assert_eq!(version(first.await.unwrap()), Some(1));
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "the late caller did not load"
+        );
+    }
+
+    #[tokio::test]
     async fn a_forgotten_flight_is_not_joined_by_later_callers() {
         let flights = Arc::new(Flights::default());
         let count = Arc::new(AtomicUsize::new(0));
-        let f1 = flights.clone();
-        let c1 = count.clone();
-        let first = tokio::spawn(async move { f1.run("k", || counting_load(c1, 1)).await });
+        let (f1, c1) = (flights.clone(), count.clone());
+        let a1 = flights.arrive();
+        let first = tokio::spawn(async move { f1.run("k", a1, |i| counting_load(c1, 1, i)).await });
         tokio::time::sleep(Duration::from_millis(5)).await;
         flights.forget("k");
+        let a2 = flights.arrive();
         let second = flights
-            .run("k", || counting_load(count.clone(), 2))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(second.version, 2);
-        assert_eq!(first.await.unwrap().unwrap().unwrap().version, 1);
+            .run("k", a2, |i| counting_load(count.clone(), 2, i))
+            .await;
+        assert_eq!(version(second), Some(2));
+        assert_eq!(version(first.await.unwrap()), Some(1));
         assert_eq!(count.load(Ordering::SeqCst), 2);
     }
 
@@ -147,16 +252,16 @@ mod tests {
     async fn a_cancelled_first_caller_does_not_cancel_the_load_for_others() {
         let flights = Arc::new(Flights::default());
         let count = Arc::new(AtomicUsize::new(0));
-        let f1 = flights.clone();
-        let c1 = count.clone();
-        let first = tokio::spawn(async move { f1.run("k", || counting_load(c1, 1)).await });
+        let (a1, a2) = (flights.arrive(), flights.arrive());
+        let (f1, c1) = (flights.clone(), count.clone());
+        let first = tokio::spawn(async move { f1.run("k", a1, |i| counting_load(c1, 1, i)).await });
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let f2 = flights.clone();
-        let c2 = count.clone();
-        let second = tokio::spawn(async move { f2.run("k", || counting_load(c2, 2)).await });
+        let (f2, c2) = (flights.clone(), count.clone());
+        let second =
+            tokio::spawn(async move { f2.run("k", a2, |i| counting_load(c2, 2, i)).await });
         tokio::time::sleep(Duration::from_millis(1)).await;
         first.abort();
-        assert_eq!(second.await.unwrap().unwrap().unwrap().version, 1);
+        assert_eq!(version(second.await.unwrap()), Some(1));
         assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 }

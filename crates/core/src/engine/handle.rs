@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use tracing::Instrument;
 
 use super::metrics::OpKind;
 use super::stats::Counters;
 use super::table::{TableState, Validator, WriteOptions};
-use super::{DbCall, Effect, Inner};
+use super::{DbCall, Effect, Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
 use crate::db::{TxOptions, Write, WriteOp, WriteOutcome};
 use crate::entity::Record;
 use crate::error::{Error, ErrorKind, Result};
@@ -158,7 +159,7 @@ impl<R: Record> Handle<R> {
     /// a write or a database load put there, and any later write replaces it.
     pub async fn get_or_load<F, Fut>(&self, key: impl Into<Key>, loader: F) -> Result<Option<R>>
     where
-        F: FnOnce(Key) -> Fut,
+        F: Fn(Key) -> Fut,
         Fut: Future<Output = Result<Option<R>>> + Send + 'static,
     {
         let key = key.into();
@@ -166,38 +167,77 @@ impl<R: Record> Handle<R> {
             .inner
             .key_for(&self.st, &key)
             .map_err(|e| e.with_operation("get_or_load"))?;
-        if let super::Lookup::Hit(hit) = self.inner.lookup::<R>(&self.st, &ck).await {
+        let mut arrival = self.inner.flights.arrive();
+        if let Lookup::Hit(hit) = self.inner.lookup::<R>(&self.st, &ck, true).await {
             return Ok(Some(hit));
         }
-        let fut = loader(key.clone());
-        let (inner, st, ck2) = (self.inner.clone(), self.st.clone(), ck.clone());
-        let loaded = self
-            .inner
-            .load(&ck, move || {
-                async move {
-                    let started = Instant::now();
-                    Counters::add(&inner.stats.loads, 1);
-                    let Some(record) = fut.await? else {
-                        return Ok(None);
-                    };
-                    let (got, row) = st.table.normalize_row(record.to_row()?)?;
-                    if got != key {
-                        return Err(Error::new(
-                            ErrorKind::InvalidValue,
-                            format!("the loader for key {key} returned the row of key {got}"),
-                        ));
-                    }
-                    let vr = VersionedRow { row, version: 0 };
-                    inner.populate(&st, &ck2, &vr, started).await;
-                    Ok(Some(vr))
+        // As in `Inner::read`: a load that queried before we arrived may
+        // predate a write we must see; then the cache, refilled, answers.
+        for attempt in 0..=MAX_LATE_JOINS {
+            let make = || self.loader_load(&loader, &key, &ck);
+            let joined = if attempt == MAX_LATE_JOINS {
+                Joined::Fresh(make()(Issue::unshared()).await)
+            } else {
+                self.inner.load(&ck, arrival, make).await
+            };
+            match joined {
+                Joined::Fresh(loaded) => {
+                    let loaded =
+                        loaded.map_err(|e| e.with_operation("get_or_load").with_key(&ck))?;
+                    return loaded
+                        .map(|vr| R::from_row(&self.st.table, vr.row))
+                        .transpose();
                 }
-                .boxed()
-            })
-            .await
-            .map_err(|e| e.with_operation("get_or_load").with_key(&ck))?;
-        loaded
-            .map(|vr| R::from_row(&self.st.table, vr.row))
-            .transpose()
+                Joined::Late => {
+                    if let Lookup::Hit(hit) = self.inner.lookup::<R>(&self.st, &ck, false).await {
+                        return Ok(Some(hit));
+                    }
+                    arrival = self.inner.flights.arrive();
+                }
+            }
+        }
+        unreachable!("the last attempt loads alone")
+    }
+
+    /// The load of one row through a caller's loader, for `Inner::load`.
+    fn loader_load<F, Fut>(
+        &self,
+        loader: &F,
+        key: &Key,
+        ck: &str,
+    ) -> impl FnOnce(Issue) -> BoxFuture<'static, LoadResult> + use<F, Fut, R>
+    where
+        F: Fn(Key) -> Fut,
+        Fut: Future<Output = Result<Option<R>>> + Send + 'static,
+    {
+        let fut = loader(key.clone());
+        let (inner, st, ck, key) = (
+            self.inner.clone(),
+            self.st.clone(),
+            ck.to_owned(),
+            key.clone(),
+        );
+        move |issue| {
+            async move {
+                let started = Instant::now();
+                Counters::add(&inner.stats.loads, 1);
+                issue.now();
+                let Some(record) = fut.await? else {
+                    return Ok(None);
+                };
+                let (got, row) = st.table.normalize_row(record.to_row()?)?;
+                if got != key {
+                    return Err(Error::new(
+                        ErrorKind::InvalidValue,
+                        format!("the loader for key {key} returned the row of key {got}"),
+                    ));
+                }
+                let vr = VersionedRow { row, version: 0 };
+                inner.populate(&st, &ck, &vr, started).await;
+                Ok(Some(vr))
+            }
+            .boxed()
+        }
     }
 
     /// Sets some columns of the row at `key` and returns the whole new row,

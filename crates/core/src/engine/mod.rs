@@ -48,7 +48,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::schema::Table;
 use crate::value::{Key, Row, Value, VersionedRow};
 use breaker::{Breaker, ResyncSet};
-use flight::{Flights, LoadResult};
+pub(crate) use flight::{Flights, Issue, Joined, LoadResult};
 pub(crate) use metrics::{CacheCall, DbCall};
 use metrics::{EngineMetrics, TableMetrics};
 use stats::Counters;
@@ -399,6 +399,10 @@ pub(crate) struct Prepared {
     pub(crate) payload: Option<Payload>,
     pub(crate) ttl: Option<Duration>,
 }
+
+/// How often a reader that joined a load too late tries again before
+/// reading the database alone.
+const MAX_LATE_JOINS: usize = 3;
 
 /// What a cache lookup found.
 pub(crate) enum Lookup<R> {
@@ -835,15 +839,39 @@ impl Inner {
         key: Key,
     ) -> Result<(Option<R>, bool)> {
         let ck = self.key_for(st, &key)?;
-        let unreadable = match self.lookup::<R>(st, &ck).await {
+        let mut arrival = self.flights.arrive();
+        let unreadable = match self.lookup::<R>(st, &ck, true).await {
             Lookup::Hit(hit) => return Ok((Some(hit), true)),
             Lookup::Miss(unreadable) => unreadable,
         };
-        let loaded = self
-            .load(&ck, || {
-                self.clone().load_from_db(st.clone(), key, ck.clone())
-            })
-            .await?;
+        let mut loaded = None;
+        for _ in 0..MAX_LATE_JOINS {
+            let load = || {
+                self.clone()
+                    .load_from_db(st.clone(), key.clone(), ck.clone())
+            };
+            match self.load(&ck, arrival, load).await {
+                Joined::Fresh(r) => {
+                    loaded = Some(r?);
+                    break;
+                }
+                Joined::Late => {
+                    // The load we joined had queried before we arrived; it has
+                    // filled the cache since, with anything written before us.
+                    if let Lookup::Hit(hit) = self.lookup::<R>(st, &ck, false).await {
+                        return Ok((Some(hit), true));
+                    }
+                    arrival = self.flights.arrive();
+                }
+            }
+        }
+        let loaded = match loaded {
+            Some(l) => l,
+            // Joined late every time (a hot, uncacheable key): read alone.
+            None => {
+                self.clone().load_from_db(st.clone(), key, ck.clone())(Issue::unshared()).await?
+            }
+        };
         if let (Some(found), Some(vr)) = (unreadable, &loaded) {
             self.replace_unreadable(st, &ck, found, vr).await;
         }
@@ -855,7 +883,12 @@ impl Inner {
 
     /// Looks `ck` up in the cache. On a miss, returns the bytes found if
     /// they were not a readable entry, so that the reader can replace them.
-    pub(crate) async fn lookup<R: Record>(&self, st: &TableState, ck: &str) -> Lookup<R> {
+    pub(crate) async fn lookup<R: Record>(
+        &self,
+        st: &TableState,
+        ck: &str,
+        count_miss: bool,
+    ) -> Lookup<R> {
         let usable = self.breaker.allows() && !self.resync.contains(ck);
         let mut unreadable = None;
         if usable && let Ok(Some(bytes)) = self.cache_call(CacheCall::Get, self.cache.get(ck)).await
@@ -883,9 +916,10 @@ impl Inner {
                 }
             }
         }
-        Counters::add(&self.stats.misses, 1);
-        st.metrics.misses.increment(1);
-        st.metrics.misses.increment(1);
+        if count_miss {
+            Counters::add(&self.stats.misses, 1);
+            st.metrics.misses.increment(1);
+        }
         Lookup::Miss(unreadable)
     }
 
@@ -916,39 +950,43 @@ impl Inner {
         }
     }
 
-    /// Runs `load` for `ck`, shared with concurrent callers when single flight is on.
-    pub(crate) async fn load(
-        &self,
-        ck: &str,
-        load: impl FnOnce() -> BoxFuture<'static, LoadResult>,
-    ) -> LoadResult {
+    /// Runs `load` for `ck`, shared with concurrent callers when single
+    /// flight is on; `arrival` is the caller's stamp from `Flights::arrive`.
+    pub(crate) async fn load<F>(&self, ck: &str, arrival: u64, load: impl FnOnce() -> F) -> Joined
+    where
+        F: FnOnce(Issue) -> BoxFuture<'static, LoadResult>,
+    {
         if self.cfg.consistency.single_flight {
-            self.flights.run(ck, load).await
+            self.flights.run(ck, arrival, load()).await
         } else {
-            load().await
+            Joined::Fresh(load()(Issue::unshared()).await)
         }
     }
 
+    /// The load of one row from the database, for [`Inner::load`].
     fn load_from_db(
         self: Arc<Self>,
         st: Arc<TableState>,
         key: Key,
         ck: String,
-    ) -> BoxFuture<'static, LoadResult> {
-        async move {
-            self.hook(HookPoint::BeforeLoad, &ck).await;
-            let started = Instant::now();
-            Counters::add(&self.stats.loads, 1);
-            let row = self
-                .db_call(DbCall::Get, self.db.get(&st.table, &key))
-                .await?;
-            self.hook(HookPoint::AfterLoad, &ck).await;
-            if let Some(vr) = &row {
-                self.populate(&st, &ck, vr, started).await;
+    ) -> impl FnOnce(Issue) -> BoxFuture<'static, LoadResult> {
+        move |issue| {
+            async move {
+                self.hook(HookPoint::BeforeLoad, &ck).await;
+                let started = Instant::now();
+                Counters::add(&self.stats.loads, 1);
+                issue.now();
+                let row = self
+                    .db_call(DbCall::Get, self.db.get(&st.table, &key))
+                    .await?;
+                self.hook(HookPoint::AfterLoad, &ck).await;
+                if let Some(vr) = &row {
+                    self.populate(&st, &ck, vr, started).await;
+                }
+                Ok(row)
             }
-            Ok(row)
+            .boxed()
         }
-        .boxed()
     }
 
     /// Puts a loaded row in the cache, fenced by its version. Waits for the

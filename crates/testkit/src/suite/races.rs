@@ -25,6 +25,7 @@ pub fn cases() -> Vec<Case> {
         r5_a_stalled_cache_write_landing_late_is_refused,
         r6_a_delete_cannot_be_undone_by_a_late_populate,
         r7_concurrent_misses_on_a_cold_key_load_once,
+        r7_a_shared_load_is_not_handed_to_a_reader_that_started_after_a_write,
         history_of_concurrent_clients_is_linearizable,
     ]
 }
@@ -337,6 +338,44 @@ pub async fn r7_concurrent_misses_on_a_cold_key_load_once(pair: Pair) -> Outcome
         },
     )
     .await
+}
+
+/// R7, across processes: engine A's reader loads the old row and is held
+/// before it fills the cache; engine B deletes the row; a second reader on
+/// A, starting after the delete was acknowledged, misses (the tombstone)
+/// and finds A's load in flight. Single flight must not hand it the row
+/// that load fetched before the delete.
+pub async fn r7_a_shared_load_is_not_handed_to_a_reader_that_started_after_a_write(
+    pair: Pair,
+) -> Outcome {
+    let table = unique("r7x");
+    let a = rig(&pair, Consistency::strict(), &table, true).await;
+    let b = rig(&pair, Consistency::strict(), &table, true).await;
+    b.items.put(&item(1, 1.0)).await.unwrap();
+    a.engine.cache().delete(&a.ck).await.unwrap();
+    let gate = a.gates.pause(HookPoint::AfterLoad, &a.ck, 1);
+    let items = a.items.clone();
+    let first = tokio::spawn(async move { items.get(1).await });
+    gate.arrived().await;
+    assert!(b.items.delete(1).await.unwrap());
+    let loads = a.gates.count(HookPoint::BeforeLoad, &a.ck);
+    let items = a.items.clone();
+    let second = tokio::spawn(async move { items.get(1).await });
+    // Let the second reader find the load in flight before it ends.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gate.release();
+    assert_eq!(
+        first.await.unwrap().unwrap().map(|i| i.price),
+        Some(1.0),
+        "the first reader began before the delete"
+    );
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        None,
+        "the second reader began after the delete was acknowledged"
+    );
+    assert!(loads.reached() >= 1, "the second reader loaded anew");
+    Outcome::Passed
 }
 
 /// Operations per pair in the history check: `WT_HISTORY_OPS`, else 20,000.

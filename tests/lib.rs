@@ -6,7 +6,7 @@ use std::sync::Arc;
 use writethrough::moka::MokaCache;
 use writethrough::sqlite::SqliteStore;
 use writethrough::{CacheStore, DbStore};
-use writethrough_testkit::server::RedisServer;
+use writethrough_testkit::server::{PostgresServer, RedisServer};
 use writethrough_testkit::suite::Pair;
 
 /// Moka + SQLite (a fresh temporary database): no server needed.
@@ -23,6 +23,8 @@ pub fn sqlite() -> Arc<dyn DbStore> {
 pub struct Servers {
     /// Redis.
     pub redis: RedisServer,
+    /// PostgreSQL.
+    pub postgres: PostgresServer,
 }
 
 impl Servers {
@@ -31,7 +33,19 @@ impl Servers {
         let redis = RedisServer::start()
             .await
             .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
-        Servers { redis }
+        let postgres = PostgresServer::start()
+            .await
+            .unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"));
+        Servers { redis, postgres }
+    }
+
+    /// A PostgreSQL store (its own pool) on the shared server.
+    pub async fn postgres(&self) -> Arc<dyn DbStore> {
+        Arc::new(
+            writethrough::postgres::PostgresStore::connect(&self.postgres.url())
+                .await
+                .expect("connects to the testkit's PostgreSQL"),
+        )
     }
 
     /// A Redis cache on the shared server.
@@ -48,6 +62,8 @@ impl Servers {
         vec![
             embedded_pair(),
             Pair::new(self.redis().await, sqlite()),
+            Pair::new(Arc::new(MokaCache::default()), self.postgres().await),
+            Pair::new(self.redis().await, self.postgres().await),
         ]
     }
 }

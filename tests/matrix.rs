@@ -1,11 +1,13 @@
-//! The conformance matrix: the engine suite over every cache × database
-//! pair, with a summary table. `cargo test --test matrix -- <filter>` runs
-//! the cases (or pairs) whose name contains the filter.
+//! The conformance matrix: the engine and race suites over every cache ×
+//! database pair, the cache suite over every cache adapter and the
+//! database suite over every database adapter, with a summary table.
+//! `cargo test --test matrix -- <filter>` runs the cases (or pairs) whose
+//! name contains the filter.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use writethrough_testkit::suite::{self, CaseReport, Outcome, Pair};
+use writethrough_testkit::suite::{self, Case, CaseReport, Outcome, Pair};
 
 fn main() -> ExitCode {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -21,42 +23,84 @@ fn main() -> ExitCode {
     }
 }
 
+/// One line of the matrix: a suite run on a pair (or a single store).
+struct Run {
+    label: String,
+    pair: Pair,
+    cases: Vec<Case>,
+}
+
 async fn run(filter: Option<&str>) -> bool {
     let servers = writethrough_tests::Servers::start().await;
     let pairs: Vec<Pair> = servers.pairs().await;
-    let mut cases = suite::engine::cases();
-    cases.extend(suite::races::cases());
-    let mut summary = Vec::new();
-    let runs: Vec<_> = pairs
+    let mut runs = Vec::new();
+    let mut caches_seen = Vec::new();
+    let mut dbs_seen = Vec::new();
+    for pair in &pairs {
+        let (cache, db) = (pair.cache.name(), pair.db.name());
+        if !caches_seen.contains(&cache) {
+            caches_seen.push(cache);
+            runs.push(Run {
+                label: format!("cache suite: {cache}"),
+                pair: pair.clone(),
+                cases: suite::cache::cases(),
+            });
+        }
+        if !dbs_seen.contains(&db) {
+            dbs_seen.push(db);
+            runs.push(Run {
+                label: format!("db suite: {db}"),
+                pair: pair.clone(),
+                cases: suite::db::cases(),
+            });
+        }
+    }
+    for pair in pairs {
+        let mut cases = suite::engine::cases();
+        cases.extend(suite::races::cases());
+        runs.push(Run {
+            label: format!("engine: {}", pair.name),
+            pair,
+            cases,
+        });
+    }
+    let tasks: Vec<_> = runs
         .into_iter()
-        .map(|pair| {
-            let cases = cases.clone();
+        .map(|r| {
             let filter = filter.map(str::to_owned);
             tokio::spawn(async move {
-                let reports =
-                    suite::run_cases(&pair, &cases, filter.as_deref(), Duration::from_secs(120))
-                        .await;
-                (pair.name.clone(), reports)
+                let reports = suite::run_cases(
+                    &r.pair,
+                    &r.cases,
+                    filter.as_deref(),
+                    Duration::from_secs(180),
+                )
+                .await;
+                (r.label, reports)
             })
         })
         .collect();
-    for run in runs {
-        let (pair, reports) = run.await.expect("a pair's run does not panic");
-        print_pair(&pair, &reports);
-        summary.push((pair, reports));
+    let mut summary = Vec::new();
+    for t in tasks {
+        let (label, reports) = t.await.expect("a run does not panic");
+        print_run(&label, &reports);
+        summary.push((label, reports));
     }
     print_summary(&summary)
 }
 
-fn print_pair(pair: &str, reports: &[CaseReport]) {
-    println!("\nengine and race suites on {pair}");
+fn print_run(label: &str, reports: &[CaseReport]) {
+    if reports.is_empty() {
+        return;
+    }
+    println!("\n{label}");
     for r in reports {
         let ms = r.elapsed.as_millis();
         match &r.result {
-            Ok(Outcome::Passed) => println!("  ok    {:<72} {ms:>6} ms", r.name),
-            Ok(Outcome::NotApplicable(why)) => println!("  n/a   {:<72} ({why})", r.name),
+            Ok(Outcome::Passed) => println!("  ok    {:<74} {ms:>6} ms", r.name),
+            Ok(Outcome::NotApplicable(why)) => println!("  n/a   {:<74} ({why})", r.name),
             Err(msg) => println!(
-                "  FAIL  {:<72} {ms:>6} ms\n        {}",
+                "  FAIL  {:<74} {ms:>6} ms\n        {}",
                 r.name,
                 msg.replace('\n', "\n        ")
             ),
@@ -66,27 +110,40 @@ fn print_pair(pair: &str, reports: &[CaseReport]) {
 
 fn print_summary(summary: &[(String, Vec<CaseReport>)]) -> bool {
     println!(
-        "\n{:<22} {:>7} {:>5} {:>7}  result",
-        "pair", "passed", "n/a", "failed"
+        "\n{:<32} {:>7} {:>5} {:>7}  result",
+        "suite", "passed", "n/a", "failed"
     );
     let mut all_ok = true;
-    for (pair, reports) in summary {
+    let mut ran = 0;
+    let mut not_applicable = Vec::new();
+    for (label, reports) in summary {
+        if reports.is_empty() {
+            continue;
+        }
+        ran += reports.len();
         let passed = reports
             .iter()
             .filter(|r| matches!(r.result, Ok(Outcome::Passed)))
             .count();
-        let na = reports
-            .iter()
-            .filter(|r| matches!(r.result, Ok(Outcome::NotApplicable(_))))
-            .count();
         let failed = reports.iter().filter(|r| r.result.is_err()).count();
+        for r in reports {
+            if let Ok(Outcome::NotApplicable(why)) = &r.result {
+                not_applicable.push(format!("{label}: {} ({why})", r.name));
+            }
+        }
+        let na = reports.len() - passed - failed;
         all_ok &= failed == 0;
         println!(
-            "{pair:<22} {passed:>7} {na:>5} {failed:>7}  {}",
+            "{label:<32} {passed:>7} {na:>5} {failed:>7}  {}",
             if failed == 0 { "ok" } else { "FAILED" }
         );
     }
-    let ran: usize = summary.iter().map(|(_, r)| r.len()).sum();
+    if !not_applicable.is_empty() {
+        println!("\nnot applicable by capability:");
+        for n in &not_applicable {
+            println!("  {n}");
+        }
+    }
     if ran == 0 {
         println!("no case matched the filter");
         return false;

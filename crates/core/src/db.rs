@@ -139,7 +139,8 @@ pub trait Transaction: Send {
 ///   missing, and fails with `SchemaMismatch` if it exists without the
 ///   columns the schema declares.
 /// * Outbox records written by a transaction appear in `outbox_pending`
-///   once they are older than `min_age`, until removed.
+///   (when their table is asked for) once they are older than `min_age`,
+///   until removed; records of a rolled-back transaction never appear.
 #[async_trait]
 pub trait DbStore: Send + Sync + 'static {
     /// The backend's short name.
@@ -169,8 +170,14 @@ pub trait DbStore: Send + Sync + 'static {
         after: Option<Key>,
         limit: usize,
     ) -> Result<Vec<VersionedRow>>;
-    /// Outbox records at least `min_age` old, oldest first, at most `limit`.
-    async fn outbox_pending(&self, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>>;
+    /// Outbox records at least `min_age` old, oldest first, at most
+    /// `limit`, of the tables named in `tables` (of every table for `None`).
+    async fn outbox_pending(
+        &self,
+        tables: Option<&[String]>,
+        min_age: Duration,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>>;
     /// Removes outbox records.
     async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()>;
     /// Checks that the database answers.
@@ -205,8 +212,13 @@ impl<D: DbStore + ?Sized> DbStore for Arc<D> {
     ) -> Result<Vec<VersionedRow>> {
         (**self).scan(table, after, limit).await
     }
-    async fn outbox_pending(&self, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>> {
-        (**self).outbox_pending(min_age, limit).await
+    async fn outbox_pending(
+        &self,
+        tables: Option<&[String]>,
+        min_age: Duration,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>> {
+        (**self).outbox_pending(tables, min_age, limit).await
     }
     async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()> {
         (**self).outbox_remove(ids).await

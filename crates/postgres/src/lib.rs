@@ -423,13 +423,20 @@ impl DbStore for PostgresStore {
             .collect()
     }
 
-    async fn outbox_pending(&self, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>> {
+    async fn outbox_pending(
+        &self,
+        tables: Option<&[String]>,
+        min_age: Duration,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>> {
         let rows = sqlx::query(
             "SELECT id, tbl, key, version FROM \"_wt_outbox\" \
-             WHERE created_at <= now() - make_interval(secs => $1) ORDER BY id LIMIT $2",
+             WHERE created_at <= now() - make_interval(secs => $1) \
+             AND ($3::text[] IS NULL OR tbl = ANY($3)) ORDER BY id LIMIT $2",
         )
         .bind(min_age.as_secs_f64())
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(tables.map(<[String]>::to_vec))
         .fetch_all(&self.shared.pool)
         .await
         .map_err(|e| map_err(e, Phase::NoCommit).with_operation("db.outbox_pending"))?;

@@ -500,7 +500,11 @@ async fn execute_is_atomic_when_one_write_fails() {
         assert_eq!(pg.store.get(&t, &Key::Int(id)).await.unwrap(), None, "{id}");
     }
     assert_eq!(pg.store.get(&t, &Key::Int(1)).await.unwrap(), Some(before));
-    let pending = pg.store.outbox_pending(Duration::ZERO, 1000).await.unwrap();
+    let pending = pg
+        .store
+        .outbox_pending(None, Duration::ZERO, 1000)
+        .await
+        .unwrap();
     assert!(
         pending.iter().all(|p| p.table != t.name().as_str()),
         "no outbox record of a failed batch: {pending:?}"
@@ -555,7 +559,7 @@ async fn outbox_records_appear_with_their_writes_and_are_removed() {
 
     let pending: Vec<_> = pg
         .store
-        .outbox_pending(Duration::ZERO, 1000)
+        .outbox_pending(None, Duration::ZERO, 1000)
         .await
         .unwrap()
         .into_iter()
@@ -578,7 +582,7 @@ async fn outbox_records_appear_with_their_writes_and_are_removed() {
     // Too young for a long minimum age; the limit is honoured.
     assert!(
         pg.store
-            .outbox_pending(Duration::from_secs(3600), 1000)
+            .outbox_pending(None, Duration::from_secs(3600), 1000)
             .await
             .unwrap()
             .iter()
@@ -586,7 +590,7 @@ async fn outbox_records_appear_with_their_writes_and_are_removed() {
     );
     assert_eq!(
         pg.store
-            .outbox_pending(Duration::ZERO, 3)
+            .outbox_pending(None, Duration::ZERO, 3)
             .await
             .unwrap()
             .len(),
@@ -595,14 +599,18 @@ async fn outbox_records_appear_with_their_writes_and_are_removed() {
 
     let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
     pg.store.outbox_remove(ids[..5].to_vec()).await.unwrap();
-    let left = pg.store.outbox_pending(Duration::ZERO, 1000).await.unwrap();
+    let left = pg
+        .store
+        .outbox_pending(None, Duration::ZERO, 1000)
+        .await
+        .unwrap();
     assert!(left.iter().all(|p| !ids[..5].contains(&p.id)));
     assert!(left.iter().any(|p| p.id == ids[5]));
     pg.store.outbox_remove(ids).await.unwrap();
     pg.store.outbox_remove(Vec::new()).await.unwrap();
     assert!(
         pg.store
-            .outbox_pending(Duration::ZERO, 1000)
+            .outbox_pending(None, Duration::ZERO, 1000)
             .await
             .unwrap()
             .iter()
@@ -713,7 +721,7 @@ async fn a_dropped_transaction_rolls_back_and_releases_its_keys() {
     assert!(!out[0].existed);
     assert!(
         pg.store
-            .outbox_pending(Duration::ZERO, 100)
+            .outbox_pending(None, Duration::ZERO, 100)
             .await
             .unwrap()
             .iter()

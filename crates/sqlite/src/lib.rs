@@ -155,7 +155,12 @@ enum TxCmd {
 enum ReadJob {
     Get(Table, Key, Reply<Option<VersionedRow>>),
     Scan(Table, Option<Key>, usize, Reply<Vec<VersionedRow>>),
-    OutboxPending(Duration, usize, Reply<Vec<OutboxEntry>>),
+    OutboxPending(
+        Option<Vec<String>>,
+        Duration,
+        usize,
+        Reply<Vec<OutboxEntry>>,
+    ),
     Ping(Reply<()>),
 }
 
@@ -284,8 +289,8 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
             ReadJob::Scan(t, after, limit, reply) => {
                 let _ = reply.send(sql::scan(&conn, &mut cache, &t, after.as_ref(), limit));
             }
-            ReadJob::OutboxPending(min_age, limit, reply) => {
-                let _ = reply.send(outbox_pending(&conn, min_age, limit));
+            ReadJob::OutboxPending(tables, min_age, limit, reply) => {
+                let _ = reply.send(outbox_pending(&conn, tables.as_deref(), min_age, limit));
             }
             ReadJob::Ping(reply) => {
                 let r = conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err);
@@ -295,7 +300,12 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
     }
 }
 
-fn outbox_pending(conn: &Connection, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>> {
+fn outbox_pending(
+    conn: &Connection,
+    tables: Option<&[String]>,
+    min_age: Duration,
+    limit: usize,
+) -> Result<Vec<OutboxEntry>> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -303,12 +313,14 @@ fn outbox_pending(conn: &Connection, min_age: Duration, limit: usize) -> Result<
     let cutoff = now - i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX);
     let mut stmt = conn
         .prepare_cached(&format!(
-            "SELECT id, tbl, key, version FROM \"{OUTBOX_TABLE}\" WHERE created_ms <= ?1 ORDER BY id LIMIT ?2"
+            "SELECT id, tbl, key, version FROM \"{OUTBOX_TABLE}\" WHERE created_ms <= ?1 \
+             AND (?3 IS NULL OR tbl IN (SELECT value FROM json_each(?3))) ORDER BY id LIMIT ?2"
         ))
         .map_err(map_err)?;
+    let tables = tables.map(|t| serde_json::Value::from(t.to_vec()).to_string());
     let rows = stmt
         .query_map(
-            rusqlite::params![cutoff, i64::try_from(limit).unwrap_or(i64::MAX)],
+            rusqlite::params![cutoff, i64::try_from(limit).unwrap_or(i64::MAX), tables],
             |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
@@ -606,9 +618,15 @@ impl DbStore for SqliteStore {
             .await
     }
 
-    async fn outbox_pending(&self, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>> {
+    async fn outbox_pending(
+        &self,
+        tables: Option<&[String]>,
+        min_age: Duration,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>> {
         let (tx, rx) = oneshot::channel();
-        self.read(ReadJob::OutboxPending(min_age, limit, tx), rx)
+        let tables = tables.map(<[String]>::to_vec);
+        self.read(ReadJob::OutboxPending(tables, min_age, limit, tx), rx)
             .await
     }
 

@@ -44,7 +44,10 @@ async fn a_batch_gets_consecutive_versions_and_matching_outbox_records() {
             "consecutive, in order"
         );
     }
-    let pending = db.outbox_pending(Duration::ZERO, 10_000).await.unwrap();
+    let pending = db
+        .outbox_pending(None, Duration::ZERO, 10_000)
+        .await
+        .unwrap();
     assert_eq!(pending.len(), writes.len());
     for (w, o) in writes.iter().zip(&out) {
         let WriteOp::Upsert(row) = &w.op else {
@@ -87,7 +90,7 @@ async fn a_failing_row_rolls_back_the_whole_batch() {
     );
     assert!(db.scan(&t, None, 100).await.unwrap().is_empty());
     assert!(
-        db.outbox_pending(Duration::ZERO, 100)
+        db.outbox_pending(None, Duration::ZERO, 100)
             .await
             .unwrap()
             .is_empty()

@@ -402,8 +402,13 @@ impl DbStore for FaultyDb {
         self.faults.read("scan").await?;
         self.inner.scan(table, after, limit).await
     }
-    async fn outbox_pending(&self, min_age: Duration, limit: usize) -> Result<Vec<OutboxEntry>> {
-        self.inner.outbox_pending(min_age, limit).await
+    async fn outbox_pending(
+        &self,
+        tables: Option<&[String]>,
+        min_age: Duration,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>> {
+        self.inner.outbox_pending(tables, min_age, limit).await
     }
     async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()> {
         self.inner.outbox_remove(ids).await

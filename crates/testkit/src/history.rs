@@ -142,14 +142,20 @@ pub async fn run(handles: &[Handle<Item>], w: Workload) -> Report {
     let events = rec.events();
     let failed = events.iter().filter(|e| e.ret == u64::MAX).count();
     let started = Instant::now();
-    let mut violations = Vec::new();
-    for key in 1..=w.keys {
-        let mut evs: Vec<Event> = events.iter().filter(|e| e.key == key).copied().collect();
-        evs.sort_by_key(|e| e.call);
-        if !linearizable(&evs) {
-            violations.push(describe(key, &evs));
+    // The search is CPU-bound: keep it off the async workers.
+    let (events, violations) = tokio::task::spawn_blocking(move || {
+        let mut violations = Vec::new();
+        for key in 1..=w.keys {
+            let mut evs: Vec<Event> = events.iter().filter(|e| e.key == key).copied().collect();
+            evs.sort_by_key(|e| e.call);
+            if !linearizable(&evs) {
+                violations.push(describe(key, &evs));
+            }
         }
-    }
+        (events, violations)
+    })
+    .await
+    .expect("the check does not panic");
     Report {
         ops: events.len(),
         keys: w.keys,

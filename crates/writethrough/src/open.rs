@@ -8,6 +8,8 @@ fn scheme(url: &str) -> &str {
     url.split_once(':').map_or("", |(s, _)| s)
 }
 
+// Unused when every backend is built in.
+#[allow(dead_code)]
 fn not_built(what: &str, url: &str, feature: &str) -> Error {
     Error::new(
         ErrorKind::Config,

@@ -16,6 +16,12 @@
 //! the load to finish (which fills the cache) and reads the cache again —
 //! by then the cache holds anything written before the reader arrived,
 //! because writes update the cache before they are acknowledged.
+//!
+//! A finished load stays in the map a little while (until the next sweep),
+//! marked with the stamp of its completion: a reader that missed the cache
+//! just before the load filled it, and reaches the map just after, then
+//! finds the load (and reads the cache again) instead of loading anew. A
+//! reader that arrived after the completion starts a new load.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +44,14 @@ pub(crate) enum Joined {
     /// The load's query was sent before the reader arrived; its result may
     /// predate writes the reader must see. The load has finished.
     Late,
+}
+
+impl Flight {
+    /// Whether the load had finished before clock value `t`.
+    fn finished_before(&self, t: u64) -> bool {
+        let done = self.done.load(Ordering::SeqCst);
+        done != 0 && done < t
+    }
 }
 
 /// The moment a load sends its query; see the module docs.
@@ -64,16 +78,17 @@ impl Issue {
 }
 
 struct Flight {
-    id: u64,
     load: SharedLoad,
     issued: Arc<AtomicU64>,
+    /// The clock at completion; 0 while running.
+    done: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
 pub(crate) struct Flights {
     map: Arc<Mutex<HashMap<String, Flight>>>,
-    next_id: AtomicU64,
     clock: Arc<AtomicU64>,
+    last_sweep: AtomicU64,
 }
 
 impl Flights {
@@ -92,25 +107,18 @@ impl Flights {
         let (shared, issued) = {
             let mut map = self.map.lock();
             match map.get(key) {
-                Some(f) => (f.load.clone(), f.issued.clone()),
-                None => {
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                Some(f) if !f.finished_before(arrival) => (f.load.clone(), f.issued.clone()),
+                _ => {
                     let issued = Arc::new(AtomicU64::new(0));
+                    let done = Arc::new(AtomicU64::new(0));
                     let fut = load(Issue {
                         clock: self.clock.clone(),
                         stamp: issued.clone(),
                     });
-                    let map_ref = Arc::downgrade(&self.map);
-                    let owned_key = key.to_owned();
-                    // The future removes its own entry when done, whoever polls it last.
+                    let (clock, done_mark) = (self.clock.clone(), done.clone());
                     let shared = async move {
                         let out = fut.await;
-                        if let Some(map) = map_ref.upgrade() {
-                            let mut map = map.lock();
-                            if map.get(&owned_key).is_some_and(|f| f.id == id) {
-                                map.remove(&owned_key);
-                            }
-                        }
+                        done_mark.store(clock.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
                         out
                     }
                     .boxed()
@@ -118,9 +126,9 @@ impl Flights {
                     map.insert(
                         key.to_owned(),
                         Flight {
-                            id,
                             load: shared.clone(),
                             issued: issued.clone(),
+                            done,
                         },
                     );
                     (shared, issued)
@@ -151,6 +159,17 @@ impl Flights {
         }
         for k in keys {
             map.remove(k);
+        }
+    }
+
+    /// Drops the loads that finished before the previous sweep.
+    pub(crate) fn sweep(&self) {
+        let horizon = self
+            .last_sweep
+            .swap(self.clock.load(Ordering::SeqCst), Ordering::SeqCst);
+        let mut map = self.map.lock();
+        if !map.is_empty() {
+            map.retain(|_, f| !f.finished_before(horizon + 1));
         }
     }
 
@@ -207,7 +226,50 @@ mod tests {
             assert_eq!(version(t.await.unwrap()), Some(1));
         }
         assert_eq!(count.load(Ordering::SeqCst), 1);
-        assert_eq!(flights.len(), 0);
+        flights.sweep();
+        flights.sweep();
+        assert_eq!(flights.len(), 0, "finished loads are swept");
+    }
+
+    #[tokio::test]
+    async fn a_reader_arriving_after_a_load_finished_starts_a_new_one() {
+        let flights = Flights::default();
+        let count = Arc::new(AtomicUsize::new(0));
+        let a = flights.arrive();
+        let c = count.clone();
+        assert_eq!(
+            version(flights.run("k", a, |i| counting_load(c, 1, i)).await),
+            Some(1)
+        );
+        let b = flights.arrive();
+        let c = count.clone();
+        assert_eq!(
+            version(flights.run("k", b, |i| counting_load(c, 2, i)).await),
+            Some(2)
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_arrived_before_a_load_finished_joins_it_even_after() {
+        let flights = Flights::default();
+        let count = Arc::new(AtomicUsize::new(0));
+        let a = flights.arrive();
+        let late_but_before_the_end = flights.arrive();
+        let c = count.clone();
+        assert_eq!(
+            version(flights.run("k", a, |i| counting_load(c, 1, i)).await),
+            Some(1)
+        );
+        let c = count.clone();
+        let joined = flights
+            .run("k", late_but_before_the_end, |i| counting_load(c, 2, i))
+            .await;
+        assert!(
+            matches!(joined, Joined::Fresh(_)),
+            "its query was sent after this reader arrived"
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

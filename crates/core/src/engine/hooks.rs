@@ -14,6 +14,8 @@ pub enum HookPoint {
     AfterCommit,
     /// A read is about to load from the database on a miss. (Race R7.)
     BeforeLoad,
+    /// A read missed in the cache and is about to join or start a load. (Race R7.)
+    Miss,
 }
 
 /// Called at every [`HookPoint`] with the cache key concerned.

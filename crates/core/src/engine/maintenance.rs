@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use super::stats::Counters;
 use super::{CacheCall, DbCall, Inner};
-use crate::cache::CacheItem;
-use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 
 /// How often the background task wakes up.
@@ -32,6 +30,7 @@ pub(crate) async fn run(engine: Weak<Inner>) {
         let Some(inner) = engine.upgrade() else {
             return;
         };
+        inner.flights.sweep();
         inner.probe_if_due().await;
         inner.resync_pass().await;
         inner.metrics.resync_pending.set(inner.resync.len() as f64);
@@ -152,36 +151,25 @@ impl Inner {
                 "the cache is not being called; outbox records wait",
             ));
         }
+        // Only this engine's tables: records of tables it does not know are
+        // left to the engines that cache them.
+        let tables: Vec<String> = self.tables.read().keys().cloned().collect();
         loop {
             let entries = self
                 .db_call(
                     DbCall::OutboxPending,
-                    self.db.outbox_pending(min_age, REPLAY_BATCH),
+                    self.db.outbox_pending(Some(&tables), min_age, REPLAY_BATCH),
                 )
                 .await?;
             let n = entries.len();
             let mut ids = Vec::with_capacity(n);
             for e in entries {
-                match self.table_state(&e.table) {
-                    Some(st) => {
-                        let ck = st.cache_key(&e.key);
-                        let row = self
-                            .db_call(DbCall::Get, self.db.get(&st.table, &e.key))
-                            .await?;
-                        self.repair(&st, &ck, row, e.version).await?;
-                    }
-                    None => {
-                        // A table this engine does not know: invalidate at the
-                        // write's version, which needs no schema.
-                        let item = CacheItem {
-                            key: format!("{}:{}:{}", self.cfg.namespace, e.table, e.key),
-                            entry: codec::tombstone(e.version),
-                            version: e.version,
-                            ttl: Some(self.tombstone_ttl),
-                        };
-                        self.cache_call(CacheCall::SetIfNewer, self.cache.set_if_newer(item))
-                            .await?;
-                    }
+                if let Some(st) = self.table_state(&e.table) {
+                    let ck = st.cache_key(&e.key);
+                    let row = self
+                        .db_call(DbCall::Get, self.db.get(&st.table, &e.key))
+                        .await?;
+                    self.repair(&st, &ck, row, e.version).await?;
                 }
                 ids.push(e.id);
             }

@@ -844,6 +844,7 @@ impl Inner {
             Lookup::Hit(hit) => return Ok((Some(hit), true)),
             Lookup::Miss(unreadable) => unreadable,
         };
+        self.hook(HookPoint::Miss, &ck).await;
         let mut loaded = None;
         for _ in 0..MAX_LATE_JOINS {
             let load = || {

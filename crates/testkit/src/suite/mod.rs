@@ -5,6 +5,8 @@
 //! [`Outcome::NotApplicable`] because the backend's capabilities rule it out
 //! — which is reported, never silently counted as a pass.
 
+pub mod cache;
+pub mod db;
 pub mod engine;
 pub mod races;
 

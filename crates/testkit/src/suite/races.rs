@@ -5,7 +5,6 @@
 //! also proves that it really forces the race.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use writethrough_core::{Consistency, Engine, Entity, Handle, HookPoint, TableOptions};
@@ -310,23 +309,22 @@ pub async fn r7_concurrent_misses_on_a_cold_key_load_once(pair: Pair) -> Outcome
             r.engine.cache().delete(&r.ck).await.unwrap();
             db.faults().calls.reset();
             let gate = r.gates.pause(HookPoint::BeforeLoad, &r.ck, 1);
-            let started = Arc::new(AtomicUsize::new(0));
+            let missed = r.gates.count(HookPoint::Miss, &r.ck);
             let readers: Vec<_> = (0..50)
                 .map(|_| {
-                    let (items, started) = (r.items.clone(), started.clone());
-                    tokio::spawn(async move {
-                        started.fetch_add(1, Ordering::SeqCst);
-                        items.get(1).await
-                    })
+                    let items = r.items.clone();
+                    tokio::spawn(async move { items.get(1).await })
                 })
                 .collect();
             gate.arrived().await;
-            eventually(Duration::from_secs(5), || async {
-                started.load(Ordering::SeqCst) == 50
-            })
-            .await;
-            // Let every reader reach the cache miss and either join the load or start its own.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let all_missed =
+                eventually(Duration::from_secs(10), || async { missed.reached() == 50 }).await;
+            assert!(
+                all_missed,
+                "every reader missed while the first load was held"
+            );
+            // Let them join the load (or, without single flight, start their own).
+            tokio::time::sleep(Duration::from_millis(50)).await;
             gate.release();
             for rd in readers {
                 expect_price(rd.await.unwrap().unwrap(), 1.0, "each reader")?;

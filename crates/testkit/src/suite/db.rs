@@ -1,0 +1,477 @@
+//! The database store suite: the [`DbStore`] and [`Transaction`] contracts,
+//! on any backend. Cases use `pair.db` only.
+//!
+//! [`Transaction`]: writethrough_core::Transaction
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use writethrough_core::{
+    ColumnType, DbStore, ErrorKind, Key, Patch, Row, Table, TxOptions, Value, Write, WriteOp,
+};
+
+use super::{Case, Outcome, Pair, unique};
+
+/// Every case of the database suite.
+pub fn cases() -> Vec<Case> {
+    crate::cases![
+        ensure_table_is_idempotent_and_checks_columns,
+        rows_of_every_type_round_trip,
+        versions_rise_per_key_across_writes_deletes_and_reinserts,
+        update_returns_the_whole_row_or_none_with_a_version,
+        delete_says_whether_a_row_was_there,
+        execute_is_all_or_nothing,
+        transactions_see_their_writes_and_commit_or_roll_back,
+        a_dropped_transaction_rolls_back,
+        outbox_records_appear_with_their_writes_and_can_be_removed,
+        scan_pages_in_key_order,
+        concurrent_writes_to_one_key_get_distinct_versions_and_the_last_wins,
+        nul_bytes_in_text_follow_the_capabilities,
+        ping_answers,
+    ]
+}
+
+/// A table with a column of every type.
+pub fn table(name: &str) -> Table {
+    Table::builder(name)
+        .key("id", ColumnType::Int)
+        .column("t", ColumnType::Text)
+        .nullable("f", ColumnType::Float)
+        .nullable("b", ColumnType::Bool)
+        .nullable("y", ColumnType::Bytes)
+        .nullable("j", ColumnType::Json)
+        .nullable("n", ColumnType::Int)
+        .build()
+        .expect("schema")
+}
+
+fn row(id: i64, t: &str) -> Row {
+    Row::new()
+        .set("id", id)
+        .set("t", t)
+        .set("f", 1.25)
+        .set("b", true)
+        .set("y", vec![0u8, 1, 254, 255])
+        .set("j", serde_json::json!({"k": [1, "two", null]}))
+        .set("n", Value::Null)
+}
+
+fn upsert(t: &Table, r: Row) -> Write {
+    let (_, r) = t.normalize_row(r).expect("a valid row");
+    Write {
+        table: t.clone(),
+        op: WriteOp::Upsert(r),
+    }
+}
+
+async fn fresh(db: &Arc<dyn DbStore>, base: &str) -> Table {
+    let t = table(&unique(base));
+    db.ensure_table(&t).await.unwrap();
+    t
+}
+
+async fn put(db: &Arc<dyn DbStore>, t: &Table, r: Row) -> u64 {
+    db.execute(vec![upsert(t, r)], TxOptions::default())
+        .await
+        .unwrap()[0]
+        .version
+}
+
+/// `ensure_table` creates, may run again, and refuses a table that lacks a column.
+pub async fn ensure_table_is_idempotent_and_checks_columns(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let name = unique("ens");
+    let narrow = Table::builder(&name)
+        .key("id", ColumnType::Int)
+        .column("t", ColumnType::Text)
+        .build()
+        .unwrap();
+    db.ensure_table(&narrow).await.unwrap();
+    db.ensure_table(&narrow).await.unwrap();
+    let wider = Table::builder(&name)
+        .key("id", ColumnType::Int)
+        .column("t", ColumnType::Text)
+        .column("missing", ColumnType::Int)
+        .build()
+        .unwrap();
+    let e = db.ensure_table(&wider).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::SchemaMismatch, "{e}");
+    let tasks = (0..8).map(|_| {
+        let (db, t) = (db.clone(), table(&format!("{name}_c")));
+        tokio::spawn(async move { db.ensure_table(&t).await })
+    });
+    for r in join_all(tasks).await {
+        r.unwrap()
+            .expect("concurrent ensure_table calls all succeed");
+    }
+    Outcome::Passed
+}
+
+/// Every column type, NULLs, Unicode, bytes and JSON come back as written.
+pub async fn rows_of_every_type_round_trip(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "rt").await;
+    let mut nulls = row(2, "");
+    for c in ["f", "b", "y", "j", "n"] {
+        nulls.insert(writethrough_core::Ident::new(c).unwrap(), Value::Null);
+    }
+    let wide = row(3, "ünïcödé ✓ 'quotes' \"double\" \\ ; DROP TABLE x; --")
+        .set("f", f64::MAX)
+        .set("n", i64::MIN)
+        .set("y", Vec::<u8>::new());
+    for r in [row(1, "plain"), nulls, wide] {
+        let (key, want) = t.normalize_row(r.clone()).unwrap();
+        let v = put(db, &t, r).await;
+        let got = db.get(&t, &key).await.unwrap().expect("stored");
+        assert_eq!(got.row, want);
+        assert_eq!(got.version, v);
+    }
+    assert_eq!(db.get(&t, &Key::Int(404)).await.unwrap(), None);
+    Outcome::Passed
+}
+
+/// Each write of a key gets a higher version than the last, a delete's
+/// and a re-insert's included.
+pub async fn versions_rise_per_key_across_writes_deletes_and_reinserts(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "ver").await;
+    let mut last = 0;
+    let mut check = |v: u64, what: &str| {
+        assert!(v > last, "{what}: {v} after {last}");
+        last = v;
+    };
+    check(put(db, &t, row(1, "a")).await, "insert");
+    check(put(db, &t, row(1, "b")).await, "upsert");
+    let one = |op| {
+        vec![Write {
+            table: t.clone(),
+            op,
+        }]
+    };
+    let o = db
+        .execute(
+            one(WriteOp::Update(Key::Int(1), Patch::new().set("t", "c"))),
+            TxOptions::default(),
+        )
+        .await
+        .unwrap();
+    check(o[0].version, "update");
+    let o = db
+        .execute(one(WriteOp::Delete(Key::Int(1))), TxOptions::default())
+        .await
+        .unwrap();
+    check(o[0].version, "delete");
+    let o = db
+        .execute(one(WriteOp::Delete(Key::Int(1))), TxOptions::default())
+        .await
+        .unwrap();
+    check(o[0].version, "delete of nothing");
+    check(put(db, &t, row(1, "again")).await, "re-insert");
+    assert_eq!(
+        db.get(&t, &Key::Int(1)).await.unwrap().unwrap().version,
+        last
+    );
+    Outcome::Passed
+}
+
+/// An update returns the whole new row; of a missing row, `None` but still a version.
+pub async fn update_returns_the_whole_row_or_none_with_a_version(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "upd").await;
+    put(db, &t, row(1, "a")).await;
+    let patch = t
+        .normalize_patch(Patch::new().set("t", "z").set("n", 7))
+        .unwrap();
+    let w = Write {
+        table: t.clone(),
+        op: WriteOp::Update(Key::Int(1), patch.clone()),
+    };
+    let o = db
+        .execute(vec![w], TxOptions::default())
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(o.existed);
+    let mut want = t.normalize_row(row(1, "a")).unwrap().1;
+    patch.apply_to(&mut want);
+    assert_eq!(o.row.as_ref(), Some(&want));
+    assert_eq!(db.get(&t, &Key::Int(1)).await.unwrap().unwrap().row, want);
+    let w = Write {
+        table: t.clone(),
+        op: WriteOp::Update(Key::Int(2), patch),
+    };
+    let o = db
+        .execute(vec![w], TxOptions::default())
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(!o.existed && o.row.is_none() && o.version > 0);
+    assert_eq!(db.get(&t, &Key::Int(2)).await.unwrap(), None);
+    Outcome::Passed
+}
+
+/// A delete says whether a row was there.
+pub async fn delete_says_whether_a_row_was_there(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "del").await;
+    put(db, &t, row(1, "a")).await;
+    let del = || Write {
+        table: t.clone(),
+        op: WriteOp::Delete(Key::Int(1)),
+    };
+    assert!(db.execute(vec![del()], TxOptions::default()).await.unwrap()[0].existed);
+    assert!(!db.execute(vec![del()], TxOptions::default()).await.unwrap()[0].existed);
+    assert_eq!(db.get(&t, &Key::Int(1)).await.unwrap(), None);
+    Outcome::Passed
+}
+
+/// `execute` commits every write or none: a NULL in a NOT NULL column
+/// (only a buggy caller sends one; the engine checks first) fails the lot.
+pub async fn execute_is_all_or_nothing(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "atom").await;
+    put(db, &t, row(1, "before")).await;
+    let bad = Write {
+        table: t.clone(),
+        op: WriteOp::Upsert(Row::new().set("id", 3).set("t", Value::Null)),
+    };
+    for writes in [
+        vec![
+            upsert(&t, row(1, "after")),
+            upsert(&t, row(2, "new")),
+            bad.clone(),
+        ],
+        vec![
+            upsert(&t, row(1, "after")),
+            Write {
+                table: t.clone(),
+                op: WriteOp::Delete(Key::Int(1)),
+            },
+            bad,
+        ],
+    ] {
+        assert!(
+            db.execute(writes, TxOptions::with_outbox(true))
+                .await
+                .is_err()
+        );
+        let r1 = db.get(&t, &Key::Int(1)).await.unwrap().expect("kept");
+        assert_eq!(r1.row.get("t"), Some(&Value::Text("before".into())));
+        assert_eq!(db.get(&t, &Key::Int(2)).await.unwrap(), None);
+    }
+    Outcome::Passed
+}
+
+/// A transaction reads its own writes; commit makes them visible,
+/// rollback leaves nothing.
+pub async fn transactions_see_their_writes_and_commit_or_roll_back(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "tx").await;
+    for commit in [true, false] {
+        let id = if commit { 1 } else { 2 };
+        let mut tx = db.begin(TxOptions::default()).await.unwrap();
+        let o = tx.apply(&upsert(&t, row(id, "in tx"))).await.unwrap();
+        let seen = tx.get(&t, &Key::Int(id)).await.unwrap().expect("own write");
+        assert_eq!(seen.version, o.version);
+        let patched = tx
+            .apply(&Write {
+                table: t.clone(),
+                op: WriteOp::Update(
+                    Key::Int(id),
+                    t.normalize_patch(Patch::new().set("t", "x")).unwrap(),
+                ),
+            })
+            .await
+            .unwrap();
+        assert!(patched.version > o.version);
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        let after = db.get(&t, &Key::Int(id)).await.unwrap();
+        assert_eq!(after.is_some(), commit);
+        if let Some(r) = after {
+            assert_eq!(r.version, patched.version);
+        }
+    }
+    Outcome::Passed
+}
+
+/// Dropping an open transaction rolls it back and frees the database.
+pub async fn a_dropped_transaction_rolls_back(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "drop").await;
+    {
+        let mut tx = db.begin(TxOptions::default()).await.unwrap();
+        tx.apply(&upsert(&t, row(1, "dropped"))).await.unwrap();
+    }
+    put(db, &t, row(2, "after")).await;
+    assert_eq!(db.get(&t, &Key::Int(1)).await.unwrap(), None);
+    Outcome::Passed
+}
+
+/// With the outbox on, each write leaves a record (table, key, version)
+/// in the same transaction; records can be removed; a rolled-back
+/// transaction leaves none.
+pub async fn outbox_records_appear_with_their_writes_and_can_be_removed(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "ob").await;
+    let name = t.name().as_str().to_owned();
+    let mine = |all: Vec<writethrough_core::OutboxEntry>| -> Vec<writethrough_core::OutboxEntry> {
+        all.into_iter().filter(|e| e.table == name).collect()
+    };
+    let out = db
+        .execute(
+            vec![
+                upsert(&t, row(1, "a")),
+                upsert(&t, row(2, "b")),
+                Write {
+                    table: t.clone(),
+                    op: WriteOp::Delete(Key::Int(3)),
+                },
+            ],
+            TxOptions::with_outbox(true),
+        )
+        .await
+        .unwrap();
+    let pending = mine(
+        db.outbox_pending(None, Duration::ZERO, 100_000)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(pending.len(), 3);
+    for (o, key) in out.iter().zip([1, 2, 3]) {
+        let rec = pending
+            .iter()
+            .find(|e| Some(e.id) == o.outbox_id)
+            .expect("a record per write");
+        assert_eq!((rec.key.clone(), rec.version), (Key::Int(key), o.version));
+    }
+    let only_mine = db
+        .outbox_pending(Some(std::slice::from_ref(&name)), Duration::ZERO, 100_000)
+        .await
+        .unwrap();
+    assert_eq!(only_mine.len(), 3, "records filtered by table");
+    let other = db
+        .outbox_pending(Some(&[format!("{name}_other")]), Duration::ZERO, 100_000)
+        .await
+        .unwrap();
+    assert!(other.is_empty(), "no record of another table");
+    let young = mine(
+        db.outbox_pending(None, Duration::from_secs(3600), 100_000)
+            .await
+            .unwrap(),
+    );
+    assert!(
+        young.is_empty(),
+        "records younger than min_age are not pending"
+    );
+    let mut tx = db.begin(TxOptions::with_outbox(true)).await.unwrap();
+    tx.apply(&upsert(&t, row(9, "rolled back"))).await.unwrap();
+    tx.rollback().await.unwrap();
+    db.outbox_remove(pending.iter().map(|e| e.id).collect())
+        .await
+        .unwrap();
+    assert!(
+        mine(
+            db.outbox_pending(None, Duration::ZERO, 100_000)
+                .await
+                .unwrap()
+        )
+        .is_empty()
+    );
+    put(db, &t, row(4, "no outbox")).await;
+    assert!(
+        mine(
+            db.outbox_pending(None, Duration::ZERO, 100_000)
+                .await
+                .unwrap()
+        )
+        .is_empty()
+    );
+    Outcome::Passed
+}
+
+/// `scan` returns rows in key order, page by page.
+pub async fn scan_pages_in_key_order(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "scan").await;
+    let ids = [5i64, -3, 42, 0, 7, 1000, 8];
+    let writes: Vec<Write> = ids.iter().map(|i| upsert(&t, row(*i, "x"))).collect();
+    db.execute(writes, TxOptions::default()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = db.scan(&t, after.clone(), 3).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        for vr in &page {
+            seen.push(Key::from_value(vr.row.get("id").unwrap()).unwrap());
+        }
+        after = seen.last().cloned();
+    }
+    let mut want: Vec<Key> = ids.iter().map(|i| Key::Int(*i)).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    Outcome::Passed
+}
+
+/// Many tasks write one key at once: every write gets its own version and
+/// the row left is the one with the highest.
+pub async fn concurrent_writes_to_one_key_get_distinct_versions_and_the_last_wins(
+    pair: Pair,
+) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "conc").await;
+    let tasks = (0..40).map(|i| {
+        let (db, t) = (db.clone(), t.clone());
+        tokio::spawn(async move {
+            let v = put(&db, &t, row(1, &format!("writer {i}"))).await;
+            (v, i)
+        })
+    });
+    let mut results: Vec<(u64, i32)> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    results.sort();
+    results.dedup_by_key(|(v, _)| *v);
+    assert_eq!(results.len(), 40, "versions are distinct");
+    let (top, writer) = *results.last().unwrap();
+    let stored = db.get(&t, &Key::Int(1)).await.unwrap().unwrap();
+    assert_eq!(stored.version, top);
+    assert_eq!(
+        stored.row.get("t"),
+        Some(&Value::Text(format!("writer {writer}")))
+    );
+    Outcome::Passed
+}
+
+/// Text with a NUL byte is stored where the capabilities say it can be,
+/// and refused with `InvalidValue` where they say it cannot.
+pub async fn nul_bytes_in_text_follow_the_capabilities(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "nul").await;
+    let r = db
+        .execute(vec![upsert(&t, row(1, "a\0b"))], TxOptions::default())
+        .await;
+    if db.capabilities().text_allows_nul {
+        r.unwrap();
+        let got = db.get(&t, &Key::Int(1)).await.unwrap().unwrap();
+        assert_eq!(got.row.get("t"), Some(&Value::Text("a\0b".into())));
+    } else {
+        assert_eq!(r.unwrap_err().kind(), ErrorKind::InvalidValue);
+        assert_eq!(db.get(&t, &Key::Int(1)).await.unwrap(), None);
+    }
+    Outcome::Passed
+}
+
+/// `ping` answers.
+pub async fn ping_answers(pair: Pair) -> Outcome {
+    pair.db.ping().await.unwrap();
+    Outcome::Passed
+}

@@ -67,3 +67,178 @@ impl Servers {
         ]
     }
 }
+
+/// Fault rigs: each call starts the pair's servers afresh, behind fault
+/// proxies, so a case can kill, pause or cut them off on its own.
+pub mod rigs {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use futures::FutureExt;
+    use writethrough::sqlite::{SqliteConfig, SqliteStore};
+    use writethrough::{CacheStore, DbStore};
+    use writethrough_testkit::proxy::FaultProxy;
+    use writethrough_testkit::server::{
+        MemcachedServer, PostgresServer, RedisServer, ServerControl,
+    };
+    use writethrough_testkit::suite::Pair;
+    use writethrough_testkit::suite::faults::{DbLock, FaultRig, RigFactory};
+
+    /// The cache side of a pair.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Cache {
+        /// In-process.
+        Moka,
+        /// A redis-server.
+        Redis,
+        /// A memcached.
+        Memcached,
+    }
+
+    /// The database side of a pair.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Db {
+        /// A file.
+        Sqlite,
+        /// A PostgreSQL cluster.
+        Postgres,
+    }
+
+    type DbSide = (
+        Arc<dyn DbStore>,
+        Option<Arc<dyn ServerControl>>,
+        Option<FaultProxy>,
+        Option<usize>,
+        Option<Arc<dyn DbLock>>,
+    );
+
+    /// Pool size of the PostgreSQL stores of the fault suite.
+    const PG_POOL: usize = 4;
+
+    struct SqliteLock(std::path::PathBuf);
+
+    #[async_trait::async_trait]
+    impl DbLock for SqliteLock {
+        async fn hold(&self, d: Duration) {
+            let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
+            let path = self.0.clone();
+            tokio::task::spawn_blocking(move || {
+                let c = rusqlite::Connection::open(path).expect("opens");
+                c.execute_batch("BEGIN EXCLUSIVE").expect("locks");
+                let _ = taken_tx.send(());
+                std::thread::sleep(d);
+                c.execute_batch("COMMIT").expect("unlocks");
+            });
+            taken_rx.await.expect("the lock was taken");
+        }
+    }
+
+    async fn cache(
+        kind: Cache,
+    ) -> (
+        Arc<dyn CacheStore>,
+        Option<Arc<dyn ServerControl>>,
+        Option<FaultProxy>,
+    ) {
+        let fail =
+            |e: &dyn std::fmt::Display| -> ! { panic!("cannot start the cache server: {e}") };
+        match kind {
+            Cache::Moka => (
+                Arc::new(writethrough::moka::MokaCache::default()),
+                None,
+                None,
+            ),
+            Cache::Redis => {
+                let server = RedisServer::start().await.unwrap_or_else(|e| fail(&e));
+                let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+                let cache = writethrough::redis::RedisCache::connect(&proxy.url(&server.url()))
+                    .await
+                    .expect("connects");
+                (
+                    Arc::new(cache),
+                    Some(Arc::new(tokio::sync::Mutex::new(server))),
+                    Some(proxy),
+                )
+            }
+            Cache::Memcached => {
+                let server = MemcachedServer::start().await.unwrap_or_else(|e| fail(&e));
+                let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+                let cache =
+                    writethrough::memcached::MemcachedCache::connect(&proxy.url(&server.url()))
+                        .await
+                        .expect("connects");
+                (
+                    Arc::new(cache),
+                    Some(Arc::new(tokio::sync::Mutex::new(server))),
+                    Some(proxy),
+                )
+            }
+        }
+    }
+
+    /// A fresh rig for `cache` + `db`.
+    pub async fn rig(c: Cache, d: Db) -> FaultRig {
+        let (cache, cache_server, cache_proxy) = cache(c).await;
+        let (db, db_server, db_proxy, db_pool_size, db_lock): DbSide = match d {
+            Db::Sqlite => {
+                let dir = tempfile::tempdir().expect("a temp dir");
+                let path = dir.path().join("faults.db");
+                // The directory lives as long as the process: rigs are few.
+                std::mem::forget(dir);
+                let store = SqliteStore::with_config(
+                    SqliteConfig::new(&path).busy_timeout(Duration::from_millis(300)),
+                )
+                .expect("opens");
+                (
+                    Arc::new(store),
+                    None,
+                    None,
+                    None,
+                    Some(Arc::new(SqliteLock(path))),
+                )
+            }
+            Db::Postgres => {
+                let server = PostgresServer::start()
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"));
+                let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+                let url = format!(
+                    "{}?max_connections={PG_POOL}&acquire_timeout=500ms",
+                    proxy.url(&server.url())
+                );
+                let store = writethrough::postgres::PostgresStore::connect(&url)
+                    .await
+                    .expect("connects");
+                (
+                    Arc::new(store),
+                    Some(Arc::new(tokio::sync::Mutex::new(server))),
+                    Some(proxy),
+                    Some(PG_POOL),
+                    None,
+                )
+            }
+        };
+        FaultRig {
+            pair: Pair::new(cache, db),
+            cache_server,
+            db_server,
+            cache_proxy,
+            db_proxy,
+            db_pool_size,
+            db_lock,
+        }
+    }
+
+    /// Every pair, as a name and a factory of fresh rigs.
+    pub fn all() -> Vec<(String, RigFactory)> {
+        let mut out = Vec::new();
+        for c in [Cache::Moka, Cache::Redis, Cache::Memcached] {
+            for d in [Db::Sqlite, Db::Postgres] {
+                let name = format!("{c:?}+{d:?}").to_lowercase();
+                let f: RigFactory = Arc::new(move || rig(c, d).boxed());
+                out.push((name, f));
+            }
+        }
+        out
+    }
+}

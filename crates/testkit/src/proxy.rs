@@ -8,7 +8,7 @@
 //! | fault | what the client sees |
 //! | --- | --- |
 //! | [`set_latency`](FaultProxy::set_latency) | every chunk of bytes, each way, arrives that much later |
-//! | [`set_blackhole`](FaultProxy::set_blackhole) | silence: requests vanish, no reply, no error (a partition) |
+//! | [`set_blackhole`](FaultProxy::set_blackhole) | silence: nothing gets through, no reply, no error (a partition); held bytes arrive when it heals |
 //! | [`reset_all`](FaultProxy::reset_all) | open connections die with a TCP reset |
 //! | [`set_refuse`](FaultProxy::set_refuse) | new connections are reset at once |
 //! | [`set_slow_close`](FaultProxy::set_slow_close) | a close by one side reaches the other late |
@@ -131,14 +131,16 @@ impl FaultProxy {
         self.shared.faults.send_modify(|f| f.latency = latency);
     }
 
-    /// Swallows all traffic: bytes are read and dropped in both directions,
-    /// and closes are held back, so connections stall without an error, as
-    /// in a network partition. New connections are accepted and stall too
-    /// (the proxy connects upstream only once the blackhole lifts).
+    /// Holds all traffic: nothing is forwarded in either direction and
+    /// closes are held back, so connections stall without an error, as in a
+    /// network partition. New connections are accepted and stall too (the
+    /// proxy connects upstream only once the blackhole lifts).
     ///
-    /// Bytes swallowed are lost for good, so a connection that lived
-    /// through a blackhole may be desynchronised; clients are expected to
-    /// time out and reconnect, as they must after a real partition.
+    /// As TCP would after a partition that heals before its retransmission
+    /// timeout, bytes sent meanwhile are delivered, late and in order, when
+    /// the blackhole lifts: requests a client gave up on still reach the
+    /// server. A stream is never cut short in the middle, which no real
+    /// network does to a live TCP connection either.
     pub fn set_blackhole(&self, on: bool) {
         self.shared.faults.send_modify(|f| f.blackhole = on);
     }
@@ -305,28 +307,23 @@ async fn relay(
     }
 }
 
-/// A new connection under a blackhole: swallow what the client sends until
-/// the blackhole lifts.
+/// A new connection under a blackhole: wait, reading nothing, until the
+/// blackhole lifts (what the client sends waits in the kernel's buffers).
 async fn stall_while_blackholed(
-    client: &mut TcpStream,
+    _client: &mut TcpStream,
     faults: &mut watch::Receiver<Faults>,
 ) -> Result<(), Ending> {
-    let mut buf = vec![0; CHUNK];
-    loop {
-        if !faults.borrow_and_update().blackhole {
-            return Ok(());
-        }
-        tokio::select! {
-            read = client.read(&mut buf) => match read {
-                Ok(0) => return Err(Ending::Closed),
-                Ok(_) => {}
-                Err(_) => return Err(Ending::Reset),
-            },
-            changed = faults.changed() => if changed.is_err() {
-                return Err(Ending::Closed);
-            },
-        }
+    wait_out_blackhole(faults)
+        .await
+        .map_err(|()| Ending::Closed)
+}
+
+/// Returns once no blackhole is on; `Err` if the proxy is gone.
+async fn wait_out_blackhole(faults: &mut watch::Receiver<Faults>) -> Result<(), ()> {
+    while faults.borrow_and_update().blackhole {
+        faults.changed().await.map_err(drop)?;
     }
+    Ok(())
 }
 
 /// One direction of a connection broke: reset both sides.
@@ -350,15 +347,12 @@ async fn pump(
                 return Ok(());
             }
             Ok(n) => {
-                if now.blackhole {
-                    continue;
-                }
                 if !now.latency.is_zero() {
                     tokio::time::sleep(now.latency).await;
                 }
-                if faults.borrow().blackhole {
-                    // It started while this chunk waited.
-                    continue;
+                // Held, not dropped, while a blackhole is on.
+                if wait_out_blackhole(&mut faults).await.is_err() {
+                    return Err(Broken);
                 }
                 if to.write_all(&buf[..n]).await.is_err() {
                     closing(&mut faults).await;

@@ -108,3 +108,49 @@ impl std::error::Error for ServerError {}
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// Fault injection on a server behind a shared handle, whatever its kind:
+/// what the fault suite needs to kill, pause and restart it.
+#[async_trait::async_trait]
+pub trait ServerControl: Send + Sync {
+    /// The binary, for messages (`redis-server`, ...).
+    fn kind(&self) -> &'static str;
+    /// `SIGKILL`s the server; see [`RedisServer::kill`].
+    async fn kill(&self) -> Result<(), ServerError>;
+    /// Starts it again on the same port.
+    async fn restart(&self) -> Result<(), ServerError>;
+    /// `SIGSTOP`s it.
+    async fn pause(&self) -> Result<(), ServerError>;
+    /// `SIGCONT`s it.
+    async fn resume(&self) -> Result<(), ServerError>;
+    /// Its log so far.
+    async fn log(&self) -> String;
+}
+
+macro_rules! controlled {
+    ($($t:ident => $kind:literal),*) => {$(
+        #[async_trait::async_trait]
+        impl ServerControl for tokio::sync::Mutex<$t> {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
+            async fn kill(&self) -> Result<(), ServerError> {
+                self.lock().await.kill().await
+            }
+            async fn restart(&self) -> Result<(), ServerError> {
+                self.lock().await.restart().await
+            }
+            async fn pause(&self) -> Result<(), ServerError> {
+                self.lock().await.pause()
+            }
+            async fn resume(&self) -> Result<(), ServerError> {
+                self.lock().await.resume()
+            }
+            async fn log(&self) -> String {
+                self.lock().await.log()
+            }
+        }
+    )*};
+}
+
+controlled!(RedisServer => "redis-server", MemcachedServer => "memcached", PostgresServer => "postgres");

@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod db;
 pub mod engine;
+pub mod faults;
 pub mod races;
 
 use std::fmt;

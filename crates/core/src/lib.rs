@@ -30,7 +30,8 @@ pub use db::{
 pub use engine::Hooks;
 pub use engine::{
     AuditReport, BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder, Handle,
-    Health, HookPoint, ReconcileReport, RetryPolicy, Stats, TableOptions, Tx, WriteOptions,
+    Health, HealthMonitor, HookPoint, ReconcileReport, RetryPolicy, Stats, TableOptions, Tx,
+    WriteOptions,
 };
 pub use entity::{Entity, Record};
 pub use error::{Error, ErrorKind, Result, Status};

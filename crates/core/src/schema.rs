@@ -297,14 +297,17 @@ impl Table {
 /// Converts `value` to `col`'s type where that is lossless, or explains why not.
 pub(crate) fn coerce(col: &Column, value: Value) -> Result<Value> {
     let mismatch = |v: &Value| {
+        let got = match v {
+            Value::Json(serde_json::Value::String(_)) => "string",
+            Value::Json(serde_json::Value::Number(_)) => "number",
+            Value::Json(serde_json::Value::Bool(_)) => "bool",
+            Value::Json(serde_json::Value::Array(_)) => "array",
+            Value::Json(serde_json::Value::Object(_)) => "object",
+            other => other.type_name(),
+        };
         Error::new(
             ErrorKind::InvalidValue,
-            format!(
-                "column {} is {}, got {}",
-                col.name,
-                col.ty.as_str(),
-                v.type_name()
-            ),
+            format!("column {} is {}, got {got}", col.name, col.ty.as_str()),
         )
     };
     if value.is_null() || matches!(value, Value::Json(serde_json::Value::Null)) {

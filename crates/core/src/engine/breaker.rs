@@ -21,7 +21,8 @@ use super::table::TableState;
 use crate::value::Key;
 
 /// The breaker's state, as the health report shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     /// The cache is called.
     Closed,

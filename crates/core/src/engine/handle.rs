@@ -10,7 +10,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tracing::Instrument;
 
-use super::metrics::OpKind;
+use super::metrics::{OpKind, OpOutcome};
 use super::stats::Counters;
 use super::table::{TableState, Validator, WriteOptions};
 use super::{DbCall, Effect, Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
@@ -355,12 +355,14 @@ impl<R: Record> Handle<R> {
         } else {
             m.writes.record(took)
         }
-        self.st.metrics.op(
-            kind,
-            took,
-            r.is_ok(),
-            r.as_ref().ok().and_then(Observed::hit),
-        );
+        let outcome = match &r {
+            Ok(_) => OpOutcome::Ok,
+            Err(e) if e.kind().is_input() => OpOutcome::Rejected,
+            Err(_) => OpOutcome::Error,
+        };
+        self.st
+            .metrics
+            .op(kind, took, outcome, r.as_ref().ok().and_then(Observed::hit));
         r
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `writethrough_operations_total` | counter | op, table, outcome (hit, miss, ok, error), cache, db |
+//! | `writethrough_operations_total` | counter | op, table, outcome (hit, miss, ok, rejected — bad input —, error), cache, db |
 //! | `writethrough_operation_seconds` | histogram | op, table, cache, db |
 //! | `writethrough_cache_hits_total`, `writethrough_cache_misses_total` | counter | table, cache |
 //! | `writethrough_cache_call_seconds` | histogram (not for in-process caches) | call, backend |
@@ -293,8 +293,20 @@ impl OpKind {
 
 struct OpHandles {
     ok: Counter,
+    rejected: Counter,
     error: Counter,
     seconds: Histogram,
+}
+
+/// How an operation ended, as the metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpOutcome {
+    /// It succeeded.
+    Ok,
+    /// Bad input, refused before any side effect: not a failure of the system.
+    Rejected,
+    /// It failed.
+    Error,
 }
 
 /// A table's metric handles.
@@ -312,6 +324,7 @@ impl TableMetrics {
         let t = table.to_owned();
         let op = |op: &'static str| OpHandles {
             ok: counter!("writethrough_operations_total", "op" => op, "table" => t.clone(), "outcome" => "ok", "cache" => cache, "db" => db),
+            rejected: counter!("writethrough_operations_total", "op" => op, "table" => t.clone(), "outcome" => "rejected", "cache" => cache, "db" => db),
             error: counter!("writethrough_operations_total", "op" => op, "table" => t.clone(), "outcome" => "error", "cache" => cache, "db" => db),
             seconds: histogram!("writethrough_operation_seconds", "op" => op, "table" => t.clone(), "cache" => cache, "db" => db),
         };
@@ -332,13 +345,13 @@ impl TableMetrics {
     }
 
     /// Records a finished operation; for reads, `hit` says where it was served from.
-    pub(crate) fn op(&self, kind: OpKind, took: Duration, ok: bool, hit: Option<bool>) {
+    pub(crate) fn op(&self, kind: OpKind, took: Duration, outcome: OpOutcome, hit: Option<bool>) {
         let h = &self.ops[kind as usize];
         h.seconds.record(took.as_secs_f64());
-        if ok {
-            h.ok.increment(1);
-        } else {
-            h.error.increment(1);
+        match outcome {
+            OpOutcome::Ok => h.ok.increment(1),
+            OpOutcome::Rejected => h.rejected.increment(1),
+            OpOutcome::Error => h.error.increment(1),
         }
         match hit {
             Some(true) => self.get_hit.increment(1),
@@ -389,7 +402,7 @@ mod tests {
 }
 
 /// The engine's health over a window: what [`crate::Engine::health`] reports.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Health {
     /// The cache circuit breaker's state.
@@ -418,6 +431,20 @@ pub struct Health {
     pub db_failure_rate: f64,
     /// Time since the engine was built.
     pub uptime: Duration,
+}
+
+/// A health window of its own: each [`HealthMonitor`] reports what
+/// happened since *its* previous report, so several readers (a load
+/// balancer's probe, a dashboard) do not shorten each other's windows.
+pub struct HealthMonitor {
+    pub(crate) engine: crate::Engine,
+    pub(crate) mark: HealthMark,
+}
+
+impl std::fmt::Debug for HealthMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthMonitor").finish_non_exhaustive()
+    }
 }
 
 /// Counter values at the previous health report.
@@ -480,5 +507,13 @@ impl EngineMetrics {
             db,
         };
         out
+    }
+}
+
+impl HealthMonitor {
+    /// The report over the window since this monitor's previous report.
+    pub fn report(&mut self) -> Health {
+        let engine = self.engine.clone();
+        engine.health_over(&mut self.mark)
     }
 }

@@ -35,7 +35,7 @@ pub use hooks::HookPoint;
 #[cfg(feature = "test-hooks")]
 pub use hooks::Hooks;
 pub use maintenance::ReconcileReport;
-pub use metrics::Health;
+pub use metrics::{Health, HealthMonitor};
 pub use stats::Stats;
 pub use table::{TableOptions, WriteOptions};
 pub use tx::Tx;
@@ -316,7 +316,9 @@ impl Engine {
     }
 
     /// Throughput, latency percentiles, failure rates and breaker state
-    /// over the window since the previous call (or since the start).
+    /// over the window since the previous call (or since the start). The
+    /// window is shared by every caller of this method; give each reader
+    /// its own with [`Engine::health_monitor`].
     ///
     /// ```no_run
     /// # fn f(engine: writethrough_core::Engine) {
@@ -326,9 +328,24 @@ impl Engine {
     /// # }
     /// ```
     pub fn health(&self) -> Health {
+        self.health_over(&mut self.inner.health_mark.lock())
+    }
+
+    /// A health window of its own, for one reader of the health report.
+    pub fn health_monitor(&self) -> HealthMonitor {
+        let mut mark = metrics::HealthMark::new();
+        // Its window starts now.
+        self.inner.metrics.window(&mut mark);
+        HealthMonitor {
+            engine: self.clone(),
+            mark,
+        }
+    }
+
+    fn health_over(&self, mark: &mut metrics::HealthMark) -> Health {
         let inner = &self.inner;
         let (window, operations, [read_p50, read_p99, write_p50, write_p99], cache_rate, db_rate) =
-            inner.metrics.window(&mut inner.health_mark.lock());
+            inner.metrics.window(mark);
         Health {
             breaker: inner.breaker.state(),
             breaker_trips: inner.breaker.times_opened(),

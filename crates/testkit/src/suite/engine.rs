@@ -1104,5 +1104,13 @@ pub async fn health_reports_throughput_latency_and_failures(pair: Pair) -> Outco
     let h = engine.health();
     assert_eq!(h.operations, 1, "a new window");
     assert!(h.cache_failure_rate > 0.0);
+    faulty.faults().heal();
+    // A monitor's window is its own: the shared one does not shorten it.
+    let mut monitor = engine.health_monitor();
+    items.get(2).await.unwrap();
+    let _ = engine.health();
+    items.get(3).await.unwrap();
+    assert_eq!(monitor.report().operations, 2);
+    assert_eq!(monitor.report().operations, 0);
     Outcome::Passed
 }

@@ -28,9 +28,8 @@
 //! Ctrl-C (or SIGTERM) stops taking connections, finishes the requests in
 //! flight and exits.
 //!
-//! Backends other than Moka and SQLite need the matching feature of the
-//! `writethrough` crate (`redis`, `memcached`, `postgres`); without it the
-//! URL is refused at start with a message that says so.
+//! The examples package builds every backend in, so any pair works, e.g.
+//! `WT_CACHE_URL=redis://127.0.0.1:6379 WT_DB_URL=postgres://postgres@127.0.0.1/postgres`.
 
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! Shared pieces of the examples: the product catalogue they all use.
 
+pub mod tour;
+
 use serde::{Deserialize, Serialize};
 use writethrough::{ColumnType, Entity, Table};
 

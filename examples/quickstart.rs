@@ -124,6 +124,7 @@ async fn main() -> writethrough::Result<()> {
         "delete  product 100: deleted = {deleted}; read afterwards: {got:?} (a tombstone fences late readers)"
     );
 
+    engine.flush().await?;
     let s = engine.stats();
     println!(
         "\nstats   hits {}, misses {}, database loads {}, writes {} (hit ratio {:.0}%)",

@@ -6,7 +6,7 @@
 //! |--------|-----------------------------------------------------------|
 //! | 0..2   | magic `wt`                                                |
 //! | 2      | envelope format, `1`                                      |
-//! | 3      | kind: `V` a row, `T` a tombstone left by a delete         |
+//! | 3      | kind: `V` a row, `T` a tombstone (no row as of the version), `I` an invalidation (the row is at this version or newer, not cached) |
 //! | 4..24  | the row's version, 20 ASCII digits, zero-padded           |
 //! | 24     | codec of the payload: `j` JSON, `p` postcard              |
 //! | 25..29 | CRC-32 of the payload, big-endian                         |
@@ -117,8 +117,19 @@ impl Payload {
 
 /// The cache entry a delete leaves: "no row, as of `version`".
 pub fn tombstone(version: u64) -> Bytes {
+    marker(b'T', version)
+}
+
+/// The cache entry a write leaves when its row is not to be cached: "the
+/// row is at `version` or newer". Unlike a tombstone, it lets the row of
+/// exactly `version` in, so a later read can cache it.
+pub fn invalidation(version: u64) -> Bytes {
+    marker(b'I', version)
+}
+
+fn marker(kind: u8, version: u64) -> Bytes {
     let mut buf = vec![0; HEADER_LEN];
-    write_header(&mut buf, b'T', version, b'j', crc32fast::hash(&[]));
+    write_header(&mut buf, kind, version, b'j', crc32fast::hash(&[]));
     Bytes::from(buf)
 }
 
@@ -176,7 +187,7 @@ pub fn decode(bytes: &[u8]) -> Decoded<'_> {
         return Decoded::Corrupt;
     }
     match bytes[3] {
-        b'T' if payload.is_empty() => Decoded::Tombstone { version },
+        b'T' | b'I' if payload.is_empty() => Decoded::Tombstone { version },
         b'V' => match Codec::from_id(bytes[24]) {
             Some(codec) => Decoded::Row {
                 version,
@@ -192,7 +203,7 @@ pub fn decode(bytes: &[u8]) -> Decoded<'_> {
 /// The version in an entry's header, or `None` when the bytes are not an
 /// entry. This reads the header only; cache adapters use it to fence writes.
 pub fn entry_version(bytes: &[u8]) -> Option<u64> {
-    if bytes.len() < HEADER_LEN || &bytes[..3] != MAGIC || !matches!(bytes[3], b'V' | b'T') {
+    if bytes.len() < HEADER_LEN || &bytes[..3] != MAGIC || !matches!(bytes[3], b'V' | b'T' | b'I') {
         return None;
     }
     let mut v: u64 = 0;
@@ -207,11 +218,16 @@ pub fn entry_version(bytes: &[u8]) -> Option<u64> {
 
 /// The fencing rule every cache backend applies: an entry at `new_version`
 /// replaces what is stored only if nothing readable is stored or the stored
-/// entry is strictly older. Ties keep the stored entry: the same version is
-/// the same committed write.
+/// entry is strictly older. Ties keep the stored entry (the same version is
+/// the same committed write), except over an invalidation, which stands for
+/// the row of its version and lets it in.
 pub fn replaces(stored: Option<&[u8]>, new_version: u64) -> bool {
-    match stored.and_then(entry_version) {
+    let Some(stored) = stored else {
+        return true;
+    };
+    match entry_version(stored) {
         None => true,
+        Some(v) if stored[3] == b'I' => v <= new_version,
         Some(v) => v < new_version,
     }
 }
@@ -431,6 +447,15 @@ mod tests {
         ] {
             assert_eq!(decode(bytes), Decoded::Corrupt, "{bytes:?}");
         }
+    }
+
+    #[test]
+    fn an_invalidation_lets_its_own_version_in_and_nothing_older() {
+        let inv = invalidation(5);
+        assert_eq!(decode(&inv), Decoded::Tombstone { version: 5 });
+        assert!(replaces(Some(&inv), 5));
+        assert!(replaces(Some(&inv), 6));
+        assert!(!replaces(Some(&inv), 4));
     }
 
     #[test]

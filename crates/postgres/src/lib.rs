@@ -123,6 +123,22 @@ impl PostgresStore {
 
     /// Connects with `cfg`, opening one connection to check that the server answers.
     pub async fn with_config(cfg: PostgresConfig) -> Result<Self> {
+        // Connect once directly: a pool would report an unreachable server
+        // as "pool timed out" after the acquire timeout, hiding the cause.
+        let probe = tokio::time::timeout(
+            cfg.acquire_timeout,
+            sqlx::ConnectOptions::connect(&cfg.session_options()),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("no connection within {:?}", cfg.acquire_timeout),
+            )
+            .with_backend("postgres")
+        })?
+        .map_err(|e| map_err(e, Phase::NoCommit).with_operation("connect"))?;
+        let _ = sqlx::Connection::close(probe).await;
         let store = Self::lazy(cfg);
         store
             .ping()

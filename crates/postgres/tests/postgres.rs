@@ -1295,3 +1295,18 @@ async fn concurrent_histories_on_the_store_alone_are_linearizable() {
         assert!(linearizable(&evs), "key {key}: not linearizable");
     }
 }
+
+#[tokio::test]
+async fn connecting_to_a_closed_port_names_the_cause_at_once() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?acquire_timeout=5s");
+    let e = writethrough_postgres::PostgresStore::connect(&url)
+        .await
+        .expect_err("nothing listens there");
+    assert_eq!(e.kind(), writethrough_core::ErrorKind::Unavailable, "{e}");
+    assert!(e.to_string().to_lowercase().contains("refused"), "{e}");
+}

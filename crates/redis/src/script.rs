@@ -23,7 +23,7 @@ local len = redis.pcall('STRLEN', key)
 if type(len) == 'number' and len >= 29 then
   local h = redis.call('GETRANGE', key, 0, 23)
   local kind = string.sub(h, 4, 4)
-  if string.sub(h, 1, 3) == 'wt1' and (kind == 'V' or kind == 'T')
+  if string.sub(h, 1, 3) == 'wt1' and (kind == 'V' or kind == 'T' or kind == 'I')
       and string.find(h, '^[0-9]+$', 5) then
     local hi = tonumber(string.sub(h, 5, 14))
     local lo = tonumber(string.sub(h, 15, 24))
@@ -32,7 +32,9 @@ if type(len) == 'number' and len >= 29 then
     if hi < 1844674407 or (hi == 1844674407 and lo <= 3709551615) then
       local new_hi = tonumber(ARGV[2])
       local new_lo = tonumber(ARGV[3])
-      if hi > new_hi or (hi == new_hi and lo >= new_lo) then
+      -- An invalidation ('I') at v lets the row of version v in; anything
+      -- else keeps what is stored at the same version.
+      if hi > new_hi or (hi == new_hi and (lo > new_lo or (lo == new_lo and kind ~= 'I'))) then
         return 0
       end
     end

@@ -34,7 +34,9 @@ pub(crate) async fn run(engine: Weak<Inner>) {
         inner.probe_if_due().await;
         inner.resync_pass().await;
         inner.metrics.resync_pending.set(inner.resync.len() as f64);
-        inner.flush_acks().await;
+        if let Err(e) = inner.flush_acks().await {
+            tracing::debug!(error = %e, "could not remove applied outbox records");
+        }
         if let Some(every) = inner.cfg.reconcile_interval
             && Instant::now() >= next_reconcile
         {
@@ -123,18 +125,16 @@ impl Inner {
         true
     }
 
-    async fn flush_acks(&self) {
+    /// Removes the outbox records of applied cache effects.
+    pub(crate) async fn flush_acks(&self) -> Result<()> {
         let ids = std::mem::take(&mut *self.acks.lock());
         if ids.is_empty() {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self
-            .db_call(DbCall::OutboxRemove, self.db.outbox_remove(ids))
+        // On failure the records stay; a reconciler replays them
+        // (harmlessly) and removes them.
+        self.db_call(DbCall::OutboxRemove, self.db.outbox_remove(ids))
             .await
-        {
-            // The records stay; the reconciler replays them (harmlessly) and removes them.
-            tracing::debug!(error = %e, "could not remove applied outbox records");
-        }
     }
 
     /// Re-applies the cache effect of every outbox record at least `min_age`

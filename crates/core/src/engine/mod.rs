@@ -385,6 +385,15 @@ impl Engine {
         self.inner.reconcile(Duration::ZERO).await
     }
 
+    /// Finishes what the background work would do later: removes the
+    /// outbox records of writes whose cache effects applied, and resyncs
+    /// the keys waiting for it. Call it before a short-lived program exits,
+    /// so that it leaves no outbox records for others to replay.
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.resync_pass().await;
+        self.inner.flush_acks().await
+    }
+
     /// Resyncs every key waiting for it, if the cache answers; returns how many are left.
     pub async fn resync_now(&self) -> usize {
         self.inner.resync_pass().await;
@@ -433,8 +442,11 @@ pub(crate) enum Lookup<R> {
 pub(crate) enum EffectKind {
     /// Store this entry.
     Put(Bytes, Option<Duration>),
-    /// Remove the key (a tombstone at the write's version when fenced).
+    /// The row exists at the write's version but is not to be cached: an
+    /// invalidation marker when fenced, which lets a later read cache it.
     Invalidate,
+    /// There is no row as of the write's version: a tombstone when fenced.
+    Tombstone,
 }
 
 pub(crate) struct Effect {
@@ -709,7 +721,8 @@ impl Inner {
                 Some((entry, ttl)) => EffectKind::Put(entry, ttl),
                 None => EffectKind::Invalidate,
             },
-            _ => EffectKind::Invalidate,
+            Some(_) => EffectKind::Invalidate,
+            None => EffectKind::Tombstone,
         };
         Effect {
             cache_key,
@@ -793,6 +806,12 @@ impl Inner {
             },
             EffectKind::Invalidate => CacheItem {
                 key: cache_key.to_owned(),
+                entry: codec::invalidation(version),
+                version,
+                ttl: Some(self.tombstone_ttl),
+            },
+            EffectKind::Tombstone => CacheItem {
+                key: cache_key.to_owned(),
                 entry: codec::tombstone(version),
                 version,
                 ttl: Some(self.tombstone_ttl),
@@ -829,7 +848,7 @@ impl Inner {
         for e in effects {
             match &e.kind {
                 EffectKind::Put(..) => puts.push(self.item(&e.cache_key, e.version, &e.kind)),
-                EffectKind::Invalidate => {
+                EffectKind::Invalidate | EffectKind::Tombstone => {
                     self.cache_call(CacheCall::Delete, self.cache.delete(&e.cache_key))
                         .await?;
                 }
@@ -1093,7 +1112,12 @@ impl Inner {
                     .map(drop),
             };
         }
-        let item = item.unwrap_or_else(|| self.item(ck, version, &EffectKind::Invalidate));
+        let kind = if row.is_some() {
+            EffectKind::Invalidate
+        } else {
+            EffectKind::Tombstone
+        };
+        let item = item.unwrap_or_else(|| self.item(ck, version, &kind));
         self.cache_call(CacheCall::SetIfNewer, self.cache.set_if_newer(item))
             .await
             .map(drop)

@@ -165,6 +165,32 @@ pub async fn set_if_newer_lands_only_over_older_absent_or_unreadable(pair: Pair)
         Fence::Applied,
         "over a tombstone"
     );
+    let inv = CacheItem {
+        key: k.clone(),
+        entry: codec::invalidation(12),
+        version: 12,
+        ttl: Some(Duration::from_secs(60)),
+    };
+    assert_eq!(
+        c.set_if_newer(inv).await.unwrap(),
+        Fence::Applied,
+        "an invalidation"
+    );
+    assert_eq!(
+        c.set_if_newer(item(&k, 11)).await.unwrap(),
+        Fence::Stale,
+        "older than an invalidation"
+    );
+    assert_eq!(
+        c.set_if_newer(item(&k, 12)).await.unwrap(),
+        Fence::Applied,
+        "an invalidation lets the row of its own version in"
+    );
+    assert_eq!(
+        c.set_if_newer(item(&k, 12)).await.unwrap(),
+        Fence::Stale,
+        "but a row keeps its tie"
+    );
     for junk in [
         &b"plain"[..],
         b"",

@@ -405,6 +405,16 @@ pub async fn conditional_caching_writes_the_db_and_caches_only_when_told(pair: P
         cached(&pair, &items, 2).await,
         None | Some((false, _))
     ));
+    // The invalidation lets the row of that version in: a read caches it.
+    items.get(2).await.unwrap();
+    let hits = engine.stats().hits;
+    assert_eq!(items.get(2).await.unwrap(), Some(item(2, 1.0)));
+    assert_eq!(
+        engine.stats().hits,
+        hits + 1,
+        "the second read after skip_cache hits"
+    );
+    assert_eq!(cached(&pair, &items, 2).await, Some((true, skip)));
     Outcome::Passed
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use writethrough::moka::MokaCache;
 use writethrough::sqlite::SqliteStore;
 use writethrough::{CacheStore, DbStore};
-use writethrough_testkit::server::{PostgresServer, RedisServer};
+use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
 use writethrough_testkit::suite::Pair;
 
 /// Moka + SQLite (a fresh temporary database): no server needed.
@@ -19,12 +19,17 @@ pub fn sqlite() -> Arc<dyn DbStore> {
     Arc::new(SqliteStore::open_temporary().expect("a temporary SQLite database"))
 }
 
+/// Backend timeouts of the shared pairs.
+const SLOW_MACHINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The servers the shared pairs run on; dropping it stops them.
 pub struct Servers {
     /// Redis.
     pub redis: RedisServer,
     /// PostgreSQL.
     pub postgres: PostgresServer,
+    /// Memcached.
+    pub memcached: MemcachedServer,
 }
 
 impl Servers {
@@ -36,7 +41,27 @@ impl Servers {
         let postgres = PostgresServer::start()
             .await
             .unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"));
-        Servers { redis, postgres }
+        let memcached = MemcachedServer::start()
+            .await
+            .unwrap_or_else(|e| panic!("cannot start memcached: {e}"));
+        Servers {
+            redis,
+            postgres,
+            memcached,
+        }
+    }
+
+    /// A Memcached cache on the shared server.
+    pub async fn memcached(&self) -> Arc<dyn CacheStore> {
+        Arc::new(
+            writethrough::memcached::MemcachedCache::connect(&format!(
+                "{}?timeout={}s",
+                self.memcached.url(),
+                SLOW_MACHINE.as_secs()
+            ))
+            .await
+            .expect("connects to the testkit's memcached"),
+        )
     }
 
     /// A PostgreSQL store (its own pool) on the shared server.
@@ -48,10 +73,15 @@ impl Servers {
         )
     }
 
-    /// A Redis cache on the shared server.
+    /// A Redis cache on the shared server. Its timeouts are generous: the
+    /// suites on shared servers test the fault-free path, and a loaded test
+    /// machine must not turn into a fault (the fault suite has its own).
     pub async fn redis(&self) -> Arc<dyn CacheStore> {
+        let cfg = writethrough::redis::RedisConfig::from_url(self.redis.url())
+            .expect("a redis URL")
+            .with_response_timeout(SLOW_MACHINE);
         Arc::new(
-            writethrough::redis::RedisCache::connect(&self.redis.url())
+            writethrough::redis::RedisCache::with_config(cfg)
                 .await
                 .expect("connects to the testkit's redis"),
         )
@@ -64,6 +94,8 @@ impl Servers {
             Pair::new(self.redis().await, sqlite()),
             Pair::new(Arc::new(MokaCache::default()), self.postgres().await),
             Pair::new(self.redis().await, self.postgres().await),
+            Pair::new(self.memcached().await, sqlite()),
+            Pair::new(self.memcached().await, self.postgres().await),
         ]
     }
 }

@@ -64,11 +64,16 @@ async fn run(filter: Option<&str>) -> bool {
             cases,
         });
     }
+    // A few suites at a time: two cores cannot run eleven at once without
+    // starving them into timeouts.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
     let tasks: Vec<_> = runs
         .into_iter()
         .map(|r| {
             let filter = filter.map(str::to_owned);
+            let slots = slots.clone();
             tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await.expect("open");
                 let reports = suite::run_cases(
                     &r.pair,
                     &r.cases,

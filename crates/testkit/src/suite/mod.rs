@@ -59,11 +59,15 @@ impl Pair {
         }
     }
 
-    /// The settings the suites use: a namespace of their own, and short
-    /// background intervals so that repairs show within a test.
+    /// The settings the suites use: a namespace of their own, short
+    /// background intervals so that repairs show within a test, and
+    /// timeouts a loaded test machine cannot mistake for faults (cases
+    /// about timeouts set their own).
     pub fn config() -> Config {
         let mut cfg = Config::default();
         cfg.namespace = unique("t");
+        cfg.cache_timeout = Duration::from_secs(5);
+        cfg.db_timeout = Duration::from_secs(30);
         cfg.outbox_grace = Duration::from_millis(300);
         cfg.reconcile_interval = Some(Duration::from_millis(200));
         cfg.breaker.open_for = Duration::from_millis(100);

@@ -36,6 +36,8 @@ struct Rig {
     ck: String,
 }
 
+/// An engine over `pair` with hooks. Without `reconcile`, no background
+/// outbox replay: it would repair the very states the scenarios inspect.
 async fn rig(pair: &Pair, c: Consistency, table: &str, reconcile: bool) -> Rig {
     let gates = Gates::new();
     let engine = pair
@@ -99,7 +101,7 @@ pub async fn r1_cache_writes_landing_out_of_order_keep_the_newest(pair: Pair) ->
         pair,
         Consistency::strict().fence(false),
         |pair, c| async move {
-            let r = rig(&pair, c, &unique("r1"), true).await;
+            let r = rig(&pair, c, &unique("r1"), false).await;
             r.items.put(&item(1, 1.0)).await.unwrap();
             let gate = r.gates.pause(HookPoint::AfterCommit, &r.ck, 1);
             let items = r.items.clone();
@@ -125,7 +127,7 @@ pub async fn r2_a_late_populate_cannot_overwrite_a_newer_write(pair: Pair) -> Ou
         pair,
         Consistency::strict().fence(false),
         |pair, c| async move {
-            let r = rig(&pair, c, &unique("r2"), true).await;
+            let r = rig(&pair, c, &unique("r2"), false).await;
             let v1 = r.items.put(&item(1, 1.0)).await.unwrap();
             r.engine.cache().delete(&r.ck).await.unwrap();
             let gate = r.gates.pause(HookPoint::AfterLoad, &r.ck, 1);
@@ -198,7 +200,7 @@ pub async fn r4_a_commit_in_doubt_is_never_served_stale(pair: Pair) -> Outcome {
     on_and_off(pair, off, |pair, c| async move {
         let db = FaultyDb::new(pair.db.clone());
         let p = pair.with_db(Arc::new(db.clone()));
-        let r = rig(&p, c, &unique("r4"), true).await;
+        let r = rig(&p, c, &unique("r4"), false).await;
         r.items.put(&item(1, 1.0)).await.unwrap();
         db.faults().fail_writes(true);
         assert!(r.items.put(&item(1, 5.0)).await.is_err());
@@ -236,13 +238,15 @@ pub async fn r4_a_commit_in_doubt_is_never_served_stale(pair: Pair) -> Outcome {
 /// R5: a cache write stalls on its connection, times out, and its bytes
 /// land long after a newer write. The newer row stays.
 pub async fn r5_a_stalled_cache_write_landing_late_is_refused(pair: Pair) -> Outcome {
+    // Off: no fence, and no resync either, whose repair could come after
+    // the late landing by chance and hide it.
     on_and_off(
         pair,
-        Consistency::strict().fence(false),
+        Consistency::strict().fence(false).resync(false),
         |pair, c| async move {
             let faulty = FaultyCache::new(pair.cache.clone());
             let p = pair.with_cache(Arc::new(faulty.clone()));
-            let r = rig(&p, c, &unique("r5"), true).await;
+            let r = rig(&p, c, &unique("r5"), false).await;
             r.items.put(&item(1, 1.0)).await.unwrap();
             faulty
                 .faults()
@@ -277,7 +281,7 @@ pub async fn r6_a_delete_cannot_be_undone_by_a_late_populate(pair: Pair) -> Outc
         pair,
         Consistency::strict().fence(false),
         |pair, c| async move {
-            let r = rig(&pair, c, &unique("r6"), true).await;
+            let r = rig(&pair, c, &unique("r6"), false).await;
             r.items.put(&item(1, 1.0)).await.unwrap();
             r.engine.cache().delete(&r.ck).await.unwrap();
             let gate = r.gates.pause(HookPoint::AfterLoad, &r.ck, 1);
@@ -304,7 +308,7 @@ pub async fn r7_concurrent_misses_on_a_cold_key_load_once(pair: Pair) -> Outcome
         |pair, c| async move {
             let db = FaultyDb::new(pair.db.clone());
             let p = pair.with_db(Arc::new(db.clone()));
-            let r = rig(&p, c, &unique("r7"), true).await;
+            let r = rig(&p, c, &unique("r7"), false).await;
             r.items.put(&item(1, 1.0)).await.unwrap();
             r.engine.cache().delete(&r.ck).await.unwrap();
             db.faults().calls.reset();
@@ -317,12 +321,9 @@ pub async fn r7_concurrent_misses_on_a_cold_key_load_once(pair: Pair) -> Outcome
                 })
                 .collect();
             gate.arrived().await;
-            let all_missed =
-                eventually(Duration::from_secs(10), || async { missed.reached() == 50 }).await;
-            assert!(
-                all_missed,
-                "every reader missed while the first load was held"
-            );
+            // Without single flight, readers that come late may hit what an
+            // early one cached: wait for all misses, but not forever.
+            eventually(Duration::from_secs(3), || async { missed.reached() == 50 }).await;
             // Let them join the load (or, without single flight, start their own).
             tokio::time::sleep(Duration::from_millis(50)).await;
             gate.release();
@@ -389,12 +390,33 @@ pub fn history_ops() -> usize {
 /// history must be linearizable.
 pub async fn history_of_concurrent_clients_is_linearizable(pair: Pair) -> Outcome {
     let table = unique("hist");
+    let ns = format!("n{table}");
     let mut handles = Vec::new();
     let mut engines = Vec::new();
     for _ in 0..2 {
-        let r = rig(&pair, Consistency::strict(), &table, true).await;
-        handles.push(r.items.clone());
-        engines.push(r);
+        // Timeouts far above what a loaded test machine can take: the check
+        // is of the fault-free path, and a timed-out cache write on one
+        // engine is a fault whose staleness the other engine may see (the
+        // documented limit; the fault suite covers it).
+        let engine = pair
+            .builder()
+            .configure(|c| {
+                c.namespace = ns.clone();
+                c.cache_timeout = Duration::from_secs(10);
+                c.db_timeout = Duration::from_secs(30);
+                c.load_deadline = Duration::from_secs(15);
+                c.tombstone_ttl = Duration::from_secs(60);
+            })
+            .build()
+            .expect("engine builds");
+        let t = Item::table().renamed(&table).expect("valid name");
+        handles.push(
+            engine
+                .register_in(t, TableOptions::new())
+                .await
+                .expect("registers"),
+        );
+        engines.push(engine);
     }
     let report = crate::history::run(
         &handles,
@@ -405,8 +427,16 @@ pub async fn history_of_concurrent_clients_is_linearizable(pair: Pair) -> Outcom
         },
     )
     .await;
+    let stats: Vec<_> = engines.iter().map(|e| e.stats()).collect();
+    let cache_errors: u64 = stats.iter().map(|s| s.cache_errors).sum();
+    let late: u64 = stats.iter().map(|s| s.late_loads).sum();
     println!("  history {:<18} {report}", pair.name);
     assert_eq!(report.failed, 0, "no operation may fail without faults");
+    assert_eq!(
+        (cache_errors, late),
+        (0, 0),
+        "the run was meant to be fault-free"
+    );
     assert!(
         report.violations.is_empty(),
         "stale reads found:\n{}",

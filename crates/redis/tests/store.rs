@@ -315,10 +315,10 @@ fn arbitrary_stored(rng: &mut StdRng) -> Vec<u8> {
         3 => 1_844_674_407_000_000_000 + rng.random_range(0..10_000_000_000),
         _ => rng.random(),
     };
-    let mut b = if rng.random_bool(0.5) {
-        codec::tombstone(version).to_vec()
-    } else {
-        entry(version, "row").to_vec()
+    let mut b = match rng.random_range(0..3) {
+        0 => codec::tombstone(version).to_vec(),
+        1 => codec::invalidation(version).to_vec(),
+        _ => entry(version, "row").to_vec(),
     };
     match rng.random_range(0..12) {
         0 => b.truncate(rng.random_range(0..HEADER_LEN)),

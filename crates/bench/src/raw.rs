@@ -1,7 +1,9 @@
 //! The raw side: what a careful user would write by hand with the drivers,
 //! doing the same work as the engine (without its consistency machinery).
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -57,6 +59,10 @@ pub(crate) trait RawDb: Send + Sync {
     /// DELETE.
     async fn delete(&self, table: &str, id: i64) -> Result<bool, BoxError>;
 }
+
+/// The TTL the raw caches give every entry: the engine's default TTL
+/// (one hour), which a careful user sets too.
+const TTL_SECS: u64 = 3600;
 
 /// Moka used directly.
 pub(crate) struct RawMoka(pub moka::future::Cache<String, Bytes>);
@@ -171,5 +177,281 @@ impl RawDb for RawSqlite {
             .prepare_cached(&format!("DELETE FROM \"{table}\" WHERE id = ?1"))?
             .execute([id])?;
         Ok(n > 0)
+    }
+}
+
+/// Redis through one `redis` multiplexed connection: every task's commands
+/// pipelined on one socket, which is the fastest way `redis` offers (a pool
+/// of connections is slower on one server). The response and connection
+/// timeouts are those of the adapter (1 s), as a careful user keeps one.
+pub(crate) struct RawRedis(redis::aio::MultiplexedConnection);
+
+impl RawRedis {
+    /// Connects to a `redis://` URL.
+    pub(crate) async fn connect(url: &str) -> Result<Self, BoxError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)));
+        Ok(RawRedis(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        ))
+    }
+}
+
+#[async_trait]
+impl RawCache for RawRedis {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, BoxError> {
+        // `Bytes` takes over the reply's buffer without a copy.
+        Ok(redis::cmd("GET")
+            .arg(key)
+            .query_async::<Option<Bytes>>(&mut self.0.clone())
+            .await?)
+    }
+    async fn set(&self, key: &str, value: Bytes) -> Result<(), BoxError> {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(&value[..])
+            .arg("EX")
+            .arg(TTL_SECS)
+            .exec_async(&mut self.0.clone())
+            .await?;
+        Ok(())
+    }
+    async fn set_many(&self, items: Vec<(String, Bytes)>) -> Result<(), BoxError> {
+        // One pipeline: every SET written at once, one wait for the replies.
+        let mut pipe = redis::pipe();
+        for (k, v) in &items {
+            pipe.cmd("SET")
+                .arg(k)
+                .arg(&v[..])
+                .arg("EX")
+                .arg(TTL_SECS)
+                .ignore();
+        }
+        pipe.exec_async(&mut self.0.clone()).await?;
+        Ok(())
+    }
+    async fn del(&self, key: &str) -> Result<(), BoxError> {
+        redis::cmd("DEL")
+            .arg(key)
+            .exec_async(&mut self.0.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+/// Memcached through the bare pipelined meta-protocol client the adapter is
+/// built on (`writethrough_memcached::raw::RawClient`): it measured the
+/// fastest of the Rust clients against Redis (crates/memcached/README.md),
+/// and using it here isolates what the adapter and the engine add. One
+/// server, one connection (the adapter's default), no key checks.
+pub(crate) struct RawMemcached(writethrough::memcached::raw::RawClient);
+
+impl RawMemcached {
+    /// A client of the first server of a `memcached://host:port[,...][?connections=N]`
+    /// URL; several servers are refused (the raw client has no hashing).
+    pub(crate) fn connect(url: &str) -> Result<Self, BoxError> {
+        let rest = url
+            .split_once("://")
+            .map(|(_, r)| r)
+            .ok_or_else(|| format!("{url:?} is not a memcached:// URL"))?;
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.contains(',') {
+            return Err("the raw memcached side speaks to one server only".into());
+        }
+        let mut connections = 1;
+        for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+            if k == "connections" {
+                connections = v.parse()?;
+            }
+        }
+        Ok(RawMemcached(writethrough::memcached::raw::RawClient::new(
+            hosts,
+            connections,
+        )))
+    }
+}
+
+#[async_trait]
+impl RawCache for RawMemcached {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, BoxError> {
+        self.0.get(key).await
+    }
+    async fn set(&self, key: &str, value: Bytes) -> Result<(), BoxError> {
+        // `set_many` of one item is one `ms` with a TTL, as `set` has none.
+        self.0.set_many(&[(key, &value[..])], TTL_SECS).await
+    }
+    async fn set_many(&self, items: Vec<(String, Bytes)>) -> Result<(), BoxError> {
+        self.0.set_many(&items, TTL_SECS).await
+    }
+    async fn del(&self, key: &str) -> Result<(), BoxError> {
+        self.0.delete(key).await?;
+        Ok(())
+    }
+}
+
+/// The statements of one raw PostgreSQL table, built once.
+struct PgSql {
+    get: Arc<str>,
+    upsert: Arc<str>,
+    upsert_many: Arc<str>,
+    update_price: Arc<str>,
+    delete: Arc<str>,
+}
+
+impl PgSql {
+    fn new(table: &str) -> Self {
+        let cols = "id, name, price, payload";
+        let set = "name = EXCLUDED.name, price = EXCLUDED.price, payload = EXCLUDED.payload";
+        PgSql {
+            get: format!("SELECT {cols} FROM \"{table}\" WHERE id = $1").into(),
+            upsert: format!(
+                "INSERT INTO \"{table}\" ({cols}) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (id) DO UPDATE SET {set}"
+            )
+            .into(),
+            upsert_many: format!(
+                "INSERT INTO \"{table}\" ({cols}) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::double precision[], $4::text[]) \
+                 ON CONFLICT (id) DO UPDATE SET {set}"
+            )
+            .into(),
+            update_price: format!(
+                "UPDATE \"{table}\" SET price = $1 WHERE id = $2 RETURNING {cols}"
+            )
+            .into(),
+            delete: format!("DELETE FROM \"{table}\" WHERE id = $1").into(),
+        }
+    }
+}
+
+type PgProduct = (i64, String, f64, String);
+
+fn pg_product((id, name, price, payload): PgProduct) -> Product {
+    Product {
+        id,
+        name,
+        price,
+        payload,
+    }
+}
+
+/// PostgreSQL through an sqlx `PgPool`: prepared statements (sqlx prepares
+/// each statement once per connection and caches it), one autocommit
+/// statement per operation, the batch as one multi-row upsert over `UNNEST`
+/// of typed arrays. The pool has the adapter's size and acquire timeout
+/// (read from the same URL) and no ping before each acquire (sqlx's default
+/// would add a round trip to every call; a careful user turns it off, and
+/// the adapter does).
+pub(crate) struct RawPostgres {
+    pool: sqlx::PgPool,
+    sql: RwLock<HashMap<String, Arc<PgSql>>>,
+}
+
+impl RawPostgres {
+    /// Connects to a `postgres://` URL (the adapter's pool parameters apply).
+    pub(crate) async fn connect(url: &str) -> Result<Self, BoxError> {
+        let cfg = writethrough::postgres::PostgresConfig::from_url(url)?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .min_connections(cfg.min_connections)
+            .acquire_timeout(cfg.acquire_timeout)
+            .test_before_acquire(false)
+            .connect_with(cfg.connect_options().clone())
+            .await?;
+        Ok(RawPostgres {
+            pool,
+            sql: RwLock::new(HashMap::new()),
+        })
+    }
+
+    fn sql(&self, table: &str) -> Arc<PgSql> {
+        if let Some(s) = self.sql.read().expect("lock").get(table) {
+            return s.clone();
+        }
+        self.sql
+            .write()
+            .expect("lock")
+            .entry(table.to_owned())
+            .or_insert_with(|| Arc::new(PgSql::new(table)))
+            .clone()
+    }
+}
+
+#[async_trait]
+impl RawDb for RawPostgres {
+    async fn setup(&self, table: &str) -> Result<(), BoxError> {
+        // The column types the adapter gives the engine's tables.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS \"{table}\" (id BIGINT PRIMARY KEY, name TEXT NOT NULL, \
+             price DOUBLE PRECISION NOT NULL, payload TEXT NOT NULL)"
+        )))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+    async fn get(&self, table: &str, id: i64) -> Result<Option<Product>, BoxError> {
+        let sql = self.sql(table);
+        Ok(
+            sqlx::query_as::<_, PgProduct>(sqlx::AssertSqlSafe(sql.get.clone()))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(pg_product),
+        )
+    }
+    async fn upsert(&self, table: &str, p: &Product) -> Result<(), BoxError> {
+        let sql = self.sql(table);
+        sqlx::query(sqlx::AssertSqlSafe(sql.upsert.clone()))
+            .bind(p.id)
+            .bind(p.name.as_str())
+            .bind(p.price)
+            .bind(p.payload.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+    async fn upsert_many(&self, table: &str, ps: &[Product]) -> Result<(), BoxError> {
+        let sql = self.sql(table);
+        let ids: Vec<i64> = ps.iter().map(|p| p.id).collect();
+        let names: Vec<&str> = ps.iter().map(|p| p.name.as_str()).collect();
+        let prices: Vec<f64> = ps.iter().map(|p| p.price).collect();
+        let payloads: Vec<&str> = ps.iter().map(|p| p.payload.as_str()).collect();
+        sqlx::query(sqlx::AssertSqlSafe(sql.upsert_many.clone()))
+            .bind(ids)
+            .bind(names)
+            .bind(prices)
+            .bind(payloads)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+    async fn update_price(
+        &self,
+        table: &str,
+        id: i64,
+        price: f64,
+    ) -> Result<Option<Product>, BoxError> {
+        let sql = self.sql(table);
+        Ok(
+            sqlx::query_as::<_, PgProduct>(sqlx::AssertSqlSafe(sql.update_price.clone()))
+                .bind(price)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(pg_product),
+        )
+    }
+    async fn delete(&self, table: &str, id: i64) -> Result<bool, BoxError> {
+        let sql = self.sql(table);
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql.delete.clone()))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
     }
 }

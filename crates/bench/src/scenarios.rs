@@ -13,7 +13,9 @@ use writethrough::{
 };
 
 use crate::Args;
-use crate::raw::{Product, RawCache, RawDb, RawMoka, RawSqlite};
+use crate::raw::{
+    BoxError, Product, RawCache, RawDb, RawMemcached, RawMoka, RawPostgres, RawRedis, RawSqlite,
+};
 
 impl Entity for Product {
     fn table() -> Table {
@@ -135,6 +137,8 @@ struct World {
     raw_db: Arc<dyn RawDb>,
     raw_table: String,
     size: usize,
+    /// Read hits of the raw side that found no entry (and loaded the row).
+    raw_misses: Arc<AtomicU64>,
 }
 
 fn raw_key(size: usize, id: i64) -> String {
@@ -155,6 +159,7 @@ impl World {
             self.raw_table.clone(),
         );
         let cache = self.cache.clone();
+        let misses = self.raw_misses.clone();
         let key = |i: u64| (i % KEYS as u64) as i64;
         let s = match scenario {
             "read_hit" => Sides {
@@ -163,15 +168,22 @@ impl World {
                     async move { timed(async { assert!(h.get(key(i)).await.unwrap().is_some()) }).await }
                 }),
                 raw: op(move |i| {
-                    let rc = rc.clone();
+                    let (rc, rd, rt, misses) = (rc.clone(), rd.clone(), rt.clone(), misses.clone());
                     async move {
                         timed(async {
-                            let b = rc
-                                .get(&raw_key(size, key(i)))
-                                .await
-                                .unwrap()
-                                .expect("prefilled");
-                            std::hint::black_box(serde_json::from_slice::<Product>(&b).unwrap());
+                            let k = raw_key(size, key(i));
+                            let p = match rc.get(&k).await.unwrap() {
+                                Some(b) => serde_json::from_slice::<Product>(&b).unwrap(),
+                                // Evicted (a server cache short of memory):
+                                // load as ours does, and count it.
+                                None => {
+                                    misses.fetch_add(1, Ordering::Relaxed);
+                                    let p = rd.get(&rt, key(i)).await.unwrap().expect("prefilled");
+                                    rc.set(&k, encode(&p)).await.unwrap();
+                                    p
+                                }
+                            };
+                            std::hint::black_box(p);
                         })
                         .await
                     }
@@ -414,144 +426,271 @@ const ALL: [&str; 9] = [
     "stampede",
 ];
 
-async fn open(
-    args: &Args,
-) -> Result<(
-    Arc<dyn CacheStore>,
-    Arc<dyn DbStore>,
-    Arc<dyn RawCache>,
-    Arc<dyn RawDb>,
-    Option<tempfile::TempDir>,
-)> {
-    let cfg_err = |m: String| writethrough::Error::new(writethrough::ErrorKind::Config, m);
-    let mut temp = None;
-    let (db, raw_db): (Arc<dyn DbStore>, Arc<dyn RawDb>) = if args.db.starts_with("sqlite:") {
-        let path = if args.db == "sqlite::temp:" {
-            let dir = tempfile::tempdir().map_err(|e| cfg_err(e.to_string()))?;
-            let p = dir.path().join("bench.db");
-            temp = Some(dir);
-            p
-        } else {
-            std::path::PathBuf::from(
-                args.db
-                    .trim_start_matches("sqlite:")
-                    .trim_start_matches("//"),
-            )
-        };
-        let ours = writethrough::sqlite::SqliteStore::open(&path)?;
-        let raw = RawSqlite::open(&path).map_err(|e| cfg_err(e.to_string()))?;
-        (Arc::new(ours), Arc::new(raw))
-    } else {
-        return Err(cfg_err(format!(
-            "no raw driver for {} in this build",
-            args.db
-        )));
-    };
-    let (cache, raw_cache): (Arc<dyn CacheStore>, Arc<dyn RawCache>) = if args
-        .cache
-        .starts_with("moka")
-    {
-        let ours = writethrough::open_cache(&args.cache).await?;
-        // What a careful user would configure: a bounded cache with a TTL
-        // (ours has per-entry TTLs, which cost Moka a little more).
-        let raw = moka::future::Cache::builder()
-            .max_capacity(256 << 20)
-            .time_to_live(Duration::from_secs(3600))
-            .weigher(|k: &String, v: &Bytes| u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX))
-            .build();
-        (ours, Arc::new(RawMoka(raw)))
-    } else {
-        return Err(cfg_err(format!(
-            "no raw driver for {} in this build",
-            args.cache
-        )));
-    };
-    Ok((cache, db, raw_cache, raw_db, temp))
+/// The read hit of ours and of the raw driver on Redis and on Memcached,
+/// the four alternating in one run.
+pub(crate) const HEAD_TO_HEAD: &str = "read_hit_redis_vs_memcached";
+
+/// Every scenario name `--scenarios` accepts.
+pub(crate) fn known(name: &str) -> bool {
+    ALL.contains(&name) || name == HEAD_TO_HEAD
 }
 
-/// Runs every selected scenario and returns the report rows.
-pub(crate) async fn run(args: &Args) -> Result<Vec<Row>> {
-    let (cache, db, raw_cache, raw_db, _temp) = open(args).await?;
-    let strict_engine = Engine::builder_dyn(cache.clone(), db.clone())
-        .namespace("bench")
+/// The six pairs, for `--pairs all`.
+pub(crate) const ALL_PAIRS: [&str; 6] = [
+    "moka+sqlite",
+    "redis+sqlite",
+    "memcached+sqlite",
+    "moka+postgres",
+    "redis+postgres",
+    "memcached+postgres",
+];
+
+/// The backend a URL names, by its scheme.
+pub(crate) fn kind(url: &str) -> &'static str {
+    match url.split_once(':').map_or("", |(s, _)| s) {
+        "moka" => "moka",
+        "redis" | "rediss" | "redis+unix" | "unix" => "redis",
+        "memcached" | "memcache" => "memcached",
+        "sqlite" => "sqlite",
+        "postgres" | "postgresql" => "postgres",
+        _ => "unknown",
+    }
+}
+
+/// A cache and a database that every scenario runs on.
+#[derive(Debug, Clone)]
+pub(crate) struct Pair {
+    /// `cache+database`, e.g. `redis+postgres`.
+    pub(crate) label: String,
+    /// Cache URL.
+    pub(crate) cache: String,
+    /// Database URL.
+    pub(crate) db: String,
+}
+
+impl Pair {
+    /// A pair of URLs, labelled by their backends.
+    pub(crate) fn new(cache: &str, db: &str) -> Self {
+        Pair {
+            label: format!("{}+{}", kind(cache), kind(db)),
+            cache: cache.to_owned(),
+            db: db.to_owned(),
+        }
+    }
+
+    /// The cache backend's name.
+    fn cache_kind(&self) -> &'static str {
+        kind(&self.cache)
+    }
+
+    /// The engines' cache namespace (`bench_redis_postgres`): one per pair,
+    /// so that pairs sharing a cache server do not see each other's entries.
+    fn namespace(&self) -> String {
+        format!("bench_{}", self.label.replace('+', "_"))
+    }
+}
+
+/// A URL with its password, if any, replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(x) => x,
+        None => return url.to_owned(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+fn backend_err(e: BoxError) -> writethrough::Error {
+    writethrough::Error::new(writethrough::ErrorKind::Backend, e.to_string())
+}
+
+fn config_err(m: String) -> writethrough::Error {
+    writethrough::Error::new(writethrough::ErrorKind::Config, m)
+}
+
+/// Both sides of one pair: ours through `writethrough::open_cache` /
+/// `open_db`, the raw drivers from the same URLs.
+struct Backends {
+    cache: Arc<dyn CacheStore>,
+    db: Arc<dyn DbStore>,
+    raw_cache: Arc<dyn RawCache>,
+    raw_db: Arc<dyn RawDb>,
+    /// The raw SQLite file's directory for `sqlite::temp:`.
+    _temp: Option<tempfile::TempDir>,
+}
+
+async fn open(cache_url: &str, db_url: &str) -> Result<Backends> {
+    let db = writethrough::open_db(db_url).await?;
+    let mut temp = None;
+    let raw_db: Arc<dyn RawDb> = match kind(db_url) {
+        "sqlite" => {
+            let path = if db_url == "sqlite::temp:" {
+                // Ours lives in a temporary directory of its own; the raw
+                // side gets one alike, on the same file system.
+                let dir = tempfile::tempdir().map_err(|e| config_err(e.to_string()))?;
+                let p = dir.path().join("raw.db");
+                temp = Some(dir);
+                p
+            } else {
+                let rest = &db_url["sqlite:".len()..];
+                std::path::PathBuf::from(rest.strip_prefix("//").unwrap_or(rest))
+            };
+            Arc::new(RawSqlite::open(&path).map_err(|e| config_err(e.to_string()))?)
+        }
+        "postgres" => Arc::new(RawPostgres::connect(db_url).await.map_err(backend_err)?),
+        _ => return Err(config_err(format!("no raw driver for {db_url}"))),
+    };
+    let cache = writethrough::open_cache(cache_url).await?;
+    let raw_cache: Arc<dyn RawCache> = match kind(cache_url) {
+        "moka" => {
+            // What a careful user would configure: a bounded cache with a TTL
+            // (ours has per-entry TTLs, which cost Moka a little more).
+            let raw = moka::future::Cache::builder()
+                .max_capacity(256 << 20)
+                .time_to_live(Duration::from_secs(3600))
+                .weigher(|k: &String, v: &Bytes| {
+                    u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX)
+                })
+                .build();
+            Arc::new(RawMoka(raw))
+        }
+        "redis" => Arc::new(RawRedis::connect(cache_url).await.map_err(backend_err)?),
+        "memcached" => {
+            Arc::new(RawMemcached::connect(cache_url).map_err(|e| config_err(e.to_string()))?)
+        }
+        _ => return Err(config_err(format!("no raw driver for {cache_url}"))),
+    };
+    Ok(Backends {
+        cache,
+        db,
+        raw_cache,
+        raw_db,
+        _temp: temp,
+    })
+}
+
+/// The two engines of a pair: everything on (`strict`), and nothing on.
+async fn engines(b: &Backends, ns: &str) -> Result<(Engine, Engine)> {
+    let nf = format!("{ns}_nf");
+    // A shared cache server may hold entries of an earlier run whose
+    // versions are newer than what this run's database gives (a fresh
+    // SQLite file starts over): they would fence this run's writes out.
+    for n in [ns, nf.as_str()] {
+        b.cache.clear(&format!("{n}:")).await?;
+    }
+    let strict = Engine::builder_dyn(b.cache.clone(), b.db.clone())
+        .namespace(ns)
         .consistency(Consistency::strict())
         .build()?;
-    let relaxed_engine = Engine::builder_dyn(cache.clone(), db.clone())
-        .namespace("benchnf")
+    let relaxed = Engine::builder_dyn(b.cache.clone(), b.db.clone())
+        .namespace(&nf)
         .consistency(Consistency::none())
         .build()?;
+    Ok((strict, relaxed))
+}
+
+/// Registers the tables of one value size and fills both sides with the
+/// same rows, cached.
+async fn world(b: &Backends, strict: &Engine, relaxed: &Engine, size: usize) -> Result<World> {
+    let table = |prefix: &str| Product::table().renamed(&format!("{prefix}_{size}"));
+    let strict_h = strict
+        .register_in(table("wt")?, TableOptions::new())
+        .await?;
+    let relaxed_h = relaxed
+        .register_in(table("wtnf")?, TableOptions::new())
+        .await?;
+    let raw_table = format!("raw_{size}");
+    b.raw_db.setup(&raw_table).await.map_err(backend_err)?;
+    let world = World {
+        cache: b.cache.clone(),
+        strict: strict_h,
+        relaxed: relaxed_h,
+        strict_engine: strict.clone(),
+        raw_cache: b.raw_cache.clone(),
+        raw_db: b.raw_db.clone(),
+        raw_table,
+        size,
+        raw_misses: Arc::new(AtomicU64::new(0)),
+    };
+    let seed: Vec<Product> = (0..KEYS).map(|id| product(id, size, 1.0)).collect();
+    world.strict.put_many(&seed).await?;
+    world.relaxed.put_many(&seed).await?;
+    world
+        .raw_db
+        .upsert_many(&world.raw_table, &seed)
+        .await
+        .map_err(backend_err)?;
+    world
+        .raw_cache
+        .set_many(
+            seed.iter()
+                .map(|p| (raw_key(size, p.id), encode(p)))
+                .collect(),
+        )
+        .await
+        .map_err(backend_err)?;
+    Ok(world)
+}
+
+/// Runs `ops` alternately for `args.rounds` rounds, rotating which goes
+/// first, and returns one accumulated sample per op.
+async fn alternate(args: &Args, conc: usize, ops: &[&Op]) -> Vec<Sample> {
+    let mut acc = vec![Sample::default(); ops.len()];
+    for round in 0..args.rounds {
+        for j in 0..ops.len() {
+            let i = (round + j) % ops.len();
+            let s = phase(conc, args.duration, ops[i]).await;
+            acc[i].ops += s.ops;
+            acc[i].wall += s.wall;
+            acc[i].lat.extend(s.lat);
+        }
+    }
+    acc
+}
+
+/// Runs every selected scenario on one pair and returns the report rows.
+pub(crate) async fn run_pair(args: &Args, pair: &Pair) -> Result<Vec<Row>> {
     let wanted = |s: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|x| x == s);
+    if !ALL.iter().any(|s| wanted(s)) {
+        return Ok(Vec::new());
+    }
+    let backends = open(&pair.cache, &pair.db).await?;
+    let (strict_engine, relaxed_engine) = engines(&backends, &pair.namespace()).await?;
     let mut rows = Vec::new();
     for &size in &args.sizes {
-        let table = |prefix: &str| Product::table().renamed(&format!("{prefix}_{size}"));
-        let strict = strict_engine
-            .register_in(table("wt")?, TableOptions::new())
-            .await?;
-        let relaxed = relaxed_engine
-            .register_in(table("wtnf")?, TableOptions::new())
-            .await?;
-        let raw_table = format!("raw_{size}");
-        raw_db.setup(&raw_table).await.map_err(|e| {
-            writethrough::Error::new(writethrough::ErrorKind::Backend, e.to_string())
-        })?;
-        let world = World {
-            cache: cache.clone(),
-            strict,
-            relaxed,
-            strict_engine: strict_engine.clone(),
-            raw_cache: raw_cache.clone(),
-            raw_db: raw_db.clone(),
-            raw_table,
-            size,
-        };
-        // Both sides start from the same rows, cached.
-        let seed: Vec<Product> = (0..KEYS).map(|id| product(id, size, 1.0)).collect();
-        world.strict.put_many(&seed).await?;
-        world.relaxed.put_many(&seed).await?;
-        world
-            .raw_db
-            .upsert_many(&world.raw_table, &seed)
-            .await
-            .expect("raw seed");
-        world
-            .raw_cache
-            .set_many(
-                seed.iter()
-                    .map(|p| (raw_key(size, p.id), encode(p)))
-                    .collect(),
-            )
-            .await
-            .expect("raw seed");
+        let world = world(&backends, &strict_engine, &relaxed_engine, size).await?;
         for scenario in ALL {
             if !wanted(scenario) {
                 continue;
             }
             if scenario == "stampede" {
                 let row = world.stampede().await;
-                eprintln!("{:<16} {:>6} B: {}", row.scenario, size, row.note);
+                eprintln!(
+                    "{:<18} {:<16} {:>6} B: {}",
+                    pair.label, row.scenario, size, row.note
+                );
                 rows.push(row);
                 continue;
             }
             let sides = world.sides(scenario).expect("a known scenario");
             for &conc in &args.concurrency {
-                let (mut ours, mut raw) = (Sample::default(), Sample::default());
-                for round in 0..args.rounds {
-                    let order = if round % 2 == 0 {
-                        [true, false]
-                    } else {
-                        [false, true]
-                    };
-                    for is_ours in order {
-                        let s = phase(
-                            conc,
-                            args.duration,
-                            if is_ours { &sides.ours } else { &sides.raw },
-                        )
-                        .await;
-                        let acc = if is_ours { &mut ours } else { &mut raw };
-                        acc.ops += s.ops;
-                        acc.wall += s.wall;
-                        acc.lat.extend(s.lat);
+                let misses_before = (
+                    strict_engine.stats().misses,
+                    world.raw_misses.load(Ordering::Relaxed),
+                );
+                let mut s = alternate(args, conc, &[&sides.ours, &sides.raw]).await;
+                let (mut raw, mut ours) = (s.pop().expect("two"), s.pop().expect("two"));
+                let mut note = String::new();
+                if scenario == "read_hit" {
+                    let ours_misses = strict_engine.stats().misses - misses_before.0;
+                    let raw_misses = world.raw_misses.load(Ordering::Relaxed) - misses_before.1;
+                    if ours_misses + raw_misses > 0 {
+                        note = format!("cache misses: ours {ours_misses}, raw {raw_misses}");
                     }
                 }
                 let row = Row {
@@ -565,10 +704,11 @@ pub(crate) async fn run(args: &Args) -> Result<Vec<Row>> {
                     raw_p50: raw.pct(0.5),
                     ours_p99: ours.pct(0.99),
                     raw_p99: raw.pct(0.99),
-                    note: String::new(),
+                    note,
                 };
                 eprintln!(
-                    "{:<16} {:>6} B  c={:<3} ours {:>9.0}/s raw {:>9.0}/s  p50 ratio {:.2}",
+                    "{:<18} {:<16} {:>6} B  c={:<3} ours {:>9.0}/s raw {:>9.0}/s  p50 ratio {:.2}",
+                    pair.label,
                     scenario,
                     size,
                     conc,
@@ -583,6 +723,79 @@ pub(crate) async fn run(args: &Args) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// One row of the Redis-against-Memcached read hit: ours and raw on each.
+#[derive(Debug, Clone)]
+pub(crate) struct HeadToHead {
+    size: usize,
+    conc: usize,
+    /// Ours on Redis, ours on Memcached, raw Redis, raw Memcached:
+    /// (ops/s, p50, p99).
+    cells: [(f64, Duration, Duration); 4],
+    note: String,
+}
+
+/// The read hit on Redis and on Memcached, ours and raw, the four
+/// alternating phase by phase so that the machine's noise hits all alike.
+/// The database (a temporary SQLite file each) only seeds the rows.
+pub(crate) async fn head_to_head(
+    args: &Args,
+    redis_url: &str,
+    memcached_url: &str,
+) -> Result<Vec<HeadToHead>> {
+    let r = open(redis_url, "sqlite::temp:").await?;
+    let m = open(memcached_url, "sqlite::temp:").await?;
+    let (r_strict, r_relaxed) = engines(&r, "bench_h2h_redis").await?;
+    let (m_strict, m_relaxed) = engines(&m, "bench_h2h_memcached").await?;
+    let mut out = Vec::new();
+    for &size in &args.sizes {
+        let rw = world(&r, &r_strict, &r_relaxed, size).await?;
+        let mw = world(&m, &m_strict, &m_relaxed, size).await?;
+        let (rs, ms) = (
+            rw.sides("read_hit").expect("known"),
+            mw.sides("read_hit").expect("known"),
+        );
+        for &conc in &args.concurrency {
+            let before = [
+                r_strict.stats().misses,
+                m_strict.stats().misses,
+                rw.raw_misses.load(Ordering::Relaxed),
+                mw.raw_misses.load(Ordering::Relaxed),
+            ];
+            let samples = alternate(args, conc, &[&rs.ours, &ms.ours, &rs.raw, &ms.raw]).await;
+            let after = [
+                r_strict.stats().misses,
+                m_strict.stats().misses,
+                rw.raw_misses.load(Ordering::Relaxed),
+                mw.raw_misses.load(Ordering::Relaxed),
+            ];
+            let misses: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+            let note = if misses.iter().any(|&n| n > 0) {
+                format!(
+                    "cache misses (ours redis, ours memcached, raw redis, raw memcached): {misses:?}"
+                )
+            } else {
+                String::new()
+            };
+            let mut cells = [(0.0, Duration::ZERO, Duration::ZERO); 4];
+            for (cell, mut s) in cells.iter_mut().zip(samples) {
+                *cell = (s.ops_per_sec(1), s.pct(0.5), s.pct(0.99));
+            }
+            eprintln!(
+                "{HEAD_TO_HEAD} {size:>6} B  c={conc:<3} p50 memcached/redis: ours {:.2}, raw {:.2}",
+                ratio(cells[1].1, cells[0].1),
+                ratio(cells[3].1, cells[2].1)
+            );
+            out.push(HeadToHead {
+                size,
+                conc,
+                cells,
+                note,
+            });
+        }
+    }
+    Ok(out)
+}
+
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-12)
 }
@@ -591,16 +804,17 @@ fn us(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e6)
 }
 
-/// The report as a Markdown table.
-pub(crate) fn render(args: &Args, rows: &[Row]) -> String {
+/// One pair's report as a Markdown table.
+pub(crate) fn render(args: &Args, pair: &Pair, rows: &[Row]) -> String {
     let mut s = format!(
-        "cache `{}`, database `{}`; {} round(s) of {} ms per side, alternating.\n\
+        "### {}\n\ncache `{}`, database `{}`; {} round(s) of {} ms per side, alternating.\n\
          Throughput in items/s; latencies in µs; `p50 ×` is ours / raw (lower is better), \
          `thr ×` is ours / raw (higher is better).\n\n\
          | scenario | value | conc | ours/s | raw/s | thr × | ours p50 | raw p50 | p50 × | ours p99 | raw p99 | note |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
-        args.cache,
-        args.db,
+        pair.label,
+        redact(&pair.cache),
+        redact(&pair.db),
         args.rounds,
         args.duration.as_millis()
     );
@@ -620,6 +834,130 @@ pub(crate) fn render(args: &Args, rows: &[Row]) -> String {
             us(r.ours_p99),
             us(r.raw_p99),
             r.note
+        ));
+    }
+    s
+}
+
+/// The read hit per cache backend over the pairs that ran (means over the
+/// pairs sharing a cache), and Memcached over Redis where both ran.
+pub(crate) fn render_summary(results: &[(Pair, Vec<Row>)]) -> String {
+    let mut s = String::from(
+        "### read hit per cache backend\n\n\
+         From the pair tables above (each pair ran at its own time; a backend in several pairs \
+         is their mean). Throughput in reads/s, p50 in µs.\n\n\
+         | cache | value | conc | ours/s | ours p50 | raw/s | raw p50 | pairs |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    // (cache, size, conc) -> (ours ops, ours p50, raw ops, raw p50, pairs)
+    type Acc = (f64, f64, f64, f64, Vec<String>);
+    let mut cells: Vec<((&str, usize, usize), Acc)> = Vec::new();
+    for (pair, rows) in results {
+        for r in rows.iter().filter(|r| r.scenario == "read_hit") {
+            let k = (pair.cache_kind(), r.size, r.conc);
+            let i = match cells.iter().position(|(c, _)| *c == k) {
+                Some(i) => i,
+                None => {
+                    cells.push((k, (0.0, 0.0, 0.0, 0.0, Vec::new())));
+                    cells.len() - 1
+                }
+            };
+            let a = &mut cells[i].1;
+            a.0 += r.ours_ops;
+            a.1 += r.ours_p50.as_secs_f64();
+            a.2 += r.raw_ops;
+            a.3 += r.raw_p50.as_secs_f64();
+            a.4.push(pair.label.clone());
+        }
+    }
+    let mean = |a: &Acc| {
+        let n = a.4.len().max(1) as f64;
+        (a.0 / n, a.1 / n, a.2 / n, a.3 / n)
+    };
+    cells.sort_by_key(|((c, size, conc), _)| (*size, *conc, *c));
+    for ((cache, size, conc), a) in &cells {
+        let (oo, op, ro, rp) = mean(a);
+        s.push_str(&format!(
+            "| {cache} | {size} B | {conc} | {oo:.0} | {:.1} | {ro:.0} | {:.1} | {} |\n",
+            op * 1e6,
+            rp * 1e6,
+            a.4.join(", ")
+        ));
+    }
+    let find = |cache: &str, size: usize, conc: usize| {
+        cells
+            .iter()
+            .find(|(k, _)| *k == (cache, size, conc))
+            .map(|(_, a)| mean(a))
+    };
+    let mut ratios = String::new();
+    for ((cache, size, conc), _) in &cells {
+        if *cache != "redis" {
+            continue;
+        }
+        if let (Some(r), Some(m)) = (find("redis", *size, *conc), find("memcached", *size, *conc)) {
+            ratios.push_str(&format!(
+                "| {size} B | {conc} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                m.1 / r.1.max(1e-12),
+                m.0 / r.0.max(1e-9),
+                m.3 / r.3.max(1e-12),
+                m.2 / r.2.max(1e-9),
+            ));
+        }
+    }
+    if !ratios.is_empty() {
+        s.push_str(
+            "\nMemcached / Redis (p50: lower is better, target ≤ 1.30 for ours; \
+             thr: higher is better):\n\n\
+             | value | conc | ours p50 × | ours thr × | raw p50 × | raw thr × |\n\
+             |---:|---:|---:|---:|---:|---:|\n",
+        );
+        s.push_str(&ratios);
+    }
+    s
+}
+
+/// The head-to-head read hit as a Markdown table.
+pub(crate) fn render_head_to_head(
+    args: &Args,
+    redis_url: &str,
+    memcached_url: &str,
+    rows: &[HeadToHead],
+) -> String {
+    let mut s = format!(
+        "### {HEAD_TO_HEAD}\n\n\
+         Redis `{}` and Memcached `{}`, ours (everything on) and raw, the four alternating in \
+         one run; {} round(s) of {} ms per side. Reads/s and µs; `×` is Memcached / Redis \
+         (p50: lower is better, target ≤ 1.30 for ours; thr: higher is better).\n\n\
+         | value | conc | ours redis/s | ours mc/s | ours redis p50 | ours mc p50 | ours p50 × | ours thr × \
+         | raw redis/s | raw mc/s | raw redis p50 | raw mc p50 | raw p50 × | raw thr × | ours redis p99 | ours mc p99 | note |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        redact(redis_url),
+        redact(memcached_url),
+        args.rounds,
+        args.duration.as_millis()
+    );
+    for h in rows {
+        let [or, om, rr, rm] = h.cells;
+        s.push_str(&format!(
+            "| {} B | {} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} |\n",
+            h.size,
+            h.conc,
+            or.0,
+            om.0,
+            us(or.1),
+            us(om.1),
+            ratio(om.1, or.1),
+            om.0 / or.0.max(1e-9),
+            rr.0,
+            rm.0,
+            us(rr.1),
+            us(rm.1),
+            ratio(rm.1, rr.1),
+            rm.0 / rr.0.max(1e-9),
+            us(or.2),
+            us(om.2),
+            h.note
         ));
     }
     s

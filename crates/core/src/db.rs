@@ -41,8 +41,9 @@ pub struct WriteOutcome {
     /// update or delete that found no row, so that the engine can fence the
     /// cache at it.
     pub version: u64,
-    /// Whether a row existed before the write (for upsert: it was an
-    /// update; for update and delete: the row was found).
+    /// For update and delete: whether the row was found. For upsert:
+    /// whether it replaced a row, where the backend can tell cheaply
+    /// (PostgreSQL), else false (SQLite); the engine does not use it.
     pub existed: bool,
     /// For an update that found its row: the whole row after the update.
     pub row: Option<Row>,
@@ -51,18 +52,42 @@ pub struct WriteOutcome {
 }
 
 /// Options for a transaction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TxOptions {
     /// Record every write in the outbox table, in the same transaction, so
     /// that its cache effect survives a crash after commit.
     pub outbox: bool,
+    /// The versions will fence cache writes, so they must follow commit
+    /// order per key (the `Transaction` contract). When false (the engine's
+    /// fencing is off), an adapter may draw versions more cheaply, e.g.
+    /// without a per-key lock; they still increase.
+    pub fence: bool,
+}
+
+impl Default for TxOptions {
+    fn default() -> Self {
+        TxOptions {
+            outbox: false,
+            fence: true,
+        }
+    }
 }
 
 impl TxOptions {
-    /// Options with the outbox on or off.
+    /// Options with the outbox on or off (versions fenced).
     pub fn with_outbox(outbox: bool) -> Self {
-        TxOptions { outbox }
+        TxOptions {
+            outbox,
+            ..Self::default()
+        }
+    }
+
+    /// Sets [`TxOptions::fence`].
+    #[must_use]
+    pub fn fenced(mut self, fence: bool) -> Self {
+        self.fence = fence;
+        self
     }
 }
 

@@ -217,6 +217,30 @@ impl PostgresStore {
             .ok_or_else(|| tx::unexpected("the transaction returned no outcome"))
     }
 
+    /// One unfenced write: a plain upsert, without the key lock. Other
+    /// writes take the fenced path.
+    async fn execute_plain(&self, p: &Prepared) -> Result<WriteOutcome> {
+        let PreparedOp::Upsert(row) = &p.op else {
+            return self.execute_one(p, false).await;
+        };
+        let t = p.table();
+        let mut q = query(&p.sql.plain_upsert);
+        for (col, (_, value)) in t.columns().iter().zip(row.iter()) {
+            q = sql::bind(q, col.ty, value, col.name.as_str())?;
+        }
+        let mut conn = self.acquire().await?;
+        let r = q
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| map_err(e, Phase::Commit))?;
+        Ok(WriteOutcome {
+            version: sql::version(sql::get_i64(&r, 0)?),
+            existed: sql::get_bool(&r, 1)?,
+            row: None,
+            outbox_id: None,
+        })
+    }
+
     /// Upserts of distinct keys of one table: one autocommit statement that
     /// locks every key in hash order, writes every row and its outbox record.
     async fn batch_upsert(&self, ps: &[Prepared], outbox: bool) -> Result<Vec<WriteOutcome>> {
@@ -384,7 +408,12 @@ impl DbStore for PostgresStore {
             .map(|w| prepare(&self.shared, w))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| e.with_operation("db.execute"))?;
-        let result = if ps.len() == 1 {
+        let result = if ps.len() == 1 && !opts.fence && !opts.outbox {
+            self.execute_plain(&ps[0])
+                .await
+                .map(|o| vec![o])
+                .map_err(|e| e.with_key(&ps[0].key))
+        } else if ps.len() == 1 {
             self.execute_one(&ps[0], opts.outbox)
                 .await
                 .map(|o| vec![o])

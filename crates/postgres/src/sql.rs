@@ -127,6 +127,8 @@ type UpdateShape = (Vec<usize>, Variant);
 pub(crate) struct TableSql {
     pub(crate) table: Table,
     upsert: [Arc<str>; 2],
+    /// The upsert of an unfenced write: no key lock (see `plain_upsert`).
+    pub(crate) plain_upsert: Arc<str>,
     batch_upsert: [Arc<str>; 2],
     delete: [Arc<str>; 4],
     pub(crate) select: Arc<str>,
@@ -165,6 +167,7 @@ impl TableSql {
         let v = |outbox, auto| Variant { outbox, auto };
         TableSql {
             upsert: [arc(n.upsert(false)), arc(n.upsert(true))],
+            plain_upsert: arc(n.plain_upsert()),
             batch_upsert: [arc(n.batch_upsert(t, false)), arc(n.batch_upsert(t, true))],
             delete: [
                 arc(n.delete(v(false, false))),
@@ -240,6 +243,25 @@ impl Names {
         format!(
             "(SELECT \"{ASSERT_ABSENT_FN}\"('{}'::regclass, {}, $1) WHERE NOT EXISTS (SELECT 1 FROM {modified}))",
             self.table, self.key_lit
+        )
+    }
+
+    /// `$1..$n` the columns. Returns version, existed, outbox id (NULL).
+    /// No key lock: its version may come out below that of a delete it
+    /// raced, which only matters when versions fence the cache — so the
+    /// engine uses it only with fencing off.
+    fn plain_upsert(&self) -> String {
+        let n = self.cols.len();
+        let params: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+        format!(
+            "INSERT INTO {} AS \"_t\" ({}, \"{VERSION_COLUMN}\") VALUES ({}, nextval('{SEQ}')) \
+             ON CONFLICT ({}) DO UPDATE SET {} \
+             RETURNING \"_t\".\"{VERSION_COLUMN}\"::bigint, NOT (\"_t\".xmax = 0), NULL::bigint",
+            self.table,
+            self.cols.join(", "),
+            params.join(", "),
+            self.key,
+            self.set_excluded(),
         )
     }
 

@@ -14,7 +14,7 @@ use super::metrics::{OpKind, OpOutcome};
 use super::stats::Counters;
 use super::table::{TableState, Validator, WriteOptions};
 use super::{DbCall, Effect, Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
-use crate::db::{TxOptions, Write, WriteOp, WriteOutcome};
+use crate::db::{Write, WriteOp, WriteOutcome};
 use crate::entity::Record;
 use crate::error::{Error, ErrorKind, Result};
 use crate::schema::Table;
@@ -292,7 +292,7 @@ impl<R: Record> Handle<R> {
         validate: &Validator<R>,
     ) -> Result<WriteOutcome> {
         let inner = &self.inner;
-        let opts = TxOptions::with_outbox(inner.cfg.consistency.outbox);
+        let opts = inner.tx_options();
         let mut tx = inner.db_call(DbCall::Begin, inner.db.begin(opts)).await?;
         let o = inner.db_call(DbCall::Apply, tx.apply(&write)).await?;
         if let Some(row) = &o.row {
@@ -385,7 +385,7 @@ impl<R> Observed for (Option<R>, bool) {
 
 impl Inner {
     pub(crate) async fn execute_one(&self, write: Write) -> Result<WriteOutcome> {
-        let opts = TxOptions::with_outbox(self.cfg.consistency.outbox);
+        let opts = self.tx_options();
         let mut out = self
             .db_call(DbCall::Execute, self.db.execute(vec![write], opts))
             .await?;

@@ -13,6 +13,7 @@ mod handle;
 mod hooks;
 mod maintenance;
 mod metrics;
+mod shard;
 mod stats;
 mod table;
 mod tx;
@@ -297,7 +298,7 @@ impl Engine {
     /// Opens a transaction scope: several writes in one database
     /// transaction, whose cache effects apply only after it commits.
     pub async fn begin(&self) -> Result<Tx> {
-        let opts = TxOptions::with_outbox(self.inner.cfg.consistency.outbox);
+        let opts = self.inner.tx_options();
         let tx = self
             .inner
             .db_call(DbCall::Begin, self.inner.db.begin(opts))
@@ -493,6 +494,11 @@ impl Inner {
     #[inline(always)]
     async fn hook(&self, _: HookPoint, _: &str) {}
 
+    /// The database options of this engine's writes.
+    pub(crate) fn tx_options(&self) -> TxOptions {
+        TxOptions::with_outbox(self.cfg.consistency.outbox).fenced(self.cfg.consistency.fence)
+    }
+
     pub(crate) fn guard(&self, mut keys: Vec<(String, Arc<TableState>, Key)>) -> ResyncGuard<'_> {
         if !self.cfg.consistency.resync {
             keys.clear();
@@ -673,7 +679,7 @@ impl Inner {
                 .map(|p| (p.cache_key.clone(), st.clone(), p.key.clone()))
                 .collect(),
         );
-        let opts = TxOptions::with_outbox(self.cfg.consistency.outbox);
+        let opts = self.tx_options();
         let outcomes = match self
             .db_call(DbCall::Execute, self.db.execute(writes, opts))
             .await

@@ -1,15 +1,15 @@
 //! Counters of what the engine did, readable at any time.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use super::shard::Sharded;
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         #[derive(Default)]
-        pub(crate) struct Counters { $(pub(crate) $name: AtomicU64,)* }
+        pub(crate) struct Counters { $(pub(crate) $name: Sharded,)* }
 
         impl Counters {
             pub(crate) fn snapshot(&self) -> Stats {
-                Stats { $($name: self.$name.load(Ordering::Relaxed),)* }
+                Stats { $($name: self.$name.get(),)* }
             }
         }
 
@@ -51,8 +51,8 @@ counters! {
 
 impl Counters {
     #[inline]
-    pub(crate) fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
+    pub(crate) fn add(c: &Sharded, n: u64) {
+        c.add(n);
     }
 }
 

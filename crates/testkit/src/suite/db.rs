@@ -28,6 +28,7 @@ pub fn cases() -> Vec<Case> {
         scan_pages_in_key_order,
         concurrent_writes_to_one_key_get_distinct_versions_and_the_last_wins,
         nul_bytes_in_text_follow_the_capabilities,
+        unfenced_writes_store_rows_with_rising_versions,
         ping_answers,
     ]
 }
@@ -467,6 +468,30 @@ pub async fn nul_bytes_in_text_follow_the_capabilities(pair: Pair) -> Outcome {
         assert_eq!(r.unwrap_err().kind(), ErrorKind::InvalidValue);
         assert_eq!(db.get(&t, &Key::Int(1)).await.unwrap(), None);
     }
+    Outcome::Passed
+}
+
+/// With fencing off (`TxOptions::fence` false) an adapter may take a
+/// cheaper path; rows are still stored and versions still rise.
+pub async fn unfenced_writes_store_rows_with_rising_versions(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "unf").await;
+    let opts = TxOptions::default().fenced(false);
+    let mut last = 0;
+    for i in 0..3 {
+        let o = db
+            .execute(vec![upsert(&t, row(1, &format!("v{i}")))], opts)
+            .await
+            .unwrap()
+            .remove(0);
+        assert!(o.version > last, "{} after {last}", o.version);
+        last = o.version;
+    }
+    let got = db.get(&t, &Key::Int(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (got.version, got.row.get("t")),
+        (last, Some(&Value::Text("v2".into())))
+    );
     Outcome::Passed
 }
 

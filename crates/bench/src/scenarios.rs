@@ -132,6 +132,7 @@ struct World {
     cache: Arc<dyn CacheStore>,
     strict: Handle<Product>,
     relaxed: Handle<Product>,
+    fenced: Handle<Product>,
     strict_engine: Engine,
     raw_cache: Arc<dyn RawCache>,
     raw_db: Arc<dyn RawDb>,
@@ -215,8 +216,12 @@ impl World {
                 }),
                 items_per_op: 1,
             },
-            "write" | "write_unfenced" => {
-                let h = if scenario == "write" { h } else { hr };
+            "write" | "write_fenced" | "write_unfenced" => {
+                let h = match scenario {
+                    "write" => h,
+                    "write_fenced" => self.fenced.clone(),
+                    _ => hr,
+                };
                 Sides {
                     ours: op(move |i| {
                         let h = h.clone();
@@ -414,10 +419,11 @@ impl World {
     }
 }
 
-const ALL: [&str; 9] = [
+const ALL: [&str; 10] = [
     "read_hit",
     "read_miss",
     "write",
+    "write_fenced",
     "write_unfenced",
     "update",
     "delete",
@@ -574,15 +580,22 @@ async fn open(cache_url: &str, db_url: &str) -> Result<Backends> {
     })
 }
 
-/// The two engines of a pair: everything on (`strict`), and nothing on.
-async fn engines(b: &Backends, ns: &str) -> Result<(Engine, Engine)> {
+/// The engines of a pair: everything on (`strict`), nothing on
+/// (`relaxed`), and fenced without the outbox (`fenced`, for the
+/// outbox's cost).
+async fn engines(b: &Backends, ns: &str) -> Result<(Engine, Engine, Engine)> {
     let nf = format!("{ns}_nf");
+    let fo = format!("{ns}_fo");
     // A shared cache server may hold entries of an earlier run whose
     // versions are newer than what this run's database gives (a fresh
     // SQLite file starts over): they would fence this run's writes out.
-    for n in [ns, nf.as_str()] {
+    for n in [ns, nf.as_str(), fo.as_str()] {
         b.cache.clear(&format!("{n}:")).await?;
     }
+    let fenced = Engine::builder_dyn(b.cache.clone(), b.db.clone())
+        .namespace(&fo)
+        .consistency(Consistency::fenced())
+        .build()?;
     let strict = Engine::builder_dyn(b.cache.clone(), b.db.clone())
         .namespace(ns)
         .consistency(Consistency::strict())
@@ -591,12 +604,16 @@ async fn engines(b: &Backends, ns: &str) -> Result<(Engine, Engine)> {
         .namespace(&nf)
         .consistency(Consistency::none())
         .build()?;
-    Ok((strict, relaxed))
+    Ok((strict, relaxed, fenced))
 }
 
 /// Registers the tables of one value size and fills both sides with the
 /// same rows, cached.
-async fn world(b: &Backends, strict: &Engine, relaxed: &Engine, size: usize) -> Result<World> {
+async fn world(
+    b: &Backends,
+    (strict, relaxed, fenced): &(Engine, Engine, Engine),
+    size: usize,
+) -> Result<World> {
     let table = |prefix: &str| Product::table().renamed(&format!("{prefix}_{size}"));
     let strict_h = strict
         .register_in(table("wt")?, TableOptions::new())
@@ -604,12 +621,16 @@ async fn world(b: &Backends, strict: &Engine, relaxed: &Engine, size: usize) -> 
     let relaxed_h = relaxed
         .register_in(table("wtnf")?, TableOptions::new())
         .await?;
+    let fenced_h = fenced
+        .register_in(table("wtfo")?, TableOptions::new())
+        .await?;
     let raw_table = format!("raw_{size}");
     b.raw_db.setup(&raw_table).await.map_err(backend_err)?;
     let world = World {
         cache: b.cache.clone(),
         strict: strict_h,
         relaxed: relaxed_h,
+        fenced: fenced_h,
         strict_engine: strict.clone(),
         raw_cache: b.raw_cache.clone(),
         raw_db: b.raw_db.clone(),
@@ -620,6 +641,7 @@ async fn world(b: &Backends, strict: &Engine, relaxed: &Engine, size: usize) -> 
     let seed: Vec<Product> = (0..KEYS).map(|id| product(id, size, 1.0)).collect();
     world.strict.put_many(&seed).await?;
     world.relaxed.put_many(&seed).await?;
+    world.fenced.put_many(&seed).await?;
     world
         .raw_db
         .upsert_many(&world.raw_table, &seed)
@@ -660,10 +682,11 @@ pub(crate) async fn run_pair(args: &Args, pair: &Pair) -> Result<Vec<Row>> {
         return Ok(Vec::new());
     }
     let backends = open(&pair.cache, &pair.db).await?;
-    let (strict_engine, relaxed_engine) = engines(&backends, &pair.namespace()).await?;
+    let all = engines(&backends, &pair.namespace()).await?;
+    let strict_engine = all.0.clone();
     let mut rows = Vec::new();
     for &size in &args.sizes {
-        let world = world(&backends, &strict_engine, &relaxed_engine, size).await?;
+        let world = world(&backends, &all, size).await?;
         for scenario in ALL {
             if !wanted(scenario) {
                 continue;
@@ -744,27 +767,27 @@ pub(crate) async fn head_to_head(
 ) -> Result<Vec<HeadToHead>> {
     let r = open(redis_url, "sqlite::temp:").await?;
     let m = open(memcached_url, "sqlite::temp:").await?;
-    let (r_strict, r_relaxed) = engines(&r, "bench_h2h_redis").await?;
-    let (m_strict, m_relaxed) = engines(&m, "bench_h2h_memcached").await?;
+    let r_all = engines(&r, "bench_h2h_redis").await?;
+    let m_all = engines(&m, "bench_h2h_memcached").await?;
     let mut out = Vec::new();
     for &size in &args.sizes {
-        let rw = world(&r, &r_strict, &r_relaxed, size).await?;
-        let mw = world(&m, &m_strict, &m_relaxed, size).await?;
+        let rw = world(&r, &r_all, size).await?;
+        let mw = world(&m, &m_all, size).await?;
         let (rs, ms) = (
             rw.sides("read_hit").expect("known"),
             mw.sides("read_hit").expect("known"),
         );
         for &conc in &args.concurrency {
             let before = [
-                r_strict.stats().misses,
-                m_strict.stats().misses,
+                r_all.0.stats().misses,
+                m_all.0.stats().misses,
                 rw.raw_misses.load(Ordering::Relaxed),
                 mw.raw_misses.load(Ordering::Relaxed),
             ];
             let samples = alternate(args, conc, &[&rs.ours, &ms.ours, &rs.raw, &ms.raw]).await;
             let after = [
-                r_strict.stats().misses,
-                m_strict.stats().misses,
+                r_all.0.stats().misses,
+                m_all.0.stats().misses,
                 rw.raw_misses.load(Ordering::Relaxed),
                 mw.raw_misses.load(Ordering::Relaxed),
             ];

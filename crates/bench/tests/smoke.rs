@@ -7,10 +7,11 @@ use std::process::Command;
 use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
 
 /// The first column of each scenario's row.
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "read_hit",
     "read_miss",
     "write",
+    "write_fenced",
     "write_unfenced",
     "update",
     "delete",

@@ -68,7 +68,10 @@ impl<R: Record> Handle<R> {
         while report.checked < limit {
             let page = (limit - report.checked).min(500);
             let rows = inner
-                .db_call(DbCall::Scan, inner.db.scan(&st.table, after.clone(), page))
+                .db_call(
+                    DbCall::Scan,
+                    (*inner.db).scan(&st.table, after.clone(), page),
+                )
                 .await?;
             if rows.is_empty() {
                 break;
@@ -86,7 +89,7 @@ impl<R: Record> Handle<R> {
                 .collect();
             let cks: Vec<String> = keys.iter().map(|k| st.cache_key(k)).collect();
             let cached = inner
-                .cache_call(CacheCall::GetMany, inner.cache.get_many(&cks))
+                .cache_call(CacheCall::GetMany, (*inner.cache).get_many(&cks))
                 .await?;
             for ((vr, key), c) in rows.iter().zip(&keys).zip(&cached) {
                 report.checked += 1;
@@ -108,10 +111,10 @@ impl<R: Record> Handle<R> {
         for key in suspects {
             let ck = st.cache_key(&key);
             let row = inner
-                .db_call(DbCall::Get, inner.db.get(&st.table, &key))
+                .db_call(DbCall::Get, (*inner.db).get(&st.table, &key))
                 .await?;
             let cached = inner
-                .cache_call(CacheCall::Get, inner.cache.get(&ck))
+                .cache_call(CacheCall::Get, (*inner.cache).get(&ck))
                 .await?;
             let confirmed = match &row {
                 Some(vr) => matches!(inner.verdict(st, vr, cached.as_deref()), Verdict::Divergent),
@@ -128,7 +131,7 @@ impl<R: Record> Handle<R> {
                 // Delete first: the fence would keep an entry at the same
                 // version with other content.
                 inner
-                    .cache_call(CacheCall::Delete, inner.cache.delete(&ck))
+                    .cache_call(CacheCall::Delete, (*inner.cache).delete(&ck))
                     .await?;
                 inner.repair(st, &ck, row, 0).await?;
                 Counters::add(&inner.stats.resynced, 1);
@@ -149,7 +152,10 @@ impl<R: Record> Handle<R> {
         while seen < limit {
             let page = (limit - seen).min(500);
             let rows = inner
-                .db_call(DbCall::Scan, inner.db.scan(&st.table, after.clone(), page))
+                .db_call(
+                    DbCall::Scan,
+                    (*inner.db).scan(&st.table, after.clone(), page),
+                )
                 .await?;
             if rows.is_empty() {
                 break;

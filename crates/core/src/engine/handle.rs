@@ -167,10 +167,10 @@ impl<R: Record> Handle<R> {
             .inner
             .key_for(&self.st, &key)
             .map_err(|e| e.with_operation("get_or_load"))?;
-        let mut arrival = self.inner.flights.arrive();
         if let Lookup::Hit(hit) = self.inner.lookup::<R>(&self.st, &ck, true).await {
             return Ok(Some(hit));
         }
+        let mut arrival = self.inner.flights.arrive();
         // As in `Inner::read`: a load that queried before we arrived may
         // predate a write we must see; then the cache, refilled, answers.
         for attempt in 0..=MAX_LATE_JOINS {
@@ -293,7 +293,9 @@ impl<R: Record> Handle<R> {
     ) -> Result<WriteOutcome> {
         let inner = &self.inner;
         let opts = inner.tx_options();
-        let mut tx = inner.db_call(DbCall::Begin, inner.db.begin(opts)).await?;
+        let mut tx = inner
+            .db_call(DbCall::Begin, (*inner.db).begin(opts))
+            .await?;
         let o = inner.db_call(DbCall::Apply, tx.apply(&write)).await?;
         if let Some(row) = &o.row {
             let r = R::from_row(&self.st.table, row.clone())?;
@@ -387,7 +389,7 @@ impl Inner {
     pub(crate) async fn execute_one(&self, write: Write) -> Result<WriteOutcome> {
         let opts = self.tx_options();
         let mut out = self
-            .db_call(DbCall::Execute, self.db.execute(vec![write], opts))
+            .db_call(DbCall::Execute, (*self.db).execute(vec![write], opts))
             .await?;
         out.pop()
             .ok_or_else(|| Error::new(ErrorKind::Backend, "the database returned no outcome"))

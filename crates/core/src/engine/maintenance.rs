@@ -69,7 +69,7 @@ impl Inner {
         }
         self.metrics.breaker_state.set(1.0);
         let ok = self
-            .cache_call(CacheCall::Ping, self.cache.ping())
+            .cache_call(CacheCall::Ping, (*self.cache).ping())
             .await
             .is_ok()
             && self.resync_all().await;
@@ -97,7 +97,7 @@ impl Inner {
             let generation = self.resync.current_generation();
             let prefix = format!("{}:", self.cfg.namespace);
             if self
-                .cache_call(CacheCall::Clear, self.cache.clear(&prefix))
+                .cache_call(CacheCall::Clear, (*self.cache).clear(&prefix))
                 .await
                 .is_err()
             {
@@ -107,7 +107,7 @@ impl Inner {
         }
         for d in self.resync.batch(usize::MAX) {
             let Ok(row) = self
-                .db_call(DbCall::Get, self.db.get(&d.table.table, &d.key))
+                .db_call(DbCall::Get, (*self.db).get(&d.table.table, &d.key))
                 .await
             else {
                 return false;
@@ -133,7 +133,7 @@ impl Inner {
         }
         // On failure the records stay; a reconciler replays them
         // (harmlessly) and removes them.
-        self.db_call(DbCall::OutboxRemove, self.db.outbox_remove(ids))
+        self.db_call(DbCall::OutboxRemove, (*self.db).outbox_remove(ids))
             .await
     }
 
@@ -158,7 +158,7 @@ impl Inner {
             let entries = self
                 .db_call(
                     DbCall::OutboxPending,
-                    self.db.outbox_pending(Some(&tables), min_age, REPLAY_BATCH),
+                    (*self.db).outbox_pending(Some(&tables), min_age, REPLAY_BATCH),
                 )
                 .await?;
             let n = entries.len();
@@ -167,14 +167,14 @@ impl Inner {
                 if let Some(st) = self.table_state(&e.table) {
                     let ck = st.cache_key(&e.key);
                     let row = self
-                        .db_call(DbCall::Get, self.db.get(&st.table, &e.key))
+                        .db_call(DbCall::Get, (*self.db).get(&st.table, &e.key))
                         .await?;
                     self.repair(&st, &ck, row, e.version).await?;
                 }
                 ids.push(e.id);
             }
             if !ids.is_empty() {
-                self.db_call(DbCall::OutboxRemove, self.db.outbox_remove(ids))
+                self.db_call(DbCall::OutboxRemove, (*self.db).outbox_remove(ids))
                     .await?;
             }
             report.replayed += n;

@@ -67,8 +67,8 @@ pub struct Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("cache", &self.inner.cache.name())
-            .field("db", &self.inner.db.name())
+            .field("cache", &(*self.inner.cache).name())
+            .field("db", &(*self.inner.db).name())
             .field("namespace", &self.inner.cfg.namespace)
             .finish()
     }
@@ -131,7 +131,7 @@ impl EngineBuilder {
     /// background work (resync, outbox replay). Must be called inside a Tokio runtime.
     pub fn build(self) -> Result<Engine> {
         self.cfg.check()?;
-        let caps = self.cache.capabilities();
+        let caps = (*self.cache).capabilities();
         let tombstone_ttl = caps.check_ttl(self.cfg.tombstone_ttl).map_err(|e| {
             Error::new(ErrorKind::Config, format!("tombstone_ttl: {}", e.message()))
         })?;
@@ -147,10 +147,10 @@ impl EngineBuilder {
                 "Engine::build must be called inside a Tokio runtime",
             )
         })?;
-        let metrics = EngineMetrics::new(self.cache.name(), self.db.name());
+        let metrics = EngineMetrics::new((*self.cache).name(), (*self.db).name());
         let inner = Arc::new(Inner {
             caps,
-            db_caps: self.db.capabilities(),
+            db_caps: (*self.db).capabilities(),
             cache: self.cache,
             db: self.db,
             tombstone_ttl,
@@ -276,13 +276,17 @@ impl Engine {
             .map_err(|e| e.with_operation("register"))?;
         if opts.create {
             inner
-                .db_call(DbCall::EnsureTable, inner.db.ensure_table(&table))
+                .db_call(DbCall::EnsureTable, (*inner.db).ensure_table(&table))
                 .await?;
         }
         let (cache_if, ttl_fn) = opts.erase(&table);
         let st = Arc::new(TableState {
             prefix: format!("{}:{}:", inner.cfg.namespace, table.name()),
-            metrics: TableMetrics::new(table.name().as_str(), inner.cache.name(), inner.db.name()),
+            metrics: TableMetrics::new(
+                table.name().as_str(),
+                (*inner.cache).name(),
+                (*inner.db).name(),
+            ),
             table,
             ttl,
             ttl_fn,
@@ -301,7 +305,7 @@ impl Engine {
         let opts = self.inner.tx_options();
         let tx = self
             .inner
-            .db_call(DbCall::Begin, self.inner.db.begin(opts))
+            .db_call(DbCall::Begin, (*self.inner.db).begin(opts))
             .await?;
         Ok(Tx::new(self.inner.clone(), tx))
     }
@@ -544,7 +548,7 @@ impl Inner {
                 }
                 Err(e
                     .with_operation(call.name())
-                    .with_backend(self.cache.name()))
+                    .with_backend((*self.cache).name()))
             }
         }
     }
@@ -568,7 +572,8 @@ impl Inner {
         self.metrics.db_call(call, started.elapsed(), r.is_ok());
         r.map_err(|e| {
             Counters::add(&self.stats.db_errors, 1);
-            e.with_operation(call.name()).with_backend(self.db.name())
+            e.with_operation(call.name())
+                .with_backend((*self.db).name())
         })
     }
 
@@ -645,7 +650,10 @@ impl Inner {
             if has_nul {
                 return Err(Error::new(
                     ErrorKind::InvalidValue,
-                    format!("{} cannot store text containing a NUL byte", self.db.name()),
+                    format!(
+                        "{} cannot store text containing a NUL byte",
+                        (*self.db).name()
+                    ),
                 ));
             }
         }
@@ -681,7 +689,7 @@ impl Inner {
         );
         let opts = self.tx_options();
         let outcomes = match self
-            .db_call(DbCall::Execute, self.db.execute(writes, opts))
+            .db_call(DbCall::Execute, (*self.db).execute(writes, opts))
             .await
         {
             Ok(o) => o,
@@ -834,13 +842,13 @@ impl Inner {
             let fences = if items.len() == 1 {
                 let item = items.pop().expect("one item");
                 vec![
-                    self.cache_call(CacheCall::SetIfNewer, self.cache.set_if_newer(item))
+                    self.cache_call(CacheCall::SetIfNewer, (*self.cache).set_if_newer(item))
                         .await?,
                 ]
             } else {
                 self.cache_call(
                     CacheCall::SetManyIfNewer,
-                    self.cache.set_many_if_newer(items),
+                    (*self.cache).set_many_if_newer(items),
                 )
                 .await?
             };
@@ -855,7 +863,7 @@ impl Inner {
             match &e.kind {
                 EffectKind::Put(..) => puts.push(self.item(&e.cache_key, e.version, &e.kind)),
                 EffectKind::Invalidate | EffectKind::Tombstone => {
-                    self.cache_call(CacheCall::Delete, self.cache.delete(&e.cache_key))
+                    self.cache_call(CacheCall::Delete, (*self.cache).delete(&e.cache_key))
                         .await?;
                 }
             }
@@ -864,11 +872,11 @@ impl Inner {
             0 => Ok(()),
             1 => {
                 let it = puts.pop().expect("one item");
-                self.cache_call(CacheCall::Set, self.cache.set(&it.key, it.entry, it.ttl))
+                self.cache_call(CacheCall::Set, (*self.cache).set(&it.key, it.entry, it.ttl))
                     .await
             }
             _ => {
-                self.cache_call(CacheCall::SetMany, self.cache.set_many(puts))
+                self.cache_call(CacheCall::SetMany, (*self.cache).set_many(puts))
                     .await
             }
         }
@@ -881,11 +889,14 @@ impl Inner {
         key: Key,
     ) -> Result<(Option<R>, bool)> {
         let ck = self.key_for(st, &key)?;
-        let mut arrival = self.flights.arrive();
         let unreadable = match self.lookup::<R>(st, &ck, true).await {
             Lookup::Hit(hit) => return Ok((Some(hit), true)),
             Lookup::Miss(unreadable) => unreadable,
         };
+        // The arrival stamp may be taken any time after the read began: a
+        // later one only makes sharing stricter. Taking it after the miss
+        // keeps the shared clock off the hit path.
+        let mut arrival = self.flights.arrive();
         self.hook(HookPoint::Miss, &ck).await;
         let mut loaded = None;
         for _ in 0..MAX_LATE_JOINS {
@@ -934,7 +945,8 @@ impl Inner {
     ) -> Lookup<R> {
         let usable = self.breaker.allows() && !self.resync.contains(ck);
         let mut unreadable = None;
-        if usable && let Ok(Some(bytes)) = self.cache_call(CacheCall::Get, self.cache.get(ck)).await
+        if usable
+            && let Ok(Some(bytes)) = self.cache_call(CacheCall::Get, (*self.cache).get(ck)).await
         {
             match codec::decode(&bytes) {
                 Decoded::Row { codec, payload, .. } => {
@@ -985,7 +997,7 @@ impl Inner {
         let r = self
             .cache_call(
                 CacheCall::ReplaceIfUnchanged,
-                self.cache.replace_if_unchanged(found, item),
+                (*self.cache).replace_if_unchanged(found, item),
             )
             .await;
         if let Ok(Fence::Applied) = r {
@@ -1020,7 +1032,7 @@ impl Inner {
                 Counters::add(&self.stats.loads, 1);
                 issue.now();
                 let row = self
-                    .db_call(DbCall::Get, self.db.get(&st.table, &key))
+                    .db_call(DbCall::Get, (*self.db).get(&st.table, &key))
                     .await?;
                 self.hook(HookPoint::AfterLoad, &ck).await;
                 if let Some(vr) = &row {
@@ -1059,10 +1071,10 @@ impl Inner {
                 version: vr.version,
                 ttl,
             };
-            self.cache_call(CacheCall::SetIfNewer, self.cache.set_if_newer(item))
+            self.cache_call(CacheCall::SetIfNewer, (*self.cache).set_if_newer(item))
                 .await
         } else {
-            self.cache_call(CacheCall::Set, self.cache.set(ck, entry, ttl))
+            self.cache_call(CacheCall::Set, (*self.cache).set(ck, entry, ttl))
                 .await
                 .map(|()| Fence::Applied)
         };
@@ -1109,11 +1121,11 @@ impl Inner {
             // Nothing to fence with: remove whatever is there.
             return match item {
                 Some(it) if !self.cfg.consistency.fence => {
-                    self.cache_call(CacheCall::Set, self.cache.set(ck, it.entry, it.ttl))
+                    self.cache_call(CacheCall::Set, (*self.cache).set(ck, it.entry, it.ttl))
                         .await
                 }
                 _ => self
-                    .cache_call(CacheCall::Delete, self.cache.delete(ck))
+                    .cache_call(CacheCall::Delete, (*self.cache).delete(ck))
                     .await
                     .map(drop),
             };
@@ -1124,7 +1136,7 @@ impl Inner {
             EffectKind::Tombstone
         };
         let item = item.unwrap_or_else(|| self.item(ck, version, &kind));
-        self.cache_call(CacheCall::SetIfNewer, self.cache.set_if_newer(item))
+        self.cache_call(CacheCall::SetIfNewer, (*self.cache).set_if_newer(item))
             .await
             .map(drop)
     }

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs the benchmark over all six backend pairs against throwaway servers,
+# the way BENCHMARKS.md's figures were produced:
+#
+#   scripts/bench.sh [extra writethrough-bench options]     # e.g. --duration-ms 300
+#
+# Starts redis-server, memcached and a PostgreSQL cluster on free loopback
+# ports in a temporary directory (configured as the testkit starts them,
+# memcached with 1 GiB so the 16 KiB tables fit), runs
+# `writethrough-bench --pairs all`, writes the Markdown tables to
+# target/bench.md, and stops the servers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+for bin in redis-server memcached; do
+    command -v "$bin" >/dev/null || { echo "missing $bin: sudo apt-get install -y ${bin/-server/-server}" >&2; exit 1; }
+done
+pgbin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1)")
+[[ -x "$pgbin/initdb" ]] || { echo "missing PostgreSQL: sudo apt-get install -y postgresql" >&2; exit 1; }
+
+dir=$(mktemp -d /tmp/wt-bench.XXXXXX)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+rport=$(free_port); mport=$(free_port); pport=$(free_port)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    [[ -n "${pg_started:-}" ]] && run_pg "$pgbin/pg_ctl" -D "$dir/pg" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
+    >"$dir/redis.log" 2>&1 &
+pids+=($!)
+user=()
+[[ $(id -u) -eq 0 ]] && user=(-u root)
+memcached -l 127.0.0.1 -p "$mport" -U 0 -m 1024 "${user[@]}" >"$dir/memcached.log" 2>&1 &
+pids+=($!)
+
+# PostgreSQL refuses to run as root: run it as the postgres user then.
+run_pg() {
+    if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+mkdir -p "$dir/pg"
+[[ $(id -u) -eq 0 ]] && chown -R postgres "$dir"
+run_pg "$pgbin/initdb" -D "$dir/pg" -U postgres --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1
+run_pg "$pgbin/pg_ctl" -D "$dir/pg" -l "$dir/postgres.log" -w \
+    -o "-p $pport -c listen_addresses=127.0.0.1 -k $dir -c fsync=off -c full_page_writes=off -c max_connections=200" \
+    start >/dev/null
+pg_started=1
+
+cargo build --release -p writethrough-bench
+target/release/writethrough-bench --pairs all \
+    --redis "redis://127.0.0.1:$rport" \
+    --memcached "memcached://127.0.0.1:$mport" \
+    --postgres "postgres://postgres@127.0.0.1:$pport/postgres" \
+    --markdown target/bench.md "$@"
+echo "tables written to target/bench.md"

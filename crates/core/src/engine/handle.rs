@@ -167,10 +167,10 @@ impl<R: Record> Handle<R> {
             .inner
             .key_for(&self.st, &key)
             .map_err(|e| e.with_operation("get_or_load"))?;
+        let mut arrival = self.inner.flights.arrive();
         if let Lookup::Hit(hit) = self.inner.lookup::<R>(&self.st, &ck, true).await {
             return Ok(Some(hit));
         }
-        let mut arrival = self.inner.flights.arrive();
         // As in `Inner::read`: a load that queried before we arrived may
         // predate a write we must see; then the cache, refilled, answers.
         for attempt in 0..=MAX_LATE_JOINS {

@@ -889,14 +889,15 @@ impl Inner {
         key: Key,
     ) -> Result<(Option<R>, bool)> {
         let ck = self.key_for(st, &key)?;
+        // The arrival stamp is taken before the cache lookup: a reader that
+        // missed just before a load filled the cache then still joins that
+        // load (it finished after the reader arrived) instead of starting
+        // a second one.
+        let mut arrival = self.flights.arrive();
         let unreadable = match self.lookup::<R>(st, &ck, true).await {
             Lookup::Hit(hit) => return Ok((Some(hit), true)),
             Lookup::Miss(unreadable) => unreadable,
         };
-        // The arrival stamp may be taken any time after the read began: a
-        // later one only makes sharing stricter. Taking it after the miss
-        // keeps the shared clock off the hit path.
-        let mut arrival = self.flights.arrive();
         self.hook(HookPoint::Miss, &ck).await;
         let mut loaded = None;
         for _ in 0..MAX_LATE_JOINS {

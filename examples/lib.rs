@@ -40,3 +40,15 @@ pub fn validate(p: &Product) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The bulk import of the walk-throughs: a thousand notebooks, ids 100 to 1099.
+pub fn notebooks() -> Vec<Product> {
+    (100..1100)
+        .map(|id| Product {
+            id,
+            name: format!("Notebook #{id}"),
+            price: 3.0 + (id % 7) as f64,
+            stock: id % 50,
+        })
+        .collect()
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use writethrough::moka::MokaCache;
 use writethrough::sqlite::SqliteStore;
 use writethrough::{Engine, ErrorKind, Handle, Patch, TableOptions};
-use writethrough_examples::{Product, validate};
+use writethrough_examples::{Product, notebooks, validate};
 
 async fn open(path: &std::path::Path) -> writethrough::Result<(Engine, Handle<Product>)> {
     let engine = Engine::builder(MokaCache::default(), SqliteStore::open(path)?)
@@ -97,14 +97,7 @@ async fn main() -> writethrough::Result<()> {
         other => panic!("a negative price must be rejected, got {other:?}"),
     }
 
-    let import: Vec<Product> = (100..1100)
-        .map(|id| Product {
-            id,
-            name: format!("Notebook #{id}"),
-            price: 3.0 + (id % 7) as f64,
-            stock: id % 50,
-        })
-        .collect();
+    let import = notebooks();
     let versions = products.put_many(&import).await?;
     println!(
         "import  {} products: one SQLite transaction, then one cache round trip",

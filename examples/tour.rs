@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use writethrough::{CacheStore, DbStore, Engine, ErrorKind, Patch, Stats, TableOptions};
 
-use crate::{Product, validate};
+use crate::{Product, notebooks, validate};
 
 /// One backend of a pair: how to name it, and where its URL comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,14 +374,7 @@ pub async fn catalogue_tour(engine: Engine, table: &str) -> writethrough::Result
         }
     }
 
-    let import: Vec<Product> = (100..1100)
-        .map(|id| Product {
-            id,
-            name: format!("Notebook #{id}"),
-            price: 3.0 + (id % 7) as f64,
-            stock: id % 50,
-        })
-        .collect();
+    let import = notebooks();
     let versions = products.put_many(&import).await?;
     println!(
         "import  {} products: one {db} transaction, then one cache round trip",

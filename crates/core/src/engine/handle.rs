@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::metrics::{OpKind, OpOutcome};
 use super::stats::Counters;
 use super::table::{TableState, Validator, WriteOptions};
-use super::{DbCall, Effect, Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
+use super::{DbCall, Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
 use crate::db::{Write, WriteOp, WriteOutcome};
 use crate::entity::Record;
 use crate::error::{Error, ErrorKind, Result};
@@ -259,25 +259,17 @@ impl<R: Record> Handle<R> {
                 table: self.st.table.clone(),
                 op: WriteOp::Update(key.clone(), patch),
             };
-            let guard = self
-                .inner
-                .guard(vec![(ck.clone(), self.st.clone(), key.clone())]);
-            let outcome = match &self.validate {
-                None => self.inner.execute_one(write).await,
-                Some(v) => self.update_validated(write, v).await,
-            };
-            let outcome = match outcome {
-                Ok(o) => o,
-                Err(e) => {
-                    if !e.is_in_doubt() {
-                        guard.disarm();
-                    }
-                    return Err(op(e).with_key(&ck));
+            let commit = async {
+                match &self.validate {
+                    None => self.inner.execute_one(write).await,
+                    Some(v) => self.update_validated(write, v).await,
                 }
             };
-            Counters::add(&self.inner.stats.writes, 1);
-            let effect = self.inner.effect_of(&self.st, key, ck, &outcome);
-            self.inner.apply_effects(vec![effect], guard).await;
+            let outcome = self
+                .inner
+                .commit_one(&self.st, key, ck, commit)
+                .await
+                .map_err(op)?;
             outcome
                 .row
                 .map(|row| R::from_row(&self.st.table, row))
@@ -320,21 +312,12 @@ impl<R: Record> Handle<R> {
                 table: self.st.table.clone(),
                 op: WriteOp::Delete(key.clone()),
             };
-            let guard = self
+            let commit = self.inner.execute_one(write);
+            let outcome = self
                 .inner
-                .guard(vec![(ck.clone(), self.st.clone(), key.clone())]);
-            let outcome = match self.inner.execute_one(write).await {
-                Ok(o) => o,
-                Err(e) => {
-                    if !e.is_in_doubt() {
-                        guard.disarm();
-                    }
-                    return Err(op(e).with_key(&ck));
-                }
-            };
-            Counters::add(&self.inner.stats.writes, 1);
-            let effect: Effect = self.inner.effect_of(&self.st, key, ck, &outcome);
-            self.inner.apply_effects(vec![effect], guard).await;
+                .commit_one(&self.st, key, ck, commit)
+                .await
+                .map_err(op)?;
             Ok(outcome.existed)
         })
         .await

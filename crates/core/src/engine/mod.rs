@@ -475,6 +475,16 @@ impl ResyncGuard<'_> {
     pub(crate) fn disarm(mut self) {
         self.keys.clear();
     }
+
+    /// Settles the guard for a commit that failed with `e`, and hands `e`
+    /// back: a commit known not to have happened wrote nothing to repair;
+    /// one in doubt marks its keys (the guard is dropped armed).
+    pub(crate) fn failed(self, e: Error) -> Error {
+        if !e.is_in_doubt() {
+            self.disarm();
+        }
+        e
+    }
 }
 
 impl Drop for ResyncGuard<'_> {
@@ -693,11 +703,7 @@ impl Inner {
             .await
         {
             Ok(o) => o,
-            Err(e) if e.is_in_doubt() => return Err(e), // the guard marks the keys
-            Err(e) => {
-                guard.disarm();
-                return Err(e);
-            }
+            Err(e) => return Err(guard.failed(e)),
         };
         Counters::add(&self.stats.writes, outcomes.len() as u64);
         let effects = prepared
@@ -720,6 +726,26 @@ impl Inner {
             .collect();
         self.apply_effects(effects, guard).await;
         Ok(outcomes)
+    }
+
+    /// Commits one update or delete of `key` under a resync guard, then
+    /// applies its cache effect (see [`Inner::effect_of`]).
+    pub(crate) async fn commit_one(
+        &self,
+        st: &Arc<TableState>,
+        key: Key,
+        cache_key: String,
+        commit: impl Future<Output = Result<WriteOutcome>>,
+    ) -> Result<WriteOutcome> {
+        let guard = self.guard(vec![(cache_key.clone(), st.clone(), key.clone())]);
+        let outcome = match commit.await {
+            Ok(o) => o,
+            Err(e) => return Err(guard.failed(e).with_key(&cache_key)),
+        };
+        Counters::add(&self.stats.writes, 1);
+        let effect = self.effect_of(st, key, cache_key, &outcome);
+        self.apply_effects(vec![effect], guard).await;
+        Ok(outcome)
     }
 
     /// The cache effect of an update or delete, from its outcome.

@@ -210,14 +210,8 @@ impl Tx {
                 .map(|e| (e.cache_key.clone(), e.table.clone(), e.key.clone()))
                 .collect(),
         );
-        match inner.db_call(DbCall::Commit, tx.commit()).await {
-            Ok(()) => {}
-            Err(e) => {
-                if !e.is_in_doubt() {
-                    guard.disarm();
-                }
-                return Err(e.with_operation("tx.commit"));
-            }
+        if let Err(e) = inner.db_call(DbCall::Commit, tx.commit()).await {
+            return Err(guard.failed(e).with_operation("tx.commit"));
         }
         Counters::add(&inner.stats.writes, effects.len() as u64);
         inner.apply_effects(effects, guard).await;

@@ -191,6 +191,13 @@ impl Table {
         &self.inner.columns[self.inner.key]
     }
 
+    /// The key `row` carries in the key column, or `None` when it has no
+    /// value there that can be a key.
+    pub fn key_of(&self, row: &Row) -> Option<Key> {
+        row.get(self.key_column().name.as_str())
+            .and_then(Key::from_value)
+    }
+
     /// Every column, key first.
     pub fn columns(&self) -> &[Column] {
         &self.inner.columns
@@ -238,10 +245,9 @@ impl Table {
             let value = coerce(col, value.unwrap_or(Value::Null))?;
             out.insert(col.name.clone(), value);
         }
-        let key_value = out
-            .get(self.key_column().name.as_str())
-            .expect("the key column is in every normalized row");
-        let key = Key::from_value(key_value).expect("coerce keeps the key column's type");
+        let key = self
+            .key_of(&out)
+            .expect("coerce fills the key column with a value of the key's type");
         self.check_key(&key)?;
         Ok((key, out))
     }

@@ -439,8 +439,7 @@ fn upsert_run(
 }
 
 fn row_key(t: &Table, row: &Row) -> Result<Key> {
-    row.get(t.key_column().name.as_str())
-        .and_then(Key::from_value)
+    t.key_of(row)
         .ok_or_else(|| Error::new(ErrorKind::InvalidKey, "the row has no key"))
 }
 

@@ -33,7 +33,54 @@ enum Verdict {
     Divergent,
 }
 
+/// A walk through a table in key order, at most `left` more rows in all,
+/// [`PAGE`] rows a query.
+struct Pages {
+    after: Option<Key>,
+    left: usize,
+}
+
+/// The most rows one scan asks for.
+const PAGE: usize = 500;
+
 impl Inner {
+    /// The next page of rows with their keys; empty once the table or the
+    /// limit is exhausted.
+    async fn next_page(
+        &self,
+        st: &TableState,
+        pages: &mut Pages,
+    ) -> Result<Vec<(Key, VersionedRow)>> {
+        if pages.left == 0 {
+            return Ok(Vec::new());
+        }
+        let page = pages.left.min(PAGE);
+        let rows = self
+            .db_call(
+                DbCall::Scan,
+                (*self.db).scan(&st.table, pages.after.clone(), page),
+            )
+            .await?;
+        // A short page is the last one.
+        pages.left = if rows.len() < page {
+            0
+        } else {
+            pages.left.saturating_sub(rows.len())
+        };
+        let keyed: Vec<(Key, VersionedRow)> = rows
+            .into_iter()
+            .map(|vr| {
+                let key = st
+                    .table
+                    .key_of(&vr.row)
+                    .expect("scanned rows carry their key");
+                (key, vr)
+            })
+            .collect();
+        pages.after = keyed.last().map(|(key, _)| key.clone());
+        Ok(keyed)
+    }
+
     fn verdict(&self, st: &TableState, vr: &VersionedRow, cached: Option<&[u8]>) -> Verdict {
         let Some(bytes) = cached else {
             return Verdict::Absent;
@@ -64,44 +111,26 @@ impl<R: Record> Handle<R> {
         let st = &self.st;
         let mut report = AuditReport::default();
         let mut suspects = Vec::new();
-        let mut after: Option<Key> = None;
-        while report.checked < limit {
-            let page = (limit - report.checked).min(500);
-            let rows = inner
-                .db_call(
-                    DbCall::Scan,
-                    (*inner.db).scan(&st.table, after.clone(), page),
-                )
-                .await?;
+        let mut pages = Pages {
+            after: None,
+            left: limit,
+        };
+        loop {
+            let rows = inner.next_page(st, &mut pages).await?;
             if rows.is_empty() {
                 break;
             }
-            let keys: Vec<Key> = rows
-                .iter()
-                .map(|vr| {
-                    Key::from_value(
-                        vr.row
-                            .get(st.table.key_column().name.as_str())
-                            .expect("rows carry their key"),
-                    )
-                    .expect("keys are int or text")
-                })
-                .collect();
-            let cks: Vec<String> = keys.iter().map(|k| st.cache_key(k)).collect();
+            let cks: Vec<String> = rows.iter().map(|(key, _)| st.cache_key(key)).collect();
             let cached = inner
                 .cache_call(CacheCall::GetMany, (*inner.cache).get_many(&cks))
                 .await?;
-            for ((vr, key), c) in rows.iter().zip(&keys).zip(&cached) {
+            for ((key, vr), c) in rows.iter().zip(&cached) {
                 report.checked += 1;
                 match inner.verdict(st, vr, c.as_deref()) {
                     Verdict::Agree => report.agree += 1,
                     Verdict::Absent => report.absent += 1,
                     Verdict::Divergent => suspects.push(key.clone()),
                 }
-            }
-            after = keys.last().cloned();
-            if rows.len() < page {
-                break;
             }
         }
         if suspects.is_empty() {
@@ -147,36 +176,21 @@ impl<R: Record> Handle<R> {
         let inner = &self.inner;
         let st = &self.st;
         let mut warmed = 0;
-        let mut seen = 0;
-        let mut after: Option<Key> = None;
-        while seen < limit {
-            let page = (limit - seen).min(500);
-            let rows = inner
-                .db_call(
-                    DbCall::Scan,
-                    (*inner.db).scan(&st.table, after.clone(), page),
-                )
-                .await?;
+        let mut pages = Pages {
+            after: None,
+            left: limit,
+        };
+        loop {
+            let rows = inner.next_page(st, &mut pages).await?;
             if rows.is_empty() {
                 break;
             }
-            seen += rows.len();
             let started = std::time::Instant::now();
-            for vr in &rows {
-                let key = Key::from_value(
-                    vr.row
-                        .get(st.table.key_column().name.as_str())
-                        .expect("rows carry their key"),
-                )
-                .expect("keys are int or text");
-                let ck = st.cache_key(&key);
+            for (key, vr) in &rows {
+                let ck = st.cache_key(key);
                 if inner.populate(st, &ck, vr, started).await {
                     warmed += 1;
                 }
-                after = Some(key);
-            }
-            if rows.len() < page {
-                break;
             }
         }
         Ok(warmed)

@@ -5,51 +5,15 @@
 //! package (examples are built before the tests run); this test builds
 //! nothing itself.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::{Value, json};
-
-/// Where cargo put the example: `target/<profile>/examples/`, beside the
-/// `target/<profile>/deps/` this test runs from.
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test runs from target/<profile>/deps/");
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("http_catalogue{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "the http_catalogue example is not built at {}: run `cargo test -p writethrough-examples` \
-         (which builds the examples) or `cargo build -p writethrough-examples --example \
-         http_catalogue` first",
-        bin.display()
-    );
-    // A filtered run (`--test http_catalogue`) does not rebuild examples:
-    // refuse to test a binary older than its sources.
-    let modified = |p: &std::path::Path| {
-        std::fs::metadata(p)
-            .and_then(|m| m.modified())
-            .unwrap_or(SystemTime::UNIX_EPOCH)
-    };
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    for src in ["http_catalogue.rs", "lib.rs"] {
-        assert!(
-            modified(&bin) >= modified(&dir.join(src)),
-            "{} is older than {src}: rebuild it with `cargo build -p writethrough-examples \
-             --example http_catalogue` (or run the whole `cargo test -p writethrough-examples`)",
-            bin.display()
-        );
-    }
-    bin
-}
 
 /// The running service; killed when dropped, so a failed assertion leaves no process behind.
 struct Service {
@@ -59,7 +23,7 @@ struct Service {
 
 impl Service {
     fn start() -> Service {
-        let mut child = Command::new(example_binary())
+        let mut child = Command::new(common::example_binary("http_catalogue", &["lib.rs"]))
             .env("WT_LISTEN", "127.0.0.1:0")
             .env("WT_CACHE_URL", "moka://")
             .env("WT_DB_URL", "sqlite::temp:")

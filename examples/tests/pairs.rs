@@ -7,10 +7,11 @@
 //! `cargo test` of this package (examples are built before the tests run);
 //! this test builds nothing itself.
 
+mod common;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
 
@@ -23,50 +24,13 @@ const VARS: [&str; 4] = [
     "WT_SQLITE_URL",
 ];
 
-/// The sources example `name` is built from.
-fn sources(name: &str) -> Vec<String> {
-    let own = format!("{name}.rs");
+/// The files example `name` is built from besides its own `<name>.rs`.
+fn shared_sources(name: &str) -> &'static [&'static str] {
     if name == "quickstart" {
-        vec![own, "lib.rs".into()]
+        &["lib.rs"]
     } else {
-        vec![own, "tour.rs".into(), "lib.rs".into()]
+        &["tour.rs", "lib.rs"]
     }
-}
-
-/// Where cargo put example `name`: `target/<profile>/examples/`, beside the
-/// `target/<profile>/deps/` this test runs from. Refuses a binary older
-/// than its sources (a filtered run, `--test pairs`, does not rebuild
-/// examples).
-fn example_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test runs from target/<profile>/deps/");
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "the {name} example is not built at {}: run `cargo test -p writethrough-examples` \
-         (which builds the examples) or `cargo build -p writethrough-examples --examples` first",
-        bin.display()
-    );
-    let modified = |p: &Path| {
-        std::fs::metadata(p)
-            .and_then(|m| m.modified())
-            .unwrap_or(SystemTime::UNIX_EPOCH)
-    };
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    for src in sources(name) {
-        assert!(
-            modified(&bin) >= modified(&dir.join(&src)),
-            "{} is older than {src}: rebuild it with `cargo build -p writethrough-examples \
-             --examples` (or run the whole `cargo test -p writethrough-examples`)",
-            bin.display()
-        );
-    }
-    bin
 }
 
 /// What one run of an example did.
@@ -109,7 +73,7 @@ impl Run {
 /// Runs example `name` with `env` set and the other variables the examples
 /// read removed, and waits for it to exit.
 fn run_example(name: &str, env: &[(&str, String)]) -> Run {
-    let mut cmd = Command::new(example_binary(name));
+    let mut cmd = Command::new(common::example_binary(name, shared_sources(name)));
     for var in VARS {
         cmd.env_remove(var);
     }

@@ -151,6 +151,13 @@ pub struct CacheItem {
     pub ttl: Option<Duration>,
 }
 
+impl CacheItem {
+    /// The cache epoch in the entry's header (0 when the entry carries none).
+    pub fn epoch(&self) -> u64 {
+        crate::codec::entry_epoch(&self.entry).unwrap_or(0)
+    }
+}
+
 /// What a fenced write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fence {
@@ -171,8 +178,8 @@ pub enum Fence {
 /// * `get_many` answers in the order of `keys`, one slot per key.
 /// * `set` and `set_many` store unconditionally, with the given TTL.
 /// * `set_if_newer` stores `item` only if nothing is stored, what is stored
-///   is not a readable entry, or its version is strictly lower than
-///   `item.version` (see [`crate::codec::replaces`]); the read and the write
+///   is not a readable entry, or it is older in (epoch, version) order than
+///   `(item.epoch(), item.version)` (see [`crate::codec::replaces`]); the read and the write
 ///   are one atomic step with respect to every other call on the same key,
 ///   from this process or any other.
 /// * `set_many_if_newer` does the same per item, in one round trip where
@@ -221,6 +228,18 @@ pub trait CacheStore: Send + Sync + 'static {
     async fn clear(&self, prefix: &str) -> Result<()>;
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;
+    /// Who answers: text that changes whenever the cache may have lost
+    /// entries or gone back in time without the engine writing there: a
+    /// server restarted (even from a snapshot), a failover to another
+    /// server, a server of a ring unreachable or back. The engine compares
+    /// it with the identity recorded next to its epoch (see
+    /// [`crate::codec::epoch_record`]) and starts a new epoch when they
+    /// differ. Every client of the same servers must compute the same text.
+    /// `None` (the default): the backend cannot tell; the engine then
+    /// notices only a lost epoch record (a flush, a restart empty).
+    async fn identity(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 macro_rules! forward_cache_store {
@@ -266,6 +285,9 @@ macro_rules! forward_cache_store {
             }
             async fn ping(&self) -> Result<()> {
                 (**self).ping().await
+            }
+            async fn identity(&self) -> Result<Option<String>> {
+                (**self).identity().await
             }
         }
     };

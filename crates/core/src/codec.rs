@@ -1,21 +1,27 @@
 //! Cache entries: a self-describing envelope around an encoded row.
 //!
-//! Every value the engine puts in a cache starts with a fixed 29-byte header:
+//! Every value the engine puts in a cache starts with a fixed 39-byte header:
 //!
 //! | bytes  | content                                                   |
 //! |--------|-----------------------------------------------------------|
 //! | 0..2   | magic `wt`                                                |
-//! | 2      | envelope format, `1`                                      |
+//! | 2      | envelope format, `2`                                      |
 //! | 3      | kind: `V` a row, `T` a tombstone (no row as of the version), `I` an invalidation (the row is at this version or newer, not cached) |
 //! | 4..24  | the row's version, 20 ASCII digits, zero-padded           |
 //! | 24     | codec of the payload: `j` JSON, `p` postcard              |
 //! | 25..29 | CRC-32 of the payload, big-endian                         |
-//! | 29..   | payload                                                   |
+//! | 29..39 | the cache epoch the entry was prepared in, 10 ASCII digits |
+//! | 39..   | payload                                                   |
 //!
-//! The version sits at a fixed offset in decimal so that every cache backend
-//! can read it without our code: the Redis adapter's Lua script compares it
-//! to fence writes, the Memcached adapter parses it inside a `gets`/`cas`
-//! loop. Anything that does not parse (foreign bytes, a truncated value, an
+//! The version and the epoch sit at fixed offsets in decimal so that every
+//! cache backend can read them without our code: the Redis adapter's Lua
+//! script compares them to fence writes, the Memcached adapter parses them
+//! inside a `gets`/`cas` loop. The fence orders entries by (epoch, version):
+//! an entry of a later epoch replaces one of an earlier epoch whatever their
+//! versions, and nothing of an earlier epoch replaces an entry of a later
+//! one. The engine bumps the epoch when it finds that the cache forgot or
+//! went back in time (see the README's "The cache that forgets"), and reads
+//! entries of an earlier epoch as misses. Anything that does not parse (foreign bytes, a truncated value, an
 //! older envelope format, a codec this build lacks, a checksum mismatch) is
 //! [`Decoded::Corrupt`]: the engine treats it as a miss and overwrites it.
 
@@ -27,9 +33,12 @@ use crate::schema::Table;
 use crate::value::{Row, Value};
 
 /// Length of the envelope header.
-pub const HEADER_LEN: usize = 29;
-const MAGIC: &[u8; 3] = b"wt1";
+pub const HEADER_LEN: usize = 39;
+const MAGIC: &[u8; 3] = b"wt2";
 const VERSION_RANGE: std::ops::Range<usize> = 4..24;
+const EPOCH_RANGE: std::ops::Range<usize> = 29..39;
+/// Largest epoch the envelope can carry (10 decimal digits).
+pub const MAX_EPOCH: u64 = 9_999_999_999;
 /// Largest version the envelope can carry (it has 20 decimal digits, and
 /// the Redis script compares them as two exact 10-digit halves).
 pub const MAX_VERSION: u64 = u64::MAX;
@@ -101,13 +110,20 @@ impl Payload {
         self.buf.len()
     }
 
-    /// Writes the header and returns the finished cache entry.
-    pub fn into_entry(mut self, version: u64) -> Bytes {
+    /// Writes the header and returns the finished cache entry, of epoch 0.
+    pub fn into_entry(self, version: u64) -> Bytes {
+        self.into_entry_at(version, 0)
+    }
+
+    /// Writes the header and returns the finished cache entry of `epoch`
+    /// (clamped to [`MAX_EPOCH`]).
+    pub fn into_entry_at(mut self, version: u64, epoch: u64) -> Bytes {
         let crc = crc32fast::hash(&self.buf[HEADER_LEN..]);
         write_header(
             &mut self.buf[..HEADER_LEN],
             b'V',
             version,
+            epoch,
             self.codec.id(),
             crc,
         );
@@ -115,34 +131,77 @@ impl Payload {
     }
 }
 
-/// The cache entry a delete leaves: "no row, as of `version`".
+/// The cache entry a delete leaves: "no row, as of `version`" (epoch 0).
 pub fn tombstone(version: u64) -> Bytes {
-    marker(b'T', version)
+    marker(b'T', version, 0)
+}
+
+/// [`tombstone`] of `epoch`.
+pub fn tombstone_at(version: u64, epoch: u64) -> Bytes {
+    marker(b'T', version, epoch)
 }
 
 /// The cache entry a write leaves when its row is not to be cached: "the
 /// row is at `version` or newer". Unlike a tombstone, it lets the row of
 /// exactly `version` in, so a later read can cache it.
 pub fn invalidation(version: u64) -> Bytes {
-    marker(b'I', version)
+    marker(b'I', version, 0)
 }
 
-fn marker(kind: u8, version: u64) -> Bytes {
+/// [`invalidation`] of `epoch`.
+pub fn invalidation_at(version: u64, epoch: u64) -> Bytes {
+    marker(b'I', version, epoch)
+}
+
+fn marker(kind: u8, version: u64, epoch: u64) -> Bytes {
     let mut buf = vec![0; HEADER_LEN];
-    write_header(&mut buf, kind, version, b'j', crc32fast::hash(&[]));
+    write_header(&mut buf, kind, version, epoch, b'j', crc32fast::hash(&[]));
     Bytes::from(buf)
 }
 
-fn write_header(h: &mut [u8], kind: u8, version: u64, codec: u8, crc: u32) {
-    h[..3].copy_from_slice(MAGIC);
-    h[3] = kind;
-    let mut v = version;
-    for i in VERSION_RANGE.rev() {
-        h[i] = b'0' + (v % 10) as u8;
+fn write_digits(h: &mut [u8], mut v: u64) {
+    for d in h.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
         v /= 10;
     }
+}
+
+fn write_header(h: &mut [u8], kind: u8, version: u64, epoch: u64, codec: u8, crc: u32) {
+    h[..3].copy_from_slice(MAGIC);
+    h[3] = kind;
+    write_digits(&mut h[VERSION_RANGE], version);
     h[24] = codec;
     h[25..29].copy_from_slice(&crc.to_be_bytes());
+    write_digits(&mut h[EPOCH_RANGE], epoch.min(MAX_EPOCH));
+}
+
+/// The record of a cache's current epoch, stored under the engine's epoch
+/// key: an entry of `epoch` at version `epoch` whose payload names the
+/// cache server's identity (see [`crate::CacheStore::identity`]). Written
+/// with the fence, the highest proposal wins.
+pub fn epoch_record(epoch: u64, identity: &str) -> Bytes {
+    let payload = serde_json::Value::from(identity).to_string().into_bytes();
+    let mut buf = vec![0; HEADER_LEN];
+    buf.extend_from_slice(&payload);
+    let crc = crc32fast::hash(&payload);
+    write_header(&mut buf[..HEADER_LEN], b'V', epoch, epoch, b'j', crc);
+    Bytes::from(buf)
+}
+
+/// Reads an [`epoch_record`]: the epoch and the identity it was made for.
+pub fn read_epoch_record(bytes: &[u8]) -> Option<(u64, String)> {
+    match decode(bytes) {
+        Decoded::Row {
+            epoch,
+            codec: Codec::Json,
+            payload,
+            ..
+        } => match serde_json::from_slice(payload) {
+            Ok(serde_json::Value::String(id)) => Some((epoch, id)),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// A cache entry, read back.
@@ -152,6 +211,8 @@ pub enum Decoded<'a> {
     Row {
         /// The row's version.
         version: u64,
+        /// The cache epoch the entry was prepared in.
+        epoch: u64,
         /// The codec of `payload`.
         codec: Codec,
         /// The encoded row.
@@ -161,6 +222,8 @@ pub enum Decoded<'a> {
     Tombstone {
         /// The delete's version.
         version: u64,
+        /// The cache epoch the entry was prepared in.
+        epoch: u64,
     },
     /// Bytes that are not an entry this build can read.
     Corrupt,
@@ -170,7 +233,15 @@ impl Decoded<'_> {
     /// The entry's version, unless corrupt.
     pub fn version(&self) -> Option<u64> {
         match self {
-            Decoded::Row { version, .. } | Decoded::Tombstone { version } => Some(*version),
+            Decoded::Row { version, .. } | Decoded::Tombstone { version, .. } => Some(*version),
+            Decoded::Corrupt => None,
+        }
+    }
+
+    /// The entry's epoch, unless corrupt.
+    pub fn epoch(&self) -> Option<u64> {
+        match self {
+            Decoded::Row { epoch, .. } | Decoded::Tombstone { epoch, .. } => Some(*epoch),
             Decoded::Corrupt => None,
         }
     }
@@ -178,7 +249,7 @@ impl Decoded<'_> {
 
 /// Reads an entry's envelope, verifying its checksum.
 pub fn decode(bytes: &[u8]) -> Decoded<'_> {
-    let Some(version) = entry_version(bytes) else {
+    let Some((epoch, version)) = entry_order(bytes) else {
         return Decoded::Corrupt;
     };
     let payload = &bytes[HEADER_LEN..];
@@ -187,10 +258,11 @@ pub fn decode(bytes: &[u8]) -> Decoded<'_> {
         return Decoded::Corrupt;
     }
     match bytes[3] {
-        b'T' | b'I' if payload.is_empty() => Decoded::Tombstone { version },
+        b'T' | b'I' if payload.is_empty() => Decoded::Tombstone { version, epoch },
         b'V' => match Codec::from_id(bytes[24]) {
             Some(codec) => Decoded::Row {
                 version,
+                epoch,
                 codec,
                 payload,
             },
@@ -203,11 +275,28 @@ pub fn decode(bytes: &[u8]) -> Decoded<'_> {
 /// The version in an entry's header, or `None` when the bytes are not an
 /// entry. This reads the header only; cache adapters use it to fence writes.
 pub fn entry_version(bytes: &[u8]) -> Option<u64> {
+    entry_order(bytes).map(|(_, v)| v)
+}
+
+/// The epoch in an entry's header, or `None` when the bytes are not an entry.
+pub fn entry_epoch(bytes: &[u8]) -> Option<u64> {
+    entry_order(bytes).map(|(e, _)| e)
+}
+
+/// The (epoch, version) an entry is fenced by, reading the header only.
+pub fn entry_order(bytes: &[u8]) -> Option<(u64, u64)> {
     if bytes.len() < HEADER_LEN || &bytes[..3] != MAGIC || !matches!(bytes[3], b'V' | b'T' | b'I') {
         return None;
     }
+    Some((
+        parse_digits(&bytes[EPOCH_RANGE])?,
+        parse_digits(&bytes[VERSION_RANGE])?,
+    ))
+}
+
+fn parse_digits(digits: &[u8]) -> Option<u64> {
     let mut v: u64 = 0;
-    for &d in &bytes[VERSION_RANGE] {
+    for &d in digits {
         if !d.is_ascii_digit() {
             return None;
         }
@@ -216,19 +305,26 @@ pub fn entry_version(bytes: &[u8]) -> Option<u64> {
     Some(v)
 }
 
-/// The fencing rule every cache backend applies: an entry at `new_version`
-/// replaces what is stored only if nothing readable is stored or the stored
-/// entry is strictly older. Ties keep the stored entry (the same version is
-/// the same committed write), except over an invalidation, which stands for
-/// the row of its version and lets it in.
-pub fn replaces(stored: Option<&[u8]>, new_version: u64) -> bool {
+/// The fencing rule every cache backend applies: an entry of `epoch` at
+/// `version` replaces what is stored only if nothing readable is stored,
+/// the stored entry is of an earlier epoch, or it is of the same epoch and
+/// strictly older. Ties keep the stored entry (the same version is the same
+/// committed write), except over an invalidation, which stands for the row
+/// of its version and lets it in. Nothing replaces an entry of a later epoch.
+pub fn replaces(stored: Option<&[u8]>, epoch: u64, version: u64) -> bool {
     let Some(stored) = stored else {
         return true;
     };
-    match entry_version(stored) {
-        None => true,
-        Some(v) if stored[3] == b'I' => v <= new_version,
-        Some(v) => v < new_version,
+    let Some((stored_epoch, stored_version)) = entry_order(stored) else {
+        return true;
+    };
+    if stored_epoch != epoch {
+        return stored_epoch < epoch;
+    }
+    if stored[3] == b'I' {
+        stored_version <= version
+    } else {
+        stored_version < version
     }
 }
 
@@ -406,6 +502,7 @@ mod tests {
                 version,
                 codec: c,
                 payload,
+                ..
             } = decode(&entry)
             else {
                 panic!("not a row")
@@ -421,9 +518,12 @@ mod tests {
         assert_eq!(
             decode(&e),
             Decoded::Tombstone {
-                version: MAX_VERSION
+                version: MAX_VERSION,
+                epoch: 0
             }
         );
+        let e = tombstone_at(MAX_VERSION, MAX_EPOCH + 5);
+        assert_eq!(entry_order(&e), Some((MAX_EPOCH, MAX_VERSION)));
     }
 
     #[test]
@@ -452,20 +552,51 @@ mod tests {
     #[test]
     fn an_invalidation_lets_its_own_version_in_and_nothing_older() {
         let inv = invalidation(5);
-        assert_eq!(decode(&inv), Decoded::Tombstone { version: 5 });
-        assert!(replaces(Some(&inv), 5));
-        assert!(replaces(Some(&inv), 6));
-        assert!(!replaces(Some(&inv), 4));
+        assert_eq!(
+            decode(&inv),
+            Decoded::Tombstone {
+                version: 5,
+                epoch: 0
+            }
+        );
+        assert!(replaces(Some(&inv), 0, 5));
+        assert!(replaces(Some(&inv), 0, 6));
+        assert!(!replaces(Some(&inv), 0, 4));
     }
 
     #[test]
     fn fencing_replaces_only_older_absent_or_unreadable_entries() {
         let at5 = tombstone(5);
-        assert!(replaces(None, 1));
-        assert!(replaces(Some(b"junk"), 1));
-        assert!(replaces(Some(&at5), 6));
-        assert!(!replaces(Some(&at5), 5));
-        assert!(!replaces(Some(&at5), 4));
+        assert!(replaces(None, 0, 1));
+        assert!(replaces(Some(b"junk"), 0, 1));
+        assert!(replaces(Some(&at5), 0, 6));
+        assert!(!replaces(Some(&at5), 0, 5));
+        assert!(!replaces(Some(&at5), 0, 4));
+    }
+
+    #[test]
+    fn a_later_epoch_wins_whatever_the_versions_and_an_earlier_one_never_does() {
+        let old_epoch_high_version = tombstone_at(900, 3);
+        assert!(replaces(Some(&old_epoch_high_version), 4, 1));
+        assert!(!replaces(Some(&tombstone_at(1, 4)), 3, 900));
+        assert!(replaces(Some(&tombstone_at(5, 4)), 4, 6));
+        assert!(!replaces(Some(&tombstone_at(5, 4)), 4, 5));
+        let entry = Codec::Json
+            .encode(&table(), &row())
+            .unwrap()
+            .into_entry_at(7, 12);
+        assert_eq!(decode(&entry).epoch(), Some(12));
+        assert_eq!(entry_order(&entry), Some((12, 7)));
+    }
+
+    #[test]
+    fn epoch_records_round_trip_and_fence_by_epoch() {
+        let r = epoch_record(8, "run_id=abc");
+        assert_eq!(read_epoch_record(&r), Some((8, "run_id=abc".to_owned())));
+        assert!(replaces(Some(&r), 9, 9));
+        assert!(!replaces(Some(&r), 8, 8));
+        assert_eq!(read_epoch_record(&tombstone(3)), None);
+        assert_eq!(read_epoch_record(b"junk"), None);
     }
 
     #[test]

@@ -97,6 +97,8 @@ const DEFAULT_ITEM_SIZE_MAX: usize = 1 << 20;
 /// (up to 250 bytes), the CAS value and the value's CRLF.
 const ITEM_OVERHEAD: usize = 512;
 /// How long `clear` may take per server: a metadump walks every item.
+/// How long `identity` waits for each server's `stats`.
+const IDENTITY_TIMEOUT: Duration = Duration::from_millis(200);
 const CLEAR_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest TTL accepted. Memcached stores expiry as an absolute time in a
 /// 32-bit field, so this stays well short of 2038.
@@ -328,7 +330,7 @@ impl MemcachedCache {
                         value,
                         ..
                     } => {
-                        if !codec::replaces(value.as_deref(), it.version) {
+                        if !codec::replaces(value.as_deref(), it.epoch(), it.version) {
                             out[i] = Some(Fence::Stale);
                             continue;
                         }
@@ -722,5 +724,63 @@ impl CacheStore for MemcachedCache {
         }))
         .await;
         results.into_iter().collect()
+    }
+
+    /// Every server's process id and start time (`stats`: `pid`, and
+    /// `time - uptime`), in the order of the URL, or `down` for a server
+    /// that does not answer within 200 ms: it changes when a server restarts, and when
+    /// one leaves or rejoins the ring with whatever it still holds.
+    async fn identity(&self) -> Result<Option<String>> {
+        const OP: &str = "cache.identity";
+        // Within the engine's default cache timeout: a server that does not
+        // answer in time is reported down, not the whole call failed.
+        let limit = self.inner.config.timeout.min(IDENTITY_TIMEOUT);
+        let answers = join_all(self.inner.servers.iter().map(|s| {
+            self.timed(OP, &s.name, limit, move |dl| async move {
+                let mut r = s.call(b"stats\r\n".to_vec(), Kind::Stats, 1, dl).await?;
+                match r.pop() {
+                    Some(Resp::Stats(stats)) => Ok(stats),
+                    Some(other) => Err(unexpected(&other)),
+                    None => Err(ClientError::Closed),
+                }
+            })
+        }))
+        .await;
+        let mut parts = Vec::with_capacity(answers.len());
+        let mut any_up = None;
+        for (s, r) in self.inner.servers.iter().zip(answers) {
+            match r {
+                Ok(stats) => {
+                    let field = |name: &str| {
+                        stats
+                            .iter()
+                            .find(|(k, _)| k == name)
+                            .and_then(|(_, v)| v.parse::<u64>().ok())
+                    };
+                    let started = field("time")
+                        .zip(field("uptime"))
+                        .map(|(t, u)| t.saturating_sub(u));
+                    let (Some(pid), Some(started)) = (field("pid"), started) else {
+                        return Err(Error::new(
+                            ErrorKind::Backend,
+                            "stats did not report pid, time and uptime",
+                        )
+                        .with_operation(OP)
+                        .with_backend("memcached"));
+                    };
+                    any_up = Some(());
+                    parts.push(format!("{}=pid:{pid}:started:{started}", s.name));
+                }
+                Err(_) => parts.push(format!("{}=down", s.name)),
+            }
+        }
+        match any_up {
+            Some(()) => Ok(Some(parts.join(","))),
+            None => Err(
+                Error::new(ErrorKind::Unavailable, "no memcached server answers")
+                    .with_operation(OP)
+                    .with_backend("memcached"),
+            ),
+        }
     }
 }

@@ -117,6 +117,7 @@ impl MokaCache {
     }
 
     async fn fenced(&self, item: CacheItem) -> Fence {
+        let epoch = item.epoch();
         let CacheItem {
             key,
             entry,
@@ -127,8 +128,11 @@ impl MokaCache {
             .inner
             .entry(key)
             .and_compute_with(|current| {
-                let replace =
-                    codec::replaces(current.as_ref().map(|e| &e.value().bytes[..]), version);
+                let replace = codec::replaces(
+                    current.as_ref().map(|e| &e.value().bytes[..]),
+                    epoch,
+                    version,
+                );
                 let op = if replace {
                     Op::Put(Stored { bytes: entry, ttl })
                 } else {

@@ -522,6 +522,33 @@ impl CacheStore for RedisCache {
             other => Err(unexpected(OP, &other)),
         }
     }
+
+    /// The server's `run_id` from `INFO server`: new on every start of a
+    /// redis-server process (a restart, a restore from a snapshot), and
+    /// different on another server (a replica promoted, a failover).
+    async fn identity(&self) -> Result<Option<String>> {
+        const OP: &str = "cache.identity";
+        let mut cmd = Cmd::with_capacity(2, 16);
+        cmd.arg("INFO").arg("server");
+        let text = match self.call(&cmd, OP).await? {
+            Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            Value::VerbatimString { text, .. } => text,
+            Value::SimpleString(s) => s,
+            other => return Err(unexpected(OP, &other)),
+        };
+        match text
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(str::trim)
+        {
+            Some(id) if !id.is_empty() => Ok(Some(format!("redis run_id={id}"))),
+            _ => Err(
+                Error::new(ErrorKind::Backend, "INFO server did not report a run_id")
+                    .with_operation(OP)
+                    .with_backend("redis"),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

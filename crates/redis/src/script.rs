@@ -1,6 +1,6 @@
 //! The fenced write: a Lua script that applies `codec::replaces` on the server.
 //!
-//! The script reads only the 24 header bytes that carry the version
+//! The script reads only the 39 header bytes that carry the version and epoch
 //! (`STRLEN` + `GETRANGE`), so fencing a large entry does not copy it into
 //! the Lua interpreter. It compares versions as two exact 10-digit halves:
 //! Lua 5.1 numbers are doubles, exact only to 2^53, and a 20-digit version
@@ -15,27 +15,37 @@ use writethrough_core::CacheItem;
 
 /// `KEYS[1]` the key; `ARGV[1]` the entry; `ARGV[2]`, `ARGV[3]` the new
 /// version's high and low 10 decimal digits; `ARGV[4]` the TTL in
-/// milliseconds, `0` for none. Returns 1 when stored, 0 when stale.
+/// milliseconds, `0` for none; `ARGV[5]` the new entry's epoch (at most 10
+/// digits, exact as a double). Returns 1 when stored, 0 when stale.
 pub(crate) const FENCED_SET: &str = r#"
 local key = KEYS[1]
 local len = redis.pcall('STRLEN', key)
 -- A key of another type answers STRLEN with an error table: not an entry, replace it.
-if type(len) == 'number' and len >= 29 then
-  local h = redis.call('GETRANGE', key, 0, 23)
+if type(len) == 'number' and len >= 39 then
+  local h = redis.call('GETRANGE', key, 0, 38)
   local kind = string.sub(h, 4, 4)
-  if string.sub(h, 1, 3) == 'wt1' and (kind == 'V' or kind == 'T' or kind == 'I')
-      and string.find(h, '^[0-9]+$', 5) then
+  if string.sub(h, 1, 3) == 'wt2' and (kind == 'V' or kind == 'T' or kind == 'I')
+      and string.find(string.sub(h, 5, 24), '^[0-9]+$')
+      and string.find(string.sub(h, 30, 39), '^[0-9]+$') then
     local hi = tonumber(string.sub(h, 5, 14))
     local lo = tonumber(string.sub(h, 15, 24))
+    local epoch = tonumber(string.sub(h, 30, 39))
+    local new_epoch = tonumber(ARGV[5])
     -- Twenty digits above u64::MAX (18446744073709551615) are not a version
     -- the codec reads: such an entry is corrupt and gets replaced.
     if hi < 1844674407 or (hi == 1844674407 and lo <= 3709551615) then
-      local new_hi = tonumber(ARGV[2])
-      local new_lo = tonumber(ARGV[3])
-      -- An invalidation ('I') at v lets the row of version v in; anything
-      -- else keeps what is stored at the same version.
-      if hi > new_hi or (hi == new_hi and (lo > new_lo or (lo == new_lo and kind ~= 'I'))) then
+      -- An entry of a later epoch is never replaced; one of an earlier epoch always is.
+      if epoch > new_epoch then
         return 0
+      end
+      if epoch == new_epoch then
+        local new_hi = tonumber(ARGV[2])
+        local new_lo = tonumber(ARGV[3])
+        -- An invalidation ('I') at v lets the row of version v in; anything
+        -- else keeps what is stored at the same version.
+        if hi > new_hi or (hi == new_hi and (lo > new_lo or (lo == new_lo and kind ~= 'I'))) then
+          return 0
+        end
       end
     end
   end
@@ -82,7 +92,8 @@ pub(crate) fn fenced_set(item: &CacheItem, ttl_ms: u64) -> Cmd {
     cmd.arg(&item.entry[..])
         .arg(item.version / HALF)
         .arg(item.version % HALF)
-        .arg(ttl_ms);
+        .arg(ttl_ms)
+        .arg(item.epoch());
     cmd
 }
 

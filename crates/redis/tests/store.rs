@@ -271,7 +271,7 @@ async fn corrupt_foreign_or_other_typed_values_are_replaced() {
         let key = format!("corrupt:{what}");
         let () = raw.set(&key, stored.as_slice()).await.unwrap();
         assert!(
-            codec::replaces(Some(&stored), 1),
+            codec::replaces(Some(&stored), 0, 1),
             "{what}: the codec calls it unreadable"
         );
         assert_eq!(
@@ -315,10 +315,11 @@ fn arbitrary_stored(rng: &mut StdRng) -> Vec<u8> {
         3 => 1_844_674_407_000_000_000 + rng.random_range(0..10_000_000_000),
         _ => rng.random(),
     };
+    let epoch: u64 = rng.random_range(0..3);
     let mut b = match rng.random_range(0..3) {
-        0 => codec::tombstone(version).to_vec(),
-        1 => codec::invalidation(version).to_vec(),
-        _ => entry(version, "row").to_vec(),
+        0 => codec::tombstone_at(version, epoch).to_vec(),
+        1 => codec::invalidation_at(version, epoch).to_vec(),
+        _ => entry_at(version, epoch, "row").to_vec(),
     };
     match rng.random_range(0..12) {
         0 => b.truncate(rng.random_range(0..HEADER_LEN)),
@@ -331,6 +332,7 @@ fn arbitrary_stored(rng: &mut StdRng) -> Vec<u8> {
             b[4..24].copy_from_slice(format!("{hi:010}{lo:010}").as_bytes());
         }
         4 => b[rng.random_range(4..24)] = [b'/', b':', b' ', 0, 0xd9][rng.random_range(0..5)],
+        6 if b.len() >= HEADER_LEN => b[rng.random_range(29..39)] = rng.random(),
         5 => b = (0..rng.random_range(0..64)).map(|_| rng.random()).collect(),
         _ => {}
     }
@@ -355,7 +357,11 @@ async fn the_script_decides_exactly_like_codec_replaces() {
                 2 => near.saturating_sub(rng.random_range(0..3)),
                 _ => rng.random(),
             };
-            row_item(&format!("p:{i}"), version)
+            let epoch = match rng.random_range(0..3) {
+                0 => codec::entry_epoch(s).unwrap_or(0),
+                _ => rng.random_range(0..3),
+            };
+            item(&format!("p:{i}"), entry_at(version, epoch, "v"), None)
         })
         .collect();
     cache
@@ -378,7 +384,7 @@ async fn the_script_decides_exactly_like_codec_replaces() {
     let after = cache.get_many(&keys).await.unwrap();
     let mut applied = 0;
     for i in 0..n {
-        let expect = codec::replaces(Some(&stored[i]), items[i].version);
+        let expect = codec::replaces(Some(&stored[i]), items[i].epoch(), items[i].version);
         assert_eq!(
             fences[i] == Fence::Applied,
             expect,

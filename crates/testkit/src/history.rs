@@ -45,17 +45,78 @@ pub struct Event {
     pub client: u32,
 }
 
+impl Event {
+    /// One line of text, for a history written by another process.
+    pub fn to_line(&self) -> String {
+        let op = match self.op {
+            Op::Write(v) => format!("w {v}"),
+            Op::Read(Some(v)) => format!("r {v}"),
+            Op::Read(None) => "r -".to_owned(),
+            Op::Update(v, e) => format!("u {v} {}", u8::from(e)),
+            Op::Delete(e) => format!("d {}", u8::from(e)),
+        };
+        format!(
+            "{} {} {} {} {op}",
+            self.key, self.call, self.ret, self.client
+        )
+    }
+
+    /// Reads a line of [`Event::to_line`].
+    pub fn parse_line(line: &str) -> Option<Event> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
+        let op = match *f.get(4)? {
+            "w" => Op::Write(u32::try_from(num(5)?).ok()?),
+            "r" if f.get(5) == Some(&"-") => Op::Read(None),
+            "r" => Op::Read(Some(u32::try_from(num(5)?).ok()?)),
+            "u" => Op::Update(u32::try_from(num(5)?).ok()?, num(6)? == 1),
+            "d" => Op::Delete(num(5)? == 1),
+            _ => return None,
+        };
+        Some(Event {
+            key: f.first()?.parse().ok()?,
+            call: num(1)?,
+            ret: num(2)?,
+            client: u32::try_from(num(3)?).ok()?,
+            op,
+        })
+    }
+}
+
 /// Collects events; timestamps come from one atomic counter, so their order
-/// agrees with real time across every thread.
+/// agrees with real time across every thread, or (see
+/// [`Recorder::monotonic`]) from the system's monotonic clock, which every
+/// process of the machine shares.
 #[derive(Default)]
 pub struct Recorder {
     clock: AtomicU64,
+    monotonic: bool,
     events: Mutex<Vec<Event>>,
 }
 
+/// Nanoseconds of `CLOCK_MONOTONIC`: one clock for every process of the
+/// machine, so that events recorded by several processes can be ordered.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is readable");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
 impl Recorder {
+    /// A recorder whose timestamps are [`monotonic_ns`], for histories
+    /// merged across processes.
+    pub fn monotonic() -> Self {
+        Recorder {
+            monotonic: true,
+            ..Self::default()
+        }
+    }
+
     /// A timestamp for an invocation or a completion.
     pub fn now(&self) -> u64 {
+        if self.monotonic {
+            return monotonic_ns();
+        }
         self.clock.fetch_add(1, Ordering::SeqCst)
     }
 
@@ -166,6 +227,138 @@ pub async fn run(handles: &[Handle<Item>], w: Workload) -> Report {
         run_time,
         check_time: started.elapsed(),
     }
+}
+
+/// Runs `w.clients` clients on `h` in this process, recording into `rec`;
+/// values written start at `first_value`, client ids at `first_client`
+/// (so that several processes can write distinct values).
+pub async fn run_clients(
+    h: &Handle<Item>,
+    w: Workload,
+    rec: &Arc<Recorder>,
+    first_value: u32,
+    first_client: u32,
+) {
+    let next_value = Arc::new(AtomicU32::new(first_value));
+    let remaining = Arc::new(AtomicU64::new(w.ops as u64));
+    let tasks: Vec<_> = (0..w.clients)
+        .map(|c| {
+            let h = h.clone();
+            let (rec, next_value, remaining) = (rec.clone(), next_value.clone(), remaining.clone());
+            tokio::spawn(async move {
+                client(
+                    first_client + c as u32,
+                    h,
+                    w.keys,
+                    &rec,
+                    &next_value,
+                    &remaining,
+                )
+                .await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("a client does not panic");
+    }
+}
+
+/// What a check under a nemesis found.
+#[derive(Debug, Clone, Default)]
+pub struct WindowedReport {
+    /// Operations checked.
+    pub ops: usize,
+    /// Operations whose outcome is unknown.
+    pub failed: usize,
+    /// Reads that started inside a fault window: left out of the check.
+    pub in_window_reads: usize,
+    /// Of those, reads that returned a value already overwritten (or
+    /// deleted) by an operation completed before the read began.
+    pub in_window_stale: usize,
+    /// The largest staleness among them: how long before the read began
+    /// the value it returned had been overwritten.
+    pub max_staleness: Duration,
+    /// Keys whose history outside the windows is not linearizable.
+    pub violations: Vec<String>,
+}
+
+impl std::fmt::Display for WindowedReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ops ({} of unknown outcome), {} reads inside fault windows ({} stale, at most {:.0?} behind), {} violations outside them",
+            self.ops,
+            self.failed,
+            self.in_window_reads,
+            self.in_window_stale,
+            self.max_staleness,
+            self.violations.len()
+        )
+    }
+}
+
+/// Checks a history recorded with [`Recorder::monotonic`] timestamps:
+/// reads that begin inside one of `windows` (monotonic nanoseconds, start
+/// and end) are counted apart, with how stale they were; every other
+/// operation of each key must be linearizable.
+pub fn check_windowed(events: &[Event], windows: &[(u64, u64)]) -> WindowedReport {
+    let inside = |t: u64| windows.iter().any(|&(a, b)| a <= t && t <= b);
+    let mut report = WindowedReport {
+        ops: events.len(),
+        failed: events.iter().filter(|e| e.ret == u64::MAX).count(),
+        ..WindowedReport::default()
+    };
+    let mut keys: Vec<i64> = events.iter().map(|e| e.key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for key in keys {
+        let mut evs: Vec<Event> = events.iter().filter(|e| e.key == key).copied().collect();
+        evs.sort_by_key(|e| e.call);
+        let (windowed, kept): (Vec<Event>, Vec<Event>) = evs
+            .iter()
+            .partition(|e| matches!(e.op, Op::Read(_)) && inside(e.call));
+        for r in &windowed {
+            report.in_window_reads += 1;
+            if let Some(behind) = staleness(&evs, r) {
+                report.in_window_stale += 1;
+                report.max_staleness = report.max_staleness.max(behind);
+            }
+        }
+        if !linearizable(&kept) {
+            report.violations.push(describe(key, &kept));
+        }
+    }
+    report
+}
+
+/// How long before read `r` began the value it returned had been replaced
+/// by an operation that completed before it began; `None` if it had not.
+fn staleness(evs: &[Event], r: &Event) -> Option<Duration> {
+    let Op::Read(seen) = r.op else { return None };
+    let sets = |e: &Event| -> Option<Option<u32>> {
+        match e.op {
+            Op::Write(v) => Some(Some(v)),
+            Op::Update(v, true) => Some(Some(v)),
+            Op::Delete(true) => Some(None),
+            _ => None,
+        }
+    };
+    // The latest completion of an operation that produced what was seen.
+    let produced = evs
+        .iter()
+        .filter(|e| e.ret != u64::MAX && sets(e) == Some(seen))
+        .filter(|e| e.ret < r.call)
+        .map(|e| e.ret)
+        .max()
+        .unwrap_or(0);
+    // The first operation that began after that one completed and
+    // completed, with another value, before the read began.
+    evs.iter()
+        .filter(|e| e.ret != u64::MAX && e.call > produced && e.ret < r.call)
+        .filter(|e| sets(e).is_some_and(|v| v != seen))
+        .map(|e| e.ret)
+        .min()
+        .map(|t| Duration::from_nanos(r.call - t))
 }
 
 async fn client(

@@ -59,7 +59,6 @@ const CHUNK: usize = 16 * 1024;
 /// Tokio runtime that called [`start`](Self::start).
 pub struct FaultProxy {
     addr: SocketAddr,
-    upstream: SocketAddr,
     shared: Arc<Shared>,
     accept: JoinHandle<()>,
 }
@@ -70,6 +69,8 @@ struct Shared {
     /// Bumped by `reset_all`; every connection watches it.
     resets: watch::Sender<u64>,
     open: AtomicUsize,
+    /// Where new connections go.
+    upstream: parking_lot::Mutex<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -96,11 +97,11 @@ impl FaultProxy {
             faults: watch::Sender::new(Faults::default()),
             resets: watch::Sender::new(0),
             open: AtomicUsize::new(0),
+            upstream: parking_lot::Mutex::new(upstream),
         });
-        let accept = tokio::spawn(accept_loop(listener, upstream, Arc::clone(&shared)));
+        let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         Ok(Self {
             addr,
-            upstream,
             shared,
             accept,
         })
@@ -113,7 +114,14 @@ impl FaultProxy {
 
     /// The server the proxy forwards to.
     pub fn upstream(&self) -> SocketAddr {
-        self.upstream
+        *self.shared.upstream.lock()
+    }
+
+    /// Sends new connections to `upstream` from now on, as a virtual IP or
+    /// a DNS name moved to another server after a failover does. Open
+    /// connections keep their server; [`reset_all`](Self::reset_all) ends them.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        *self.shared.upstream.lock() = upstream;
     }
 
     /// `server_url` with its `host:port` replaced by the proxy's, user,
@@ -183,7 +191,7 @@ impl std::fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FaultProxy")
             .field("addr", &self.addr)
-            .field("upstream", &self.upstream)
+            .field("upstream", &self.upstream())
             .field("faults", &*self.shared.faults.borrow())
             .field("connections", &self.connections())
             .finish()
@@ -214,7 +222,7 @@ impl Drop for OpenGuard {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -239,6 +247,7 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
         // Subscribed here, so a reset_all() from now on reaches it.
         let resets = shared.resets.subscribe();
         let guard = OpenGuard::new(&shared);
+        let upstream = *shared.upstream.lock();
         connections.spawn(connection(
             client,
             upstream,

@@ -85,12 +85,21 @@ impl Inner {
         let Some(bytes) = cached else {
             return Verdict::Absent;
         };
-        match codec::decode(bytes) {
-            Decoded::Tombstone { version } if version >= vr.version => Verdict::Absent,
+        let decoded = codec::decode(bytes);
+        if decoded
+            .epoch()
+            .is_some_and(|e| self.epochs.watched && e < self.epochs.current())
+        {
+            // Of an earlier epoch: read as a miss, never served.
+            return Verdict::Absent;
+        }
+        match decoded {
+            Decoded::Tombstone { version, .. } if version >= vr.version => Verdict::Absent,
             Decoded::Row {
                 version,
                 codec,
                 payload,
+                ..
             } if version == vr.version => match codec::decode_row(codec, &st.table, payload) {
                 Ok(row) if row == vr.row => Verdict::Agree,
                 _ => Verdict::Divergent,
@@ -139,6 +148,7 @@ impl<R: Record> Handle<R> {
         tokio::time::sleep(settle).await;
         for key in suspects {
             let ck = st.cache_key(&key);
+            let epoch = inner.epoch_for_write().await;
             let row = inner
                 .db_call(DbCall::Get, (*inner.db).get(&st.table, &key))
                 .await?;
@@ -162,7 +172,7 @@ impl<R: Record> Handle<R> {
                 inner
                     .cache_call(CacheCall::Delete, (*inner.cache).delete(&ck))
                     .await?;
-                inner.repair(st, &ck, row, 0).await?;
+                inner.repair(st, &ck, row, 0, epoch).await?;
                 Counters::add(&inner.stats.resynced, 1);
                 report.repaired += 1;
             }
@@ -181,14 +191,15 @@ impl<R: Record> Handle<R> {
             left: limit,
         };
         loop {
+            let epoch = inner.epoch_for_write().await;
+            let started = std::time::Instant::now();
             let rows = inner.next_page(st, &mut pages).await?;
             if rows.is_empty() {
                 break;
             }
-            let started = std::time::Instant::now();
             for (key, vr) in &rows {
                 let ck = st.cache_key(key);
-                if inner.populate(st, &ck, vr, started).await {
+                if inner.populate(st, &ck, vr, started, epoch).await {
                     warmed += 1;
                 }
             }

@@ -26,6 +26,14 @@ pub struct Consistency {
     /// entry. Off: such failures are only logged, and the old entry is
     /// served until its TTL ends.
     pub resync: bool,
+    /// Entries carry the cache epoch they were prepared in; the engine
+    /// watches the cache's epoch record and identity, moves to a new epoch
+    /// when the cache forgot or went back in time (a restart, a flush, a
+    /// restore from a snapshot, a failover), and reads entries of earlier
+    /// epochs as misses; committed writes whose cache effect is later than
+    /// [`Config::write_deadline`] re-read their rows instead. Off: a cache
+    /// that forgot is trusted as it is. In-process caches are never watched.
+    pub epochs: bool,
 }
 
 impl Default for Consistency {
@@ -35,6 +43,7 @@ impl Default for Consistency {
             outbox: true,
             single_flight: true,
             resync: true,
+            epochs: true,
         }
     }
 }
@@ -64,6 +73,7 @@ impl Consistency {
             outbox: false,
             single_flight: false,
             resync: false,
+            epochs: false,
         }
     }
 
@@ -92,6 +102,13 @@ impl Consistency {
     #[must_use]
     pub fn resync(mut self, on: bool) -> Self {
         self.resync = on;
+        self
+    }
+
+    /// Sets [`Consistency::epochs`].
+    #[must_use]
+    pub fn epochs(mut self, on: bool) -> Self {
+        self.epochs = on;
         self
     }
 }
@@ -177,6 +194,18 @@ pub struct Config {
     /// not put it in the cache: entries newer than what it loaded may have
     /// expired meanwhile, and the fence would not see them.
     pub load_deadline: Duration,
+    /// A committed write whose cache effect cannot be sent within this
+    /// long after its commit returned (a stalled process, a slow cache,
+    /// retries) does not send it: its rows are re-read and written with the
+    /// fence by resync. It bounds how late an entry can land after its
+    /// commit, which must stay below `tombstone_ttl` (the tombstone of a
+    /// later delete must still be there to refuse it): the engine uses at
+    /// most half of it. Network caches only.
+    pub write_deadline: Duration,
+    /// How often the engine checks the cache's epoch record and identity
+    /// (see [`Consistency::epochs`]). A read trusts the cache only within
+    /// twice this after the last successful check.
+    pub epoch_check_interval: Duration,
     /// How rows are encoded in the cache.
     pub codec: Codec,
     /// Timeout of each cache call (not applied to in-process caches).
@@ -207,6 +236,8 @@ impl Default for Config {
             default_ttl: Some(Duration::from_secs(3600)),
             tombstone_ttl: Duration::from_secs(60),
             load_deadline: Duration::from_secs(5),
+            write_deadline: Duration::from_secs(5),
+            epoch_check_interval: Duration::from_millis(500),
             codec: Codec::default(),
             cache_timeout: Duration::from_millis(250),
             db_timeout: Duration::from_secs(5),
@@ -221,6 +252,12 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The write deadline in force: [`Config::write_deadline`], capped at
+    /// half of [`Config::tombstone_ttl`].
+    pub fn effective_write_deadline(&self) -> Duration {
+        self.write_deadline.min(self.tombstone_ttl / 2)
+    }
+
     pub(crate) fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::new(ErrorKind::Config, m));
         let ns = &self.namespace;
@@ -250,6 +287,8 @@ impl Config {
             ("load_deadline", self.load_deadline),
             ("cache_timeout", self.cache_timeout),
             ("db_timeout", self.db_timeout),
+            ("write_deadline", self.write_deadline),
+            ("epoch_check_interval", self.epoch_check_interval),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must not be zero"));

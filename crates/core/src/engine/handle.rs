@@ -219,7 +219,7 @@ impl<R: Record> Handle<R> {
         );
         move |issue| {
             async move {
-                let started = Instant::now();
+                let (started, epoch) = (Instant::now(), inner.epochs.current());
                 Counters::add(&inner.stats.loads, 1);
                 issue.now();
                 let Some(record) = fut.await? else {
@@ -233,7 +233,7 @@ impl<R: Record> Handle<R> {
                     ));
                 }
                 let vr = VersionedRow { row, version: 0 };
-                inner.populate(&st, &ck, &vr, started).await;
+                inner.populate(&st, &ck, &vr, started, epoch).await;
                 Ok(Some(vr))
             }
             .boxed()

@@ -16,6 +16,9 @@ pub enum HookPoint {
     BeforeLoad,
     /// A read missed in the cache and is about to join or start a load. (Race R7.)
     Miss,
+    /// A committed write passed its write deadline check and is about to
+    /// send its cache effect. (The cache that forgets.)
+    BeforeCacheWrite,
 }
 
 /// Called at every [`HookPoint`] with the cache key concerned.

@@ -31,10 +31,13 @@ pub(crate) async fn run(engine: Weak<Inner>) {
             return;
         };
         inner.flights.sweep();
+        inner
+            .check_epoch_if_due(inner.cfg.epoch_check_interval)
+            .await;
         inner.probe_if_due().await;
         inner.resync_pass().await;
         inner.metrics.resync_pending.set(inner.resync.len() as f64);
-        if let Err(e) = inner.flush_acks().await {
+        if let Err(e) = inner.flush_acks(false).await {
             tracing::debug!(error = %e, "could not remove applied outbox records");
         }
         if let Some(every) = inner.cfg.reconcile_interval
@@ -106,14 +109,20 @@ impl Inner {
             self.resync.cleared(generation);
         }
         for d in self.resync.batch(usize::MAX) {
+            let epoch = self.epoch_for_write().await;
+            let read_at = Instant::now();
             let Ok(row) = self
                 .db_call(DbCall::Get, (*self.db).get(&d.table.table, &d.key))
                 .await
             else {
                 return false;
             };
+            if !self.timely(read_at) {
+                // Stalled between the read and the write: read again next pass.
+                return false;
+            }
             if self
-                .repair(&d.table, &d.cache_key, row, d.version)
+                .repair(&d.table, &d.cache_key, row, d.version, epoch)
                 .await
                 .is_err()
             {
@@ -125,9 +134,29 @@ impl Inner {
         true
     }
 
-    /// Removes the outbox records of applied cache effects.
-    pub(crate) async fn flush_acks(&self) -> Result<()> {
-        let ids = std::mem::take(&mut *self.acks.lock());
+    /// Whether a cache write prepared from a database read at `read_at`
+    /// may still be sent (see `Config::write_deadline`).
+    pub(crate) fn timely(&self, read_at: Instant) -> bool {
+        !self.epochs.watched || read_at.elapsed() <= self.cfg.effective_write_deadline()
+    }
+
+    /// Removes the outbox records of applied cache effects. Unless `all`,
+    /// records younger than the epoch trust window stay a while: if the
+    /// cache turns out to have forgotten meanwhile, they are replayed.
+    pub(crate) async fn flush_acks(&self, all: bool) -> Result<()> {
+        let ids: Vec<i64> = {
+            let mut acks = self.acks.lock();
+            if all || !self.epochs.watched {
+                acks.drain(..).map(|a| a.id).collect()
+            } else {
+                let cutoff = Instant::now().checked_sub(self.epochs.trust());
+                let (old, young): (Vec<_>, Vec<_>) = std::mem::take(&mut *acks)
+                    .into_iter()
+                    .partition(|a| cutoff.is_some_and(|c| a.at <= c));
+                *acks = young;
+                old.into_iter().map(|a| a.id).collect()
+            }
+        };
         if ids.is_empty() {
             return Ok(());
         }
@@ -166,10 +195,18 @@ impl Inner {
             for e in entries {
                 if let Some(st) = self.table_state(&e.table) {
                     let ck = st.cache_key(&e.key);
+                    let epoch = self.epoch_for_write().await;
+                    let read_at = Instant::now();
                     let row = self
                         .db_call(DbCall::Get, (*self.db).get(&st.table, &e.key))
                         .await?;
-                    self.repair(&st, &ck, row, e.version).await?;
+                    if !self.timely(read_at) {
+                        return Err(Error::new(
+                            ErrorKind::Timeout,
+                            "outbox replay stalled past the write deadline; it resumes next pass",
+                        ));
+                    }
+                    self.repair(&st, &ck, row, e.version, epoch).await?;
                 }
                 ids.push(e.id);
             }

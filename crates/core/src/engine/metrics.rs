@@ -20,6 +20,8 @@
 //! | `writethrough_resync_pending` | gauge | backend |
 //! | `writethrough_stale_refused_total` | counter | backend |
 //! | `writethrough_outbox_replayed_total` | counter | db |
+//! | `writethrough_epoch_changes_total` | counter | backend |
+//! | `writethrough_late_effects_total` | counter | backend |
 //! | `writethrough_consistency_violations_total` | counter | table |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,10 +44,11 @@ pub(crate) enum CacheCall {
     Delete,
     Clear,
     Ping,
+    Identity,
 }
 
 impl CacheCall {
-    const ALL: [CacheCall; 10] = [
+    const ALL: [CacheCall; 11] = [
         CacheCall::Get,
         CacheCall::GetMany,
         CacheCall::Set,
@@ -56,6 +59,7 @@ impl CacheCall {
         CacheCall::Delete,
         CacheCall::Clear,
         CacheCall::Ping,
+        CacheCall::Identity,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -70,6 +74,7 @@ impl CacheCall {
             CacheCall::Delete => "cache.delete",
             CacheCall::Clear => "cache.clear",
             CacheCall::Ping => "cache.ping",
+            CacheCall::Identity => "cache.identity",
         }
     }
 }
@@ -216,6 +221,8 @@ pub(crate) struct EngineMetrics {
     pub(crate) resync_pending: Gauge,
     pub(crate) stale_refused: Counter,
     pub(crate) replayed: Counter,
+    pub(crate) epoch_changes: Counter,
+    pub(crate) late_effects: Counter,
     pub(crate) cache_calls_total: Sharded,
     pub(crate) cache_errors_total: Sharded,
     pub(crate) db_calls_total: Sharded,
@@ -248,6 +255,8 @@ impl EngineMetrics {
             resync_pending: gauge!("writethrough_resync_pending", "backend" => cache),
             stale_refused: counter!("writethrough_stale_refused_total", "backend" => cache),
             replayed: counter!("writethrough_outbox_replayed_total", "db" => db),
+            epoch_changes: counter!("writethrough_epoch_changes_total", "backend" => cache),
+            late_effects: counter!("writethrough_late_effects_total", "backend" => cache),
             cache_calls_total: Sharded::default(),
             cache_errors_total: Sharded::default(),
             db_calls_total: Sharded::default(),

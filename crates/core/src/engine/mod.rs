@@ -8,6 +8,7 @@
 mod audit;
 mod breaker;
 mod config;
+mod epoch;
 mod flight;
 mod handle;
 mod hooks;
@@ -160,6 +161,11 @@ impl EngineBuilder {
             breaker: Breaker::new(self.cfg.breaker),
             resync: ResyncSet::new(self.cfg.max_resync_keys),
             acks: Mutex::new(Vec::new()),
+            epochs: epoch::Epochs::new(
+                !caps.in_process && self.cfg.consistency.epochs,
+                &self.cfg.namespace,
+                self.cfg.epoch_check_interval,
+            ),
             stats: Counters::default(),
             metrics,
             started: Instant::now(),
@@ -188,7 +194,8 @@ pub(crate) struct Inner {
     breaker: Breaker,
     resync: ResyncSet,
     /// Outbox records whose cache effect was applied, to remove in the next batch.
-    acks: Mutex<Vec<i64>>,
+    acks: Mutex<Vec<Ack>>,
+    epochs: epoch::Epochs,
     stats: Counters,
     metrics: EngineMetrics,
     started: Instant,
@@ -302,6 +309,7 @@ impl Engine {
     /// Opens a transaction scope: several writes in one database
     /// transaction, whose cache effects apply only after it commits.
     pub async fn begin(&self) -> Result<Tx> {
+        self.inner.epoch_for_write().await;
         let opts = self.inner.tx_options();
         let tx = self
             .inner
@@ -396,13 +404,29 @@ impl Engine {
     /// so that it leaves no outbox records for others to replay.
     pub async fn flush(&self) -> Result<()> {
         self.inner.resync_pass().await;
-        self.inner.flush_acks().await
+        self.inner.flush_acks(true).await
     }
 
     /// Resyncs every key waiting for it, if the cache answers; returns how many are left.
     pub async fn resync_now(&self) -> usize {
         self.inner.resync_pass().await;
         self.inner.resync.len()
+    }
+
+    /// The cache epoch this engine prepares entries in (0 for an
+    /// in-process cache, or before the first check). See
+    /// [`Consistency::epochs`].
+    pub fn cache_epoch(&self) -> u64 {
+        self.inner.epochs.current()
+    }
+
+    /// Checks the cache's epoch record and identity now, as the background
+    /// task does every `epoch_check_interval`, and returns the epoch.
+    pub async fn check_cache_epoch(&self) -> Result<u64> {
+        if self.inner.epochs.watched {
+            self.inner.check_epoch().await?;
+        }
+        Ok(self.inner.epochs.current())
     }
 
     /// The settings.
@@ -419,6 +443,12 @@ impl Engine {
     pub fn db(&self) -> &Arc<dyn DbStore> {
         &self.inner.db
     }
+}
+
+/// An outbox record whose cache effect was applied, waiting to be removed.
+pub(crate) struct Ack {
+    pub(crate) id: i64,
+    pub(crate) at: Instant,
 }
 
 /// A write ready to go: checked, encoded, with its cache key and TTL.
@@ -459,6 +489,8 @@ pub(crate) struct Effect {
     pub(crate) key: Key,
     pub(crate) table: Arc<TableState>,
     pub(crate) version: u64,
+    /// The cache epoch known before the write committed.
+    pub(crate) epoch: u64,
     pub(crate) kind: EffectKind,
     pub(crate) outbox_id: Option<i64>,
 }
@@ -698,6 +730,7 @@ impl Inner {
                 .collect(),
         );
         let opts = self.tx_options();
+        let epoch = self.epoch_for_write().await;
         let outcomes = match self
             .db_call(DbCall::Execute, (*self.db).execute(writes, opts))
             .await
@@ -711,7 +744,9 @@ impl Inner {
             .zip(&outcomes)
             .map(|(p, o)| {
                 let kind = match p.payload {
-                    Some(payload) => EffectKind::Put(payload.into_entry(o.version), p.ttl),
+                    Some(payload) => {
+                        EffectKind::Put(payload.into_entry_at(o.version, epoch), p.ttl)
+                    }
                     None => EffectKind::Invalidate,
                 };
                 Effect {
@@ -719,6 +754,7 @@ impl Inner {
                     key: p.key,
                     table: st.clone(),
                     version: o.version,
+                    epoch,
                     kind,
                     outbox_id: o.outbox_id,
                 }
@@ -738,12 +774,13 @@ impl Inner {
         commit: impl Future<Output = Result<WriteOutcome>>,
     ) -> Result<WriteOutcome> {
         let guard = self.guard(vec![(cache_key.clone(), st.clone(), key.clone())]);
+        let epoch = self.epoch_for_write().await;
         let outcome = match commit.await {
             Ok(o) => o,
             Err(e) => return Err(guard.failed(e).with_key(&cache_key)),
         };
         Counters::add(&self.stats.writes, 1);
-        let effect = self.effect_of(st, key, cache_key, &outcome);
+        let effect = self.effect_of(st, key, cache_key, &outcome, epoch);
         self.apply_effects(vec![effect], guard).await;
         Ok(outcome)
     }
@@ -755,9 +792,10 @@ impl Inner {
         key: Key,
         cache_key: String,
         o: &WriteOutcome,
+        epoch: u64,
     ) -> Effect {
         let kind = match &o.row {
-            Some(row) if st.caches(row) => match self.entry_for(st, row, o.version) {
+            Some(row) if st.caches(row) => match self.entry_for(st, row, o.version, epoch) {
                 Some((entry, ttl)) => EffectKind::Put(entry, ttl),
                 None => EffectKind::Invalidate,
             },
@@ -769,6 +807,7 @@ impl Inner {
             key,
             table: st.clone(),
             version: o.version,
+            epoch,
             kind,
             outbox_id: o.outbox_id,
         }
@@ -781,11 +820,12 @@ impl Inner {
         st: &TableState,
         row: &Row,
         version: u64,
+        epoch: u64,
     ) -> Option<(Bytes, Option<Duration>)> {
         let ttl = self.resolve_ttl(st, row, None).ok()?;
         let payload = self.cfg.codec.encode(&st.table, row).ok()?;
         self.caps.check_value_len(payload.entry_len()).ok()?;
-        Some((payload.into_entry(version), ttl))
+        Some((payload.into_entry_at(version, epoch), ttl))
     }
 
     /// Applies committed writes' cache effects, retrying transient failures;
@@ -801,10 +841,29 @@ impl Inner {
             guard.disarm();
             return;
         }
+        let committed = self.epochs.watched.then(Instant::now);
+        for e in &effects {
+            self.epochs.wrote(&e.cache_key, &e.table, &e.key);
+        }
         let mut attempt = 1;
         let ok = loop {
             if !self.breaker.allows() {
                 break false;
+            }
+            if committed.is_some_and(|at| at.elapsed() > self.cfg.effective_write_deadline()) {
+                // Too late to write what was prepared: the cache may have
+                // forgotten a newer entry meanwhile (a tombstone expired, a
+                // restart). Resync re-reads the rows instead.
+                Counters::add(&self.stats.late_effects, effects.len() as u64);
+                self.metrics.late_effects.increment(effects.len() as u64);
+                tracing::warn!(
+                    keys = effects.len(),
+                    "cache write past the write deadline; the rows are re-read instead"
+                );
+                break false;
+            }
+            for e in &effects {
+                self.hook(HookPoint::BeforeCacheWrite, &e.cache_key).await;
             }
             match self.write_effects(&effects).await {
                 Ok(()) => break true,
@@ -820,8 +879,13 @@ impl Inner {
         };
         guard.disarm();
         if ok {
-            let ids: Vec<i64> = effects.iter().filter_map(|e| e.outbox_id).collect();
-            if !ids.is_empty() {
+            let at = Instant::now();
+            let mut ids = effects
+                .iter()
+                .filter_map(|e| e.outbox_id)
+                .map(|id| Ack { id, at })
+                .peekable();
+            if ids.peek().is_some() {
                 self.acks.lock().extend(ids);
             }
         } else {
@@ -836,7 +900,7 @@ impl Inner {
         }
     }
 
-    fn item(&self, cache_key: &str, version: u64, kind: &EffectKind) -> CacheItem {
+    fn item(&self, cache_key: &str, version: u64, epoch: u64, kind: &EffectKind) -> CacheItem {
         match kind {
             EffectKind::Put(entry, ttl) => CacheItem {
                 key: cache_key.to_owned(),
@@ -846,13 +910,13 @@ impl Inner {
             },
             EffectKind::Invalidate => CacheItem {
                 key: cache_key.to_owned(),
-                entry: codec::invalidation(version),
+                entry: codec::invalidation_at(version, epoch),
                 version,
                 ttl: Some(self.tombstone_ttl),
             },
             EffectKind::Tombstone => CacheItem {
                 key: cache_key.to_owned(),
-                entry: codec::tombstone(version),
+                entry: codec::tombstone_at(version, epoch),
                 version,
                 ttl: Some(self.tombstone_ttl),
             },
@@ -863,7 +927,7 @@ impl Inner {
         if self.cfg.consistency.fence {
             let mut items: Vec<CacheItem> = effects
                 .iter()
-                .map(|e| self.item(&e.cache_key, e.version, &e.kind))
+                .map(|e| self.item(&e.cache_key, e.version, e.epoch, &e.kind))
                 .collect();
             let fences = if items.len() == 1 {
                 let item = items.pop().expect("one item");
@@ -887,7 +951,9 @@ impl Inner {
         let mut puts = Vec::new();
         for e in effects {
             match &e.kind {
-                EffectKind::Put(..) => puts.push(self.item(&e.cache_key, e.version, &e.kind)),
+                EffectKind::Put(..) => {
+                    puts.push(self.item(&e.cache_key, e.version, e.epoch, &e.kind))
+                }
                 EffectKind::Invalidate | EffectKind::Tombstone => {
                     self.cache_call(CacheCall::Delete, (*self.cache).delete(&e.cache_key))
                         .await?;
@@ -920,6 +986,7 @@ impl Inner {
         // load (it finished after the reader arrived) instead of starting
         // a second one.
         let mut arrival = self.flights.arrive();
+        let epoch = self.epochs.current();
         let unreadable = match self.lookup::<R>(st, &ck, true).await {
             Lookup::Hit(hit) => return Ok((Some(hit), true)),
             Lookup::Miss(unreadable) => unreadable,
@@ -953,8 +1020,9 @@ impl Inner {
                 self.clone().load_from_db(st.clone(), key, ck.clone())(Issue::unshared()).await?
             }
         };
-        if let (Some(found), Some(vr)) = (unreadable, &loaded) {
-            self.replace_unreadable(st, &ck, found, vr).await;
+        if let Some(found) = unreadable {
+            self.replace_unreadable(st, &ck, found, loaded.as_ref(), epoch)
+                .await;
         }
         let found = loaded
             .map(|vr| R::from_row(&st.table, vr.row))
@@ -972,10 +1040,23 @@ impl Inner {
     ) -> Lookup<R> {
         let usable = self.breaker.allows() && !self.resync.contains(ck);
         let mut unreadable = None;
-        if usable
+        let trusted = if usable {
+            self.trusted_epoch().await
+        } else {
+            None
+        };
+        if let Some(trusted) = trusted
             && let Ok(Some(bytes)) = self.cache_call(CacheCall::Get, (*self.cache).get(ck)).await
         {
             match codec::decode(&bytes) {
+                d @ (Decoded::Row { .. } | Decoded::Tombstone { .. })
+                    if d.epoch().is_some_and(|e| e < trusted) =>
+                {
+                    // Prepared before the cache forgot or went back: the
+                    // database decides, and the fence lets its row replace it.
+                    Counters::add(&self.stats.old_epoch_entries, 1);
+                    unreadable = Some(bytes.clone());
+                }
                 Decoded::Row { codec, payload, .. } => {
                     match R::from_payload(codec, &st.table, payload) {
                         Ok(r) => {
@@ -1008,18 +1089,40 @@ impl Inner {
     /// Replaces unreadable bytes with the row just loaded. The fence alone
     /// would keep bytes whose header is intact but whose payload is not, so
     /// this swaps exactly those bytes, atomically, where the backend can.
-    async fn replace_unreadable(&self, st: &TableState, ck: &str, found: Bytes, vr: &VersionedRow) {
-        if !self.breaker.allows() || !st.caches(&vr.row) {
+    async fn replace_unreadable(
+        &self,
+        st: &TableState,
+        ck: &str,
+        found: Bytes,
+        vr: Option<&VersionedRow>,
+        epoch: u64,
+    ) {
+        if !self.breaker.allows() {
             return;
         }
-        let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version) else {
-            return;
-        };
-        let item = CacheItem {
-            key: ck.to_owned(),
-            entry,
-            version: vr.version,
-            ttl,
+        let item = match vr {
+            // No row: "none as of version 0" in this epoch keeps out what an
+            // earlier epoch left, and lets any row of this epoch in.
+            None => CacheItem {
+                key: ck.to_owned(),
+                entry: codec::tombstone_at(0, epoch),
+                version: 0,
+                ttl: Some(self.tombstone_ttl),
+            },
+            Some(vr) => {
+                if !st.caches(&vr.row) {
+                    return;
+                }
+                let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version, epoch) else {
+                    return;
+                };
+                CacheItem {
+                    key: ck.to_owned(),
+                    entry,
+                    version: vr.version,
+                    ttl,
+                }
+            }
         };
         let r = self
             .cache_call(
@@ -1056,6 +1159,7 @@ impl Inner {
             async move {
                 self.hook(HookPoint::BeforeLoad, &ck).await;
                 let started = Instant::now();
+                let epoch = self.epochs.current();
                 Counters::add(&self.stats.loads, 1);
                 issue.now();
                 let row = self
@@ -1063,7 +1167,7 @@ impl Inner {
                     .await?;
                 self.hook(HookPoint::AfterLoad, &ck).await;
                 if let Some(vr) = &row {
-                    self.populate(&st, &ck, vr, started).await;
+                    self.populate(&st, &ck, vr, started, epoch).await;
                 }
                 Ok(row)
             }
@@ -1080,6 +1184,7 @@ impl Inner {
         ck: &str,
         vr: &VersionedRow,
         started: Instant,
+        epoch: u64,
     ) -> bool {
         if !self.breaker.allows() || self.resync.overflowed() || !st.caches(&vr.row) {
             return false;
@@ -1088,7 +1193,7 @@ impl Inner {
             Counters::add(&self.stats.late_loads, 1);
             return false;
         }
-        let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version) else {
+        let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version, epoch) else {
             return false;
         };
         let r = if self.cfg.consistency.fence {
@@ -1120,18 +1225,19 @@ impl Inner {
     }
 
     /// Makes the cache entry of `ck` agree with `row`, the current database
-    /// row (or its absence, as of `gone_version` if known).
+    /// row (or its absence, as of `gone_version` if known), read in `epoch`.
     pub(crate) async fn repair(
         &self,
         st: &TableState,
         ck: &str,
         row: Option<VersionedRow>,
         gone_version: u64,
+        epoch: u64,
     ) -> Result<()> {
         let item = match &row {
             Some(vr) => match st
                 .caches(&vr.row)
-                .then(|| self.entry_for(st, &vr.row, vr.version))
+                .then(|| self.entry_for(st, &vr.row, vr.version, epoch))
             {
                 Some(Some((entry, ttl))) => Some(CacheItem {
                     key: ck.to_owned(),
@@ -1162,7 +1268,7 @@ impl Inner {
         } else {
             EffectKind::Tombstone
         };
-        let item = item.unwrap_or_else(|| self.item(ck, version, &kind));
+        let item = item.unwrap_or_else(|| self.item(ck, version, epoch, &kind));
         self.cache_call(CacheCall::SetIfNewer, (*self.cache).set_if_newer(item))
             .await
             .map(drop)

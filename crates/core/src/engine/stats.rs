@@ -47,6 +47,15 @@ counters! {
     replayed,
     /// Loads that took longer than the load deadline and were not cached.
     late_loads,
+    /// Cache effects of writes not applied as prepared because their write
+    /// deadline had passed; their rows were re-read instead.
+    late_effects,
+    /// Times this engine found that the cache forgot or went back in time
+    /// and moved to a new epoch.
+    epoch_changes,
+    /// Cache entries read as misses because they were prepared in an
+    /// earlier epoch.
+    old_epoch_entries,
 }
 
 impl Counters {

@@ -36,6 +36,8 @@ pub struct Tx {
     tx: Option<Box<dyn Transaction>>,
     effects: Vec<Effect>,
     poisoned: Option<Error>,
+    /// The cache epoch known when the scope began: its entries are prepared in it.
+    epoch: u64,
 }
 
 impl std::fmt::Debug for Tx {
@@ -50,6 +52,7 @@ impl std::fmt::Debug for Tx {
 impl Tx {
     pub(crate) fn new(inner: Arc<Inner>, tx: Box<dyn Transaction>) -> Self {
         Tx {
+            epoch: inner.epochs.current(),
             inner,
             tx: Some(tx),
             effects: Vec::new(),
@@ -99,8 +102,11 @@ impl Tx {
             key: p.key,
             table: table.st.clone(),
             version: o.version,
+            epoch: self.epoch,
             kind: match p.payload {
-                Some(payload) => EffectKind::Put(payload.into_entry(o.version), p.ttl),
+                Some(payload) => {
+                    EffectKind::Put(payload.into_entry_at(o.version, self.epoch), p.ttl)
+                }
                 None => EffectKind::Invalidate,
             },
             outbox_id: o.outbox_id,
@@ -142,7 +148,7 @@ impl Tx {
             return Err(e);
         }
         self.effects
-            .push(self.inner.effect_of(&table.st, key, ck, &o));
+            .push(self.inner.effect_of(&table.st, key, ck, &o, self.epoch));
         Ok(record)
     }
 
@@ -164,7 +170,7 @@ impl Tx {
             })
             .await?;
         self.effects
-            .push(self.inner.effect_of(&table.st, key, ck, &o));
+            .push(self.inner.effect_of(&table.st, key, ck, &o, self.epoch));
         Ok(o.existed)
     }
 

@@ -51,11 +51,16 @@ fn table() -> Table {
 
 /// A real row entry at `version`.
 pub fn entry(version: u64, name: &str) -> Bytes {
+    entry_at(version, 0, name)
+}
+
+/// A row entry of `epoch`.
+pub fn entry_at(version: u64, epoch: u64, name: &str) -> Bytes {
     let row = Row::new().set("id", 1).set("name", name);
     Codec::Json
         .encode(&table(), &row)
         .unwrap()
-        .into_entry(version)
+        .into_entry_at(version, epoch)
 }
 
 /// A row entry of exactly `len` bytes (at least the empty row's size).

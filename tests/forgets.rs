@@ -1,0 +1,491 @@
+//! The cache that forgets or goes back in time (README: "The cache that
+//! forgets"), forced on real servers:
+//!
+//! * a late cache write across an empty restart and across a flush, with
+//!   the writer held by an engine hook (before and after its write
+//!   deadline check), and with a writer process frozen by a real SIGSTOP;
+//! * Redis restarted from an older `dump.rdb`;
+//! * a Redis replica promoted (`REPLICAOF NO ONE`) after it missed the
+//!   primary's last writes;
+//! * one of two Memcached servers out of reach and back with its old
+//!   contents.
+//!
+//! Each scenario runs twice: with the mechanism on, no read that starts
+//! after the stated bound returns a value older than an acknowledged write;
+//! with `Consistency::epochs` off, the same scenario serves stale values
+//! (so the test is shown to bite, every run).
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::Notify;
+use writethrough::{
+    CacheStore, Config, Consistency, Engine, Entity, Handle, HookPoint, Hooks, TableOptions,
+};
+use writethrough_testkit::proxy::FaultProxy;
+use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
+use writethrough_testkit::suite::engine::{Item, item};
+use writethrough_testkit::suite::{Pair, unique};
+
+const CHECK_INTERVAL: Duration = Duration::from_millis(100);
+const CACHE_TIMEOUT: Duration = Duration::from_millis(250);
+const WRITE_DEADLINE: Duration = Duration::from_millis(300);
+
+/// The README's bound: a read that starts this long after the cache forgot
+/// trusts nothing from before.
+fn bound() -> Duration {
+    CHECK_INTERVAL * 2 + CACHE_TIMEOUT * 2
+}
+
+fn config(ns: &str, epochs: bool) -> Config {
+    let mut c = Pair::config();
+    c.namespace = ns.to_owned();
+    c.cache_timeout = CACHE_TIMEOUT;
+    c.epoch_check_interval = CHECK_INTERVAL;
+    c.write_deadline = WRITE_DEADLINE;
+    // The outbox replay would repair some of these cases on its own, later:
+    // the scenarios test the epochs and the write deadline alone.
+    c.reconcile_interval = None;
+    c.consistency = Consistency::strict().epochs(epochs);
+    c
+}
+
+async fn handle(engine: &Engine, table: &str) -> Handle<Item> {
+    engine
+        .register_in(Item::table().renamed(table).unwrap(), TableOptions::new())
+        .await
+        .expect("registers")
+}
+
+/// Holds one write at `point` until released.
+struct Stall {
+    point: HookPoint,
+    armed: AtomicBool,
+    reached: Notify,
+    release: Notify,
+}
+
+#[async_trait::async_trait]
+impl Hooks for Stall {
+    async fn at(&self, point: HookPoint, _key: &str) {
+        if point == self.point && self.armed.swap(false, Ordering::SeqCst) {
+            self.reached.notify_one();
+            self.release.notified().await;
+        }
+    }
+}
+
+/// A network cache server the scenarios can make forget.
+enum Server {
+    Redis(RedisServer),
+    Memcached(MemcachedServer),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Forget {
+    /// Killed and started again, empty.
+    RestartEmpty,
+    /// An operator's FLUSHALL / flush_all.
+    Flush,
+}
+
+impl Server {
+    fn url(&self) -> String {
+        match self {
+            Server::Redis(s) => s.url(),
+            Server::Memcached(s) => s.url(),
+        }
+    }
+
+    async fn forget(&mut self, how: Forget, cache: &dyn CacheStore) {
+        match (how, self) {
+            (Forget::RestartEmpty, Server::Redis(s)) => {
+                s.kill().await.unwrap();
+                s.restart().await.unwrap();
+            }
+            (Forget::RestartEmpty, Server::Memcached(s)) => {
+                s.kill().await.unwrap();
+                s.restart().await.unwrap();
+            }
+            (Forget::Flush, Server::Redis(s)) => {
+                redis_cmd(&s.url(), redis::cmd("FLUSHALL")).await;
+            }
+            // The Memcached adapter's clear of every key is flush_all.
+            (Forget::Flush, Server::Memcached(_)) => cache.clear("").await.unwrap(),
+        }
+    }
+}
+
+async fn redis_cmd(url: &str, cmd: redis::Cmd) -> redis::Value {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+async fn postgres() -> PostgresServer {
+    PostgresServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A write committed, held, a delete acknowledged meanwhile, the cache made
+/// to forget, then the held write let go. Returns how many of three reads
+/// after the bound (the writer's engine, another, a fresh one) saw the
+/// deleted row.
+async fn late_write(
+    server: &mut Server,
+    db_url: &str,
+    point: HookPoint,
+    how: Forget,
+    epochs: bool,
+) -> usize {
+    let cache = writethrough::open_cache(&server.url()).await.unwrap();
+    let db = writethrough::open_db(db_url).await.unwrap();
+    let pair = Pair::new(cache.clone(), db);
+    let (ns, table) = (unique("late"), unique("late"));
+    let stall = Arc::new(Stall {
+        point,
+        armed: AtomicBool::new(false),
+        reached: Notify::new(),
+        release: Notify::new(),
+    });
+    let other = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let writer = pair
+        .builder()
+        .config(config(&ns, epochs))
+        .hooks(stall.clone())
+        .build()
+        .unwrap();
+    let (o, w) = (handle(&other, &table).await, handle(&writer, &table).await);
+    o.put(&item(1, 1.0)).await.unwrap();
+    assert!(w.get(1).await.unwrap().is_some());
+
+    stall.armed.store(true, Ordering::SeqCst);
+    let held = tokio::spawn({
+        let w = w.clone();
+        async move { w.put(&item(1, 2.0)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), stall.reached.notified())
+        .await
+        .expect("the write reaches the hook");
+    assert!(o.delete(1).await.unwrap(), "the delete is acknowledged");
+    server.forget(how, &*cache).await;
+    if point == HookPoint::AfterCommit {
+        tokio::time::sleep(WRITE_DEADLINE + Duration::from_millis(100)).await;
+    }
+    stall.release.notify_one();
+    held.await.unwrap().expect("the held write succeeds");
+    tokio::time::sleep(bound() + Duration::from_millis(100)).await;
+
+    let fresh = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let f = handle(&fresh, &table).await;
+    let mut stale = 0;
+    for h in [&w, &o, &f] {
+        if h.get(1).await.unwrap().is_some() {
+            stale += 1;
+        }
+    }
+    if epochs {
+        assert!(
+            other.stats().epoch_changes + writer.stats().epoch_changes >= 1
+                || writer.stats().late_effects >= 1,
+            "the mechanism acted: {:?} {:?}",
+            other.stats(),
+            writer.stats()
+        );
+    }
+    stale
+}
+
+async fn late_writes_on(mut server: Server, db_url: &str) {
+    for (point, how) in [
+        // Held before the deadline check: the write deadline catches it.
+        (HookPoint::AfterCommit, Forget::RestartEmpty),
+        // Held after it: the entry lands in the old epoch, read as a miss.
+        (HookPoint::BeforeCacheWrite, Forget::RestartEmpty),
+        (HookPoint::BeforeCacheWrite, Forget::Flush),
+    ] {
+        let on = late_write(&mut server, db_url, point, how, true).await;
+        assert_eq!(on, 0, "{point:?} {how:?}: a deleted row was read back");
+        let off = late_write(&mut server, db_url, point, how, false).await;
+        assert!(
+            off > 0,
+            "{point:?} {how:?}: with epochs off the late write should resurrect the row"
+        );
+        println!("{point:?} across {how:?}: 0 stale reads with epochs, {off}/3 without");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_write_cannot_resurrect_a_deleted_row_on_redis() {
+    let redis = RedisServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let pg = postgres().await;
+    late_writes_on(Server::Redis(redis), &pg.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_write_cannot_resurrect_a_deleted_row_on_memcached() {
+    let mc = MemcachedServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pg = postgres().await;
+    late_writes_on(Server::Memcached(mc), &pg.url()).await;
+}
+
+/// The child process commits a write and is frozen by SIGSTOP before its
+/// cache write; meanwhile the row is deleted and the cache restarts empty.
+/// Returns whether a read after the bound saw the deleted row.
+async fn frozen_writer(server: &mut Server, db_url: &str, epochs: bool) -> bool {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let cache = writethrough::open_cache(&server.url()).await.unwrap();
+    let db = writethrough::open_db(db_url).await.unwrap();
+    let pair = Pair::new(cache.clone(), db);
+    let (ns, table) = (unique("frozen"), unique("frozen"));
+    let other = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let o = handle(&other, &table).await;
+    o.put(&item(1, 1.0)).await.unwrap();
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wt-crash-child"))
+        .env("WT_CACHE_URL", server.url())
+        .env("WT_DB_URL", db_url)
+        .env("WT_NAMESPACE", &ns)
+        .env("WT_TABLE", &table)
+        .env("WT_PRICE", "2.0")
+        .env("WT_MODE", "pause")
+        .env("WT_EPOCHS", if epochs { "1" } else { "0" })
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the child starts");
+    let pid = Pid::from_raw(child.id().expect("a pid") as i32);
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the child answers within 30 s")
+            .expect("reads")
+            .expect("a line")
+    };
+    let line = next().await;
+    assert!(line.starts_with("COMMITTED"), "{line}");
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    assert!(o.delete(1).await.unwrap(), "the delete is acknowledged");
+    server.forget(Forget::RestartEmpty, &*cache).await;
+    tokio::time::sleep(WRITE_DEADLINE * 2).await;
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let line = next().await;
+    assert!(line.starts_with("DONE"), "{line}");
+    let status = child.wait().await.expect("reaped");
+    assert!(status.success(), "the child exits cleanly");
+    tokio::time::sleep(bound()).await;
+
+    let fresh = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let f = handle(&fresh, &table).await;
+    o.get(1).await.unwrap().is_some() || f.get(1).await.unwrap().is_some()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_frozen_by_sigstop_cannot_resurrect_a_deleted_row() {
+    let redis = RedisServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let pg = postgres().await;
+    let mut server = Server::Redis(redis);
+    assert!(
+        !frozen_writer(&mut server, &pg.url(), true).await,
+        "a deleted row was read back after the frozen writer resumed"
+    );
+    assert!(
+        frozen_writer(&mut server, &pg.url(), false).await,
+        "with epochs off the frozen writer should resurrect the row"
+    );
+}
+
+/// Reads keys 1..=n through a fresh engine and `h`; counts reads that do
+/// not match the database's current price (`expect`), or that return a
+/// row for `gone`.
+async fn stale_reads(h: &Handle<Item>, n: i64, expect: f64, gone: i64) -> usize {
+    let mut stale = 0;
+    for k in 1..=n {
+        if h.get(k).await.unwrap().map(|i| i.price) != Some(expect) {
+            stale += 1;
+        }
+    }
+    if h.get(gone).await.unwrap().is_some() {
+        stale += 1;
+    }
+    stale
+}
+
+/// Writes version one of keys 1..=n and `gone`, snapshots, writes version
+/// two and deletes `gone`, then restarts Redis from the snapshot.
+async fn old_snapshot(redis: &mut RedisServer, db_url: &str, epochs: bool) -> usize {
+    let cache = writethrough::open_cache(&redis.url()).await.unwrap();
+    let db = writethrough::open_db(db_url).await.unwrap();
+    let pair = Pair::new(cache, db);
+    let (ns, table) = (unique("snap"), unique("snap"));
+    let engine = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let h = handle(&engine, &table).await;
+    let (n, gone) = (20, 99);
+    for k in (1..=n).chain([gone]) {
+        h.put(&item(k, 1.0)).await.unwrap();
+        h.get(k).await.unwrap();
+    }
+    redis_cmd(&redis.url(), redis::cmd("SAVE")).await;
+    for k in 1..=n {
+        h.put(&item(k, 2.0)).await.unwrap();
+    }
+    h.delete(gone).await.unwrap();
+    redis.kill().await.unwrap();
+    redis.restart().await.unwrap();
+    tokio::time::sleep(bound() + Duration::from_millis(100)).await;
+    let fresh = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let f = handle(&fresh, &table).await;
+    stale_reads(&h, n, 2.0, gone).await + stale_reads(&f, n, 2.0, gone).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restored_from_an_older_snapshot_is_not_served_as_current() {
+    let mut redis = RedisServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let pg = postgres().await;
+    let on = old_snapshot(&mut redis, &pg.url(), true).await;
+    assert_eq!(on, 0, "reads served the old snapshot");
+    let off = old_snapshot(&mut redis, &pg.url(), false).await;
+    assert!(off > 0, "with epochs off the old snapshot should be served");
+    println!("old dump.rdb: 0 stale reads with epochs, {off}/42 without");
+}
+
+/// A primary and its replica behind one address (a proxy standing in for
+/// a virtual IP): the replica is frozen, misses the last writes, the
+/// primary dies and the replica is promoted.
+async fn promoted_replica(db_url: &str, epochs: bool) -> usize {
+    let mut primary = RedisServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let replica = RedisServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let mut replicaof = redis::cmd("REPLICAOF");
+    replicaof.arg("127.0.0.1").arg(primary.port());
+    redis_cmd(&replica.url(), replicaof).await;
+    let proxy = FaultProxy::start(primary.addr()).await.unwrap();
+    let url = proxy.url(&primary.url());
+    let cache = writethrough::open_cache(&url).await.unwrap();
+    let db = writethrough::open_db(db_url).await.unwrap();
+    let pair = Pair::new(cache, db);
+    let (ns, table) = (unique("replica"), unique("replica"));
+    let engine = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let h = handle(&engine, &table).await;
+    let (n, gone) = (10, 99);
+    for k in (1..=n).chain([gone]) {
+        h.put(&item(k, 1.0)).await.unwrap();
+    }
+    // Every write so far reached the replica.
+    let mut caught_up = false;
+    for _ in 0..100 {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(1).arg(100);
+        if redis_cmd(&primary.url(), wait).await == redis::Value::Int(1) {
+            caught_up = true;
+            break;
+        }
+    }
+    assert!(caught_up, "the replica caught up");
+    replica.pause().unwrap();
+    // Cut the link too: a frozen replica would still find what the primary
+    // sends meanwhile in its socket buffer when it resumes.
+    let mut cut = redis::cmd("CLIENT");
+    cut.arg("KILL").arg("TYPE").arg("replica");
+    redis_cmd(&primary.url(), cut).await;
+    for k in 1..=n {
+        h.put(&item(k, 2.0)).await.unwrap();
+    }
+    h.delete(gone).await.unwrap();
+    primary.kill().await.unwrap();
+    replica.resume().unwrap();
+    let mut promote = redis::cmd("REPLICAOF");
+    promote.arg("NO").arg("ONE");
+    redis_cmd(&replica.url(), promote).await;
+    proxy.set_upstream(replica.addr());
+    proxy.reset_all();
+    // Reads must reach the promoted replica, not fail over to the database.
+    let reconnected = writethrough_testkit::suite::eventually(Duration::from_secs(10), || async {
+        pair.cache.ping().await.is_ok()
+    })
+    .await;
+    assert!(reconnected, "the client reconnects through the proxy");
+    tokio::time::sleep(bound() + Duration::from_millis(100)).await;
+    let fresh = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let f = handle(&fresh, &table).await;
+    stale_reads(&h, n, 2.0, gone).await + stale_reads(&f, n, 2.0, gone).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promoted_replica_that_missed_writes_is_not_served_as_current() {
+    let pg = postgres().await;
+    let on = promoted_replica(&pg.url(), true).await;
+    assert_eq!(on, 0, "reads served what the replica missed");
+    let off = promoted_replica(&pg.url(), false).await;
+    assert!(
+        off > 0,
+        "with epochs off the replica's old entries should be served"
+    );
+    println!("promoted replica: 0 stale reads with epochs, {off}/22 without");
+}
+
+/// Two Memcached servers; the one holding the test's keys is frozen while
+/// they are rewritten (its writer then gone), and comes back with its old
+/// contents.
+async fn server_back_with_old_contents(db_url: &str, epochs: bool) -> usize {
+    let a = MemcachedServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b = MemcachedServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("memcache://{},{}", a.addr(), b.addr());
+    let mc = writethrough::memcached::MemcachedCache::connect(&url)
+        .await
+        .unwrap();
+    let db = writethrough::open_db(db_url).await.unwrap();
+    let (ns, table) = (unique("ring"), unique("ring"));
+    let pair = Pair::new(Arc::new(mc.clone()), db);
+    let reader = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let writer = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let (r, w) = (handle(&reader, &table).await, handle(&writer, &table).await);
+    let on_b: Vec<i64> = (1..200)
+        .filter(|k| mc.server_for(&r.cache_key(*k).unwrap()) == b.addr().to_string())
+        .take(8)
+        .collect();
+    assert_eq!(on_b.len(), 8);
+    for &k in &on_b {
+        w.put(&item(k, 1.0)).await.unwrap();
+        assert_eq!(r.get(k).await.unwrap().map(|i| i.price), Some(1.0));
+    }
+    b.pause().unwrap();
+    for &k in &on_b {
+        w.put(&item(k, 2.0)).await.unwrap();
+    }
+    // The writer, which knows its cache writes failed, goes away.
+    drop(w);
+    drop(writer);
+    tokio::time::sleep(CHECK_INTERVAL * 4 + CACHE_TIMEOUT * 2).await;
+    b.resume().unwrap();
+    tokio::time::sleep(bound() + Duration::from_millis(100)).await;
+    let mut stale = 0;
+    for &k in &on_b {
+        if r.get(k).await.unwrap().map(|i| i.price) != Some(2.0) {
+            stale += 1;
+        }
+    }
+    stale
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memcached_server_back_with_old_contents_is_not_served_as_current() {
+    let pg = postgres().await;
+    let on = server_back_with_old_contents(&pg.url(), true).await;
+    assert_eq!(on, 0, "reads served the returning server's old contents");
+    let off = server_back_with_old_contents(&pg.url(), false).await;
+    assert!(off > 0, "with epochs off the old contents should be served");
+    println!("memcached server back with old contents: 0 stale reads with epochs, {off}/8 without");
+}

@@ -489,3 +489,212 @@ async fn a_memcached_server_back_with_old_contents_is_not_served_as_current() {
     assert!(off > 0, "with epochs off the old contents should be served");
     println!("memcached server back with old contents: 0 stale reads with epochs, {off}/8 without");
 }
+
+/// The history checker across processes under a nemesis: four OS
+/// processes, each with its own engine and four clients, run random reads,
+/// writes, updates and deletes on a few keys while the cache is paused,
+/// restarted (Redis: from the snapshot taken a moment before, so older
+/// than the database; Memcached: empty), and a client process is frozen
+/// with SIGSTOP past every timeout. Reads that begin inside a fault's
+/// window (the fault, then the README's bound) are counted apart, with the
+/// largest staleness among them; every other operation must be
+/// linearizable.
+async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use writethrough_testkit::history::{Event, check_windowed, monotonic_ns};
+
+    const PROCS: u32 = 4;
+    const OPS_PER_PROC: usize = 6_000;
+    let (ns, table) = (unique("nemesis"), unique("nemesis"));
+    {
+        // Create the table before the processes race to.
+        let cache = writethrough::open_cache(&server.url()).await.unwrap();
+        let db = writethrough::open_db(db_url).await.unwrap();
+        let engine = Pair::new(cache, db)
+            .builder()
+            .config(config(&ns, true))
+            .build()
+            .unwrap();
+        handle(&engine, &table).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut children = Vec::new();
+    for p in 0..PROCS {
+        let out = dir.path().join(format!("history-{p}.txt"));
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wt-history-client"))
+            .env("WT_CACHE_URL", server.url())
+            .env("WT_DB_URL", db_url)
+            .env("WT_NAMESPACE", &ns)
+            .env("WT_TABLE", &table)
+            .env("WT_OPS", OPS_PER_PROC.to_string())
+            .env("WT_KEYS", "6")
+            .env("WT_COLD_KEYS", "40")
+            .env("WT_CLIENTS", "4")
+            .env("WT_FIRST_VALUE", ((p + 1) * 10_000_000).to_string())
+            .env("WT_FIRST_CLIENT", (p * 100).to_string())
+            .env("WT_OUT", &out)
+            // WT_NEMESIS_EPOCHS=0 shows the checker failing with epochs off.
+            .env(
+                "WT_EPOCHS",
+                std::env::var("WT_NEMESIS_EPOCHS").unwrap_or_else(|_| "1".into()),
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .expect("a history client starts");
+        children.push((child, out));
+    }
+    let pids: Vec<Pid> = children
+        .iter()
+        .map(|(c, _)| Pid::from_raw(c.id().expect("running") as i32))
+        .collect();
+    // A window lasts the fault, then the README's bound, then the write
+    // deadline of the history clients (500 ms): a process that bypassed
+    // the cache for a key during the fault (its cache writes failed, its
+    // epoch unconfirmed) reads it from the database until its resync is
+    // done, and may so see a write whose cache effect another process is
+    // still sending (at most a write deadline long).
+    let bound_ns = (bound() + Duration::from_millis(500)).as_nanos() as u64;
+    let mut windows: Vec<(u64, u64)> = Vec::new();
+    let mut faults = Vec::new();
+    let running = |children: &mut Vec<(tokio::process::Child, std::path::PathBuf)>| {
+        children
+            .iter_mut()
+            .any(|(c, _)| c.try_wait().expect("waits").is_none())
+    };
+    let mut round = 0usize;
+    while running(&mut children) {
+        // Quiet between faults, so that most reads are outside the windows.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let started = monotonic_ns();
+        match round % 4 {
+            0 => {
+                if let Server::Redis(s) = &*server {
+                    // The snapshot the restart below comes back with.
+                    redis_cmd(&s.url(), redis::cmd("SAVE")).await;
+                }
+                match &*server {
+                    Server::Redis(s) => s.pause().unwrap(),
+                    Server::Memcached(s) => s.pause().unwrap(),
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                match &*server {
+                    Server::Redis(s) => s.resume().unwrap(),
+                    Server::Memcached(s) => s.resume().unwrap(),
+                }
+                windows.push((started, monotonic_ns() + bound_ns));
+                faults.push("cache paused");
+            }
+            1 => {
+                let cache = writethrough::open_cache(&server.url()).await.unwrap();
+                server.forget(Forget::RestartEmpty, &*cache).await;
+                windows.push((started, monotonic_ns() + bound_ns));
+                faults.push(if matches!(server, Server::Redis(_)) {
+                    "cache restarted from an older snapshot"
+                } else {
+                    "cache restarted empty"
+                });
+            }
+            2 => {
+                // A client process frozen past every timeout. Its writes
+                // caught in flight are resynced when it resumes, and until
+                // then its reads of those keys go to the database, which
+                // may be ahead of the cache another reader hits: a window.
+                let pid = pids[round / 4 % pids.len()];
+                if kill(pid, Signal::SIGSTOP).is_ok() {
+                    tokio::time::sleep(Duration::from_millis(1200)).await;
+                    let _ = kill(pid, Signal::SIGCONT);
+                    faults.push("client process frozen");
+                    windows.push((started, monotonic_ns() + bound_ns));
+                }
+            }
+            _ => {}
+        }
+        round += 1;
+    }
+    let mut events = Vec::new();
+    let mut epoch_changes = 0;
+    for (mut child, out) in children {
+        let status = child.wait().await.expect("reaped");
+        assert!(status.success(), "a history client failed: {status}");
+        let text = std::fs::read_to_string(&out).expect("the history file");
+        events.extend(
+            text.lines()
+                .map(|l| Event::parse_line(l).expect("an event line")),
+        );
+        // Every epoch change an engine made (the nemesis's, or one it
+        // started itself because a server answered late): until every
+        // engine has moved, some read the database and some the cache.
+        let changes = std::fs::read_to_string(out.with_extension("txt.epochs"))
+            .expect("the epoch changes file");
+        for t in changes.lines().filter_map(|l| l.parse::<u64>().ok()) {
+            epoch_changes += 1;
+            windows.push((t.saturating_sub(bound_ns), t + bound_ns));
+        }
+    }
+    let report = check_windowed(&events, &windows);
+    println!(
+        "nemesis {name}: {} processes, {} faults ({}), {epoch_changes} epoch changes seen by the engines: {report}",
+        PROCS,
+        faults.len(),
+        {
+            let mut kinds = faults.clone();
+            kinds.sort_unstable();
+            kinds.dedup();
+            kinds.join(", ")
+        }
+    );
+    assert!(report.ops >= 20_000, "{report}");
+    assert!(faults.len() >= 3, "the nemesis acted: {faults:?}");
+    assert!(
+        report.violations.is_empty(),
+        "{name}: stale reads outside the fault windows {windows:?}:\n{}",
+        report.violations.join("\n")
+    );
+}
+
+async fn sqlite_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("nemesis.db").display())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_across_processes_under_nemesis_redis_postgres() {
+    let redis = RedisServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let pg = postgres().await;
+    history_under_nemesis("redis+postgres", &mut Server::Redis(redis), &pg.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_across_processes_under_nemesis_redis_sqlite() {
+    let redis = RedisServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    history_under_nemesis(
+        "redis+sqlite",
+        &mut Server::Redis(redis),
+        &sqlite_url(&dir).await,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_across_processes_under_nemesis_memcached_postgres() {
+    let mc = MemcachedServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pg = postgres().await;
+    history_under_nemesis("memcached+postgres", &mut Server::Memcached(mc), &pg.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_across_processes_under_nemesis_memcached_sqlite() {
+    let mc = MemcachedServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    history_under_nemesis(
+        "memcached+sqlite",
+        &mut Server::Memcached(mc),
+        &sqlite_url(&dir).await,
+    )
+    .await;
+}

@@ -16,12 +16,10 @@
 //! The version and the epoch sit at fixed offsets in decimal so that every
 //! cache backend can read them without our code: the Redis adapter's Lua
 //! script compares them to fence writes, the Memcached adapter parses them
-//! inside a `gets`/`cas` loop. The fence orders entries by (epoch, version):
-//! an entry of a later epoch replaces one of an earlier epoch whatever their
-//! versions, and nothing of an earlier epoch replaces an entry of a later
-//! one. The engine bumps the epoch when it finds that the cache forgot or
-//! went back in time (see the README's "The cache that forgets"), and reads
-//! entries of an earlier epoch as misses. Anything that does not parse (foreign bytes, a truncated value, an
+//! inside a `gets`/`cas` loop. The fence orders entries by (version,
+//! epoch); see [`replaces`]. The engine bumps the epoch when it finds that
+//! the cache forgot or went back in time (see the README's "The cache that
+//! forgets"), and reads entries of an earlier epoch as misses. Anything that does not parse (foreign bytes, a truncated value, an
 //! older envelope format, a codec this build lacks, a checksum mismatch) is
 //! [`Decoded::Corrupt`]: the engine treats it as a miss and overwrites it.
 
@@ -307,10 +305,13 @@ fn parse_digits(digits: &[u8]) -> Option<u64> {
 
 /// The fencing rule every cache backend applies: an entry of `epoch` at
 /// `version` replaces what is stored only if nothing readable is stored,
-/// the stored entry is of an earlier epoch, or it is of the same epoch and
-/// strictly older. Ties keep the stored entry (the same version is the same
-/// committed write), except over an invalidation, which stands for the row
-/// of its version and lets it in. Nothing replaces an entry of a later epoch.
+/// or the stored entry is strictly older, or it is of the same version and
+/// an invalidation (which stands for the row of its version and lets it
+/// in) or of an earlier epoch (the same committed write, prepared again
+/// after the cache forgot). Versions come first: they follow commit order
+/// in the database, so an entry of a newer write always wins, whichever
+/// epoch its writer knew; readers then decide by the epoch whether to
+/// trust what they find.
 pub fn replaces(stored: Option<&[u8]>, epoch: u64, version: u64) -> bool {
     let Some(stored) = stored else {
         return true;
@@ -318,14 +319,8 @@ pub fn replaces(stored: Option<&[u8]>, epoch: u64, version: u64) -> bool {
     let Some((stored_epoch, stored_version)) = entry_order(stored) else {
         return true;
     };
-    if stored_epoch != epoch {
-        return stored_epoch < epoch;
-    }
-    if stored[3] == b'I' {
-        stored_version <= version
-    } else {
-        stored_version < version
-    }
+    stored_version < version
+        || (stored_version == version && (stored[3] == b'I' || stored_epoch < epoch))
 }
 
 /// Decodes a payload into a row of `table`.
@@ -575,10 +570,21 @@ mod tests {
     }
 
     #[test]
-    fn a_later_epoch_wins_whatever_the_versions_and_an_earlier_one_never_does() {
-        let old_epoch_high_version = tombstone_at(900, 3);
-        assert!(replaces(Some(&old_epoch_high_version), 4, 1));
-        assert!(!replaces(Some(&tombstone_at(1, 4)), 3, 900));
+    fn versions_come_first_and_the_epoch_breaks_ties() {
+        let old_epoch = tombstone_at(900, 3);
+        assert!(
+            !replaces(Some(&old_epoch), 4, 1),
+            "an older write never wins"
+        );
+        assert!(
+            replaces(Some(&tombstone_at(1, 4)), 3, 900),
+            "a newer write always wins"
+        );
+        assert!(
+            replaces(Some(&old_epoch), 4, 900),
+            "the same write, prepared again"
+        );
+        assert!(!replaces(Some(&tombstone_at(900, 4)), 3, 900));
         assert!(replaces(Some(&tombstone_at(5, 4)), 4, 6));
         assert!(!replaces(Some(&tombstone_at(5, 4)), 4, 5));
         let entry = Codec::Json

@@ -34,18 +34,13 @@ if type(len) == 'number' and len >= 39 then
     -- Twenty digits above u64::MAX (18446744073709551615) are not a version
     -- the codec reads: such an entry is corrupt and gets replaced.
     if hi < 1844674407 or (hi == 1844674407 and lo <= 3709551615) then
-      -- An entry of a later epoch is never replaced; one of an earlier epoch always is.
-      if epoch > new_epoch then
+      local new_hi = tonumber(ARGV[2])
+      local new_lo = tonumber(ARGV[3])
+      -- Versions first; at the same version an invalidation ('I') lets the
+      -- row of its version in, and so does an earlier epoch.
+      if hi > new_hi or (hi == new_hi and (lo > new_lo or (lo == new_lo
+          and kind ~= 'I' and epoch >= new_epoch))) then
         return 0
-      end
-      if epoch == new_epoch then
-        local new_hi = tonumber(ARGV[2])
-        local new_lo = tonumber(ARGV[3])
-        -- An invalidation ('I') at v lets the row of version v in; anything
-        -- else keeps what is stored at the same version.
-        if hi > new_hi or (hi == new_hi and (lo > new_lo or (lo == new_lo and kind ~= 'I'))) then
-          return 0
-        end
       end
     end
   end

@@ -1101,14 +1101,17 @@ impl Inner {
             return;
         }
         let item = match vr {
-            // No row: "none as of version 0" in this epoch keeps out what an
-            // earlier epoch left, and lets any row of this epoch in.
-            None => CacheItem {
-                key: ck.to_owned(),
-                entry: codec::tombstone_at(0, epoch),
-                version: 0,
-                ttl: Some(self.tombstone_ttl),
-            },
+            // No row: "none as of the version found", in this epoch (the
+            // database has no row, so whatever was there is gone).
+            None => {
+                let version = codec::entry_version(&found).unwrap_or(0);
+                CacheItem {
+                    key: ck.to_owned(),
+                    entry: codec::tombstone_at(version, epoch),
+                    version,
+                    ttl: Some(self.tombstone_ttl),
+                }
+            }
             Some(vr) => {
                 if !st.caches(&vr.row) {
                     return;

@@ -424,6 +424,7 @@ pub async fn history_of_concurrent_clients_is_linearizable(pair: Pair) -> Outcom
             ops: history_ops(),
             keys: 4,
             clients: 16,
+            cold_keys: 0,
         },
     )
     .await;

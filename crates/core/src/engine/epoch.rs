@@ -97,7 +97,7 @@ impl Epochs {
 
     fn fresh(&self, started: Instant) -> bool {
         let c = self.confirmed.load(Ordering::Acquire);
-        c != 0 && started.elapsed().as_millis() as u64 + 1 <= c + self.trust.as_millis() as u64
+        c != 0 && (started.elapsed().as_millis() as u64) < c + self.trust.as_millis() as u64
     }
 
     /// Remembers a key written now, for the trust window.

@@ -74,7 +74,27 @@ pub(crate) fn map_err(e: sqlx::Error, phase: Phase) -> Error {
                     ErrorKind::Unavailable,
                     "the server has no free connection slot",
                 ),
-                "40001" | "40P01" => (ErrorKind::SerializationFailure, ""),
+                "40001" => (
+                    ErrorKind::SerializationFailure,
+                    "the transaction could not be serialized with a concurrent one",
+                ),
+                "40P01" => (
+                    ErrorKind::Deadlock,
+                    "a deadlock was found between this transaction and another; this one was aborted",
+                ),
+                "53200" => (
+                    ErrorKind::Unavailable,
+                    "the server is out of shared memory (for locks: raise max_locks_per_transaction)",
+                ),
+                "53100" => (ErrorKind::Unavailable, "the server's disk is full"),
+                // The database named in the URL does not exist, or the role
+                // may not log in: nothing a retry can fix.
+                "3D000" => (ErrorKind::Config, "the database does not exist"),
+                "28000" | "28P01" => (
+                    ErrorKind::Config,
+                    "the server refused the credentials or the role",
+                ),
+                "3F000" => (ErrorKind::Config, "the schema does not exist"),
                 "22021" | "22P05" => (
                     ErrorKind::InvalidValue,
                     "PostgreSQL cannot store this text (NUL byte or invalid encoding)",

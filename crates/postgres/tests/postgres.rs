@@ -974,7 +974,7 @@ async fn a_held_connection_exhausts_a_pool_of_one() {
 }
 
 #[tokio::test]
-async fn a_deadlock_between_transactions_is_a_serialization_failure() {
+async fn a_deadlock_between_transactions_is_a_temporary_deadlock_error() {
     let pg = pg().await;
     let t = items(&unique("deadlock"));
     pg.store.ensure_table(&t).await.unwrap();
@@ -1002,13 +1002,10 @@ async fn a_deadlock_between_transactions_is_a_serialization_failure() {
         1,
         "PostgreSQL breaks the deadlock by failing one: {errors:?}"
     );
-    assert_eq!(
-        errors[0].kind(),
-        ErrorKind::SerializationFailure,
-        "{}",
-        errors[0]
-    );
+    assert_eq!(errors[0].kind(), ErrorKind::Deadlock, "{}", errors[0]);
     assert!(errors[0].is_temporary());
+    assert!(errors[0].kind().is_retryable_transaction());
+    assert!(!errors[0].message().is_empty());
 }
 
 /// A statement timeout bounds a wait for a key lock.

@@ -47,6 +47,9 @@ counters! {
     replayed,
     /// Loads that took longer than the load deadline and were not cached.
     late_loads,
+    /// Runs of an [`crate::Engine::transaction`] closure started again after
+    /// a serialization failure, a deadlock or a busy database.
+    transaction_retries,
 }
 
 impl Counters {

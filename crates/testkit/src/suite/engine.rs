@@ -762,6 +762,11 @@ pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome 
             good().set("qty", "many"),
             ErrorKind::InvalidValue,
         ),
+        (
+            "a column name that is not an identifier",
+            good().set("price; DROP TABLE x", 1),
+            ErrorKind::InvalidIdentifier,
+        ),
     ];
     let mut missing = good();
     missing.remove("name");
@@ -820,6 +825,11 @@ pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome 
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidValue);
+    let e = items
+        .update(1, Patch::new().set("bad name", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidIdentifier, "{e}");
     assert_eq!(in_db(&pair, &items, 1).await, None);
     assert_eq!(cached(&pair, &items, 1).await, None);
     assert_eq!(cached(&pair, &rows, 1).await, None);

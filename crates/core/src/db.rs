@@ -183,7 +183,8 @@ pub trait Transaction: Send {
 /// * Versions follow the [`Transaction`] contract.
 /// * `ensure_table` creates the table with its version column if it is
 ///   missing, and fails with `SchemaMismatch` if it exists without the
-///   columns the schema declares.
+///   columns the schema declares, with a column of a type that cannot hold
+///   the declared one, or with another key.
 /// * Outbox records written by a transaction appear in `outbox_pending`
 ///   (when their table is asked for) once they are older than `min_age`,
 ///   until removed; records of a rolled-back transaction never appear.

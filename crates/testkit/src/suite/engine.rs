@@ -1843,7 +1843,17 @@ pub async fn put_many_of_a_hundred_thousand_rows_commits_and_caches_every_row(
     pair: Pair,
 ) -> Outcome {
     const N: i64 = 100_000;
-    let (engine, items) = setup(&pair, TableOptions::new()).await;
+    // Fenced, without the outbox: 100,000 outbox records in the shared
+    // database would crowd out the records other suites' cases look for
+    // with `outbox_pending(None, ..)` while this runs. The outbox path of a
+    // batch this size is proven on a server of its own by the PostgreSQL
+    // adapter's `transactions_of_any_size_stay_within_the_lock_table`.
+    let (engine, items) = setup_with(
+        &pair,
+        |c| c.consistency = Consistency::fenced(),
+        TableOptions::new(),
+    )
+    .await;
     let rows: Vec<Item> = (1..=N).map(|i| item(i, 1.0)).collect();
     let started = Instant::now();
     let versions = items
@@ -1898,14 +1908,16 @@ pub async fn a_cache_failure_of_a_batch_counts_in_stats_health_and_the_breaker(
     let (engine, items) = setup(&p, TableOptions::new()).await;
     let _ = engine.health();
     faulty.faults().fail_writes(true);
-    let rows: Vec<Item> = (1..=2_000).map(|i| item(i, 1.0)).collect();
+    // Two chunks per batch; resync, one key at a time, repairs 1,200 keys
+    // within the bound below even on a loaded machine.
+    let rows: Vec<Item> = (1..=600).map(|i| item(i, 1.0)).collect();
     items
         .put_many(&rows)
         .await
         .expect("the batch commits without the cache");
-    assert_eq!(engine.stats().cache_write_failures, 2_000);
-    assert_eq!(engine.pending_resync(), 2_000);
-    let rows: Vec<Item> = (2_001..=4_000).map(|i| item(i, 1.0)).collect();
+    assert_eq!(engine.stats().cache_write_failures, 600);
+    assert_eq!(engine.pending_resync(), 600);
+    let rows: Vec<Item> = (601..=1_200).map(|i| item(i, 1.0)).collect();
     items
         .put_many(&rows)
         .await
@@ -1914,7 +1926,7 @@ pub async fn a_cache_failure_of_a_batch_counts_in_stats_health_and_the_breaker(
     assert!(h.cache_failure_rate > 0.0, "{h:?}");
     assert_eq!(engine.breaker_state(), BreakerState::Open, "{h:?}");
     assert!(engine.breaker_trips() >= 1);
-    for k in [1, 3_999] {
+    for k in [1, 1_199] {
         assert_eq!(
             items.get(k).await.unwrap(),
             Some(item(k, 1.0)),
@@ -1922,12 +1934,12 @@ pub async fn a_cache_failure_of_a_batch_counts_in_stats_health_and_the_breaker(
         );
     }
     faulty.faults().heal();
-    let healed = eventually(Duration::from_secs(20), || async {
+    let healed = eventually(Duration::from_secs(60), || async {
         engine.pending_resync() == 0 && engine.breaker_state() == BreakerState::Closed
     })
     .await;
     assert!(healed, "pending {}", engine.pending_resync());
-    for k in [1, 2_000, 4_000] {
+    for k in [1, 600, 1_200] {
         let (_, v) = in_db(&pair, &items, k).await.unwrap();
         assert_eq!(
             cached(&pair, &items, k).await,

@@ -204,7 +204,8 @@ async fn patch_product(
     };
     let mut patch = Patch::new();
     for (column, value) in columns {
-        // Names come from the client: `try_set`, as `set` panics on a bad identifier.
+        // Names come from the client: `try_set` refuses a bad identifier here, with a
+        // 400 (`set` would too, but only when the update runs).
         // The engine converts the JSON value to the column's type, or refuses it.
         patch.try_set(&column, Value::Json(value))?;
     }

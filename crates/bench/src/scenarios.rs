@@ -596,9 +596,12 @@ async fn engines(b: &Backends, ns: &str) -> Result<(Engine, Engine, Engine)> {
         .namespace(&fo)
         .consistency(Consistency::fenced())
         .build()?;
+    // WT_BENCH_EPOCHS=0 measures the strict path without the cache epochs
+    // and the write deadline, to show what they cost.
+    let epochs = std::env::var("WT_BENCH_EPOCHS").map_or(true, |v| v != "0");
     let strict = Engine::builder_dyn(b.cache.clone(), b.db.clone())
         .namespace(ns)
-        .consistency(Consistency::strict())
+        .consistency(Consistency::strict().epochs(epochs))
         .build()?;
     let relaxed = Engine::builder_dyn(b.cache.clone(), b.db.clone())
         .namespace(&nf)

@@ -138,12 +138,33 @@ impl Default for DbCapabilities {
 /// * `commit` and `rollback` consume the transaction; dropping it without
 ///   either rolls it back.
 /// * Reads inside the transaction see its own writes.
+/// * [`Transaction::get_for_update`] is a locking read: from the moment it
+///   returns until the transaction ends, no other transaction can commit a
+///   write of that key (present or missing), so a value read with it and
+///   written back cannot lose a concurrent update. Plain
+///   [`Transaction::get`] gives no such promise.
+///
+/// # Isolation
+///
+/// * PostgreSQL: `READ COMMITTED`, plus the engine's key locks. Every write
+///   takes its key's lock (a transaction-scoped advisory lock on a hash
+///   slot of the key) and holds it to the end of the transaction;
+///   `get_for_update` takes the same lock before it reads. Each statement
+///   sees what was committed when it started, so a plain `get` may be
+///   outdated by the time the transaction writes.
+/// * SQLite: serial. A transaction holds the database's single write lock
+///   from `begin` (`BEGIN IMMEDIATE`) to its end, so nothing else writes
+///   meanwhile; `get_for_update` is a plain read.
 #[async_trait]
 pub trait Transaction: Send {
     /// Applies one write.
     async fn apply(&mut self, write: &Write) -> Result<WriteOutcome>;
     /// Reads one row, seeing this transaction's own writes.
     async fn get(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>>;
+    /// Reads one row after taking the lock its writes take, so that no
+    /// other transaction writes the key until this one ends. Works for a
+    /// missing row too: the key is locked whether or not a row exists.
+    async fn get_for_update(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>>;
     /// Commits.
     async fn commit(self: Box<Self>) -> Result<()>;
     /// Rolls back.
@@ -162,7 +183,8 @@ pub trait Transaction: Send {
 /// * Versions follow the [`Transaction`] contract.
 /// * `ensure_table` creates the table with its version column if it is
 ///   missing, and fails with `SchemaMismatch` if it exists without the
-///   columns the schema declares.
+///   columns the schema declares, with a column of a type that cannot hold
+///   the declared one, or with another key.
 /// * Outbox records written by a transaction appear in `outbox_pending`
 ///   (when their table is asked for) once they are older than `min_age`,
 ///   until removed; records of a rolled-back transaction never appear.

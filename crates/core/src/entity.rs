@@ -50,6 +50,7 @@ pub trait Record: Sized + Send + Sync + 'static {
 
 impl Record for Row {
     fn to_row(&self) -> Result<Row> {
+        self.check()?;
         Ok(self.clone())
     }
     fn from_row(_: &Table, row: Row) -> Result<Self> {

@@ -42,6 +42,14 @@ pub enum ErrorKind {
     ConstraintViolation,
     /// The database aborted the transaction to keep it serializable; retrying may succeed.
     SerializationFailure,
+    /// The database found transactions waiting on each other's locks and
+    /// aborted this one (PostgreSQL `40P01`); retrying may succeed.
+    Deadlock,
+    /// The call would wait for a lock its own caller holds, so it could
+    /// never finish: on SQLite, a write (or a second scope) from the task or
+    /// thread that holds an open transaction scope. Refused at once, before
+    /// any side effect; retrying the same call cannot succeed.
+    WouldDeadlock,
     /// The cache's circuit breaker is open; the cache was not called.
     CircuitOpen,
     /// The backend does not support this operation.
@@ -69,10 +77,50 @@ impl ErrorKind {
             ErrorKind::PoolExhausted => "pool_exhausted",
             ErrorKind::ConstraintViolation => "constraint_violation",
             ErrorKind::SerializationFailure => "serialization_failure",
+            ErrorKind::Deadlock => "deadlock",
+            ErrorKind::WouldDeadlock => "would_deadlock",
             ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Backend => "backend",
         }
+    }
+
+    /// A one-line description, the message of an error that has no other.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidKey => "the key cannot be used",
+            ErrorKind::InvalidValue => "a value cannot be stored",
+            ErrorKind::InvalidTtl => "the TTL cannot be used",
+            ErrorKind::InvalidIdentifier => "a name is not a plain identifier",
+            ErrorKind::SchemaMismatch => "the row or table does not fit the schema",
+            ErrorKind::ValueTooLarge => "the value is too large for the cache",
+            ErrorKind::Validation => "the validator refused the value",
+            ErrorKind::Config => "the configuration cannot be used",
+            ErrorKind::Codec => "bytes could not be encoded or decoded",
+            ErrorKind::Timeout => "no answer within the timeout",
+            ErrorKind::Unavailable => "the backend is unavailable",
+            ErrorKind::Busy => "the database is busy",
+            ErrorKind::PoolExhausted => "no pooled connection is free",
+            ErrorKind::ConstraintViolation => "the database refused the write for a constraint",
+            ErrorKind::SerializationFailure => {
+                "the database aborted the transaction to keep it serializable"
+            }
+            ErrorKind::Deadlock => "the database aborted the transaction to break a deadlock",
+            ErrorKind::WouldDeadlock => "the call would wait for a lock its caller holds",
+            ErrorKind::CircuitOpen => "the cache circuit breaker is open",
+            ErrorKind::Unsupported => "the backend does not support this",
+            ErrorKind::Backend => "the backend reported an error",
+        }
+    }
+
+    /// Whether a transaction that failed with this kind may succeed if run
+    /// again from the start: serialization failures, deadlocks, and a busy
+    /// database. What [`crate::Engine::transaction`] retries.
+    pub fn is_retryable_transaction(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::SerializationFailure | ErrorKind::Deadlock | ErrorKind::Busy
+        )
     }
 
     /// Whether this kind is bad input, found before any side effect.
@@ -97,6 +145,7 @@ impl ErrorKind {
             | ErrorKind::Busy
             | ErrorKind::PoolExhausted
             | ErrorKind::SerializationFailure
+            | ErrorKind::Deadlock
             | ErrorKind::CircuitOpen => Status::Temporary,
             _ => Status::Permanent,
         }
@@ -138,6 +187,9 @@ struct Inner {
     backend: Option<&'static str>,
     in_doubt: bool,
     source: Option<Source>,
+    /// The message was taken from the source (which had the only text), so
+    /// `Display` does not print it twice.
+    message_from_source: bool,
 }
 
 impl Error {
@@ -153,6 +205,7 @@ impl Error {
                 backend: None,
                 in_doubt: false,
                 source: None,
+                message_from_source: false,
             }),
         }
     }
@@ -171,6 +224,7 @@ impl Error {
                     backend: old.backend,
                     in_doubt: old.in_doubt,
                     source: old.source.clone(),
+                    message_from_source: old.message_from_source,
                 };
                 f(&mut inner);
                 self.inner = Arc::new(inner);
@@ -203,9 +257,17 @@ impl Error {
         self.edit(|i| i.backend = Some(backend))
     }
 
-    /// Attaches the underlying error.
+    /// Attaches the underlying error. An error created without a message
+    /// takes the source's text as its message, so that [`Error::message`]
+    /// is never empty when there is something to say.
     pub fn with_source(self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        self.edit(|i| i.source = Some(Arc::new(source)))
+        self.edit(|i| {
+            if i.message.is_empty() || i.message_from_source {
+                i.message = source.to_string();
+                i.message_from_source = true;
+            }
+            i.source = Some(Arc::new(source));
+        })
     }
 
     /// Overrides the retry status.
@@ -254,8 +316,13 @@ impl Error {
         self.inner.backend
     }
 
-    /// The message, without operation, key or source.
+    /// The message, without operation, key or source. When the error was
+    /// created without one, the source's text; else, for an error with
+    /// neither, the kind's description.
     pub fn message(&self) -> &str {
+        if self.inner.message.is_empty() {
+            return self.inner.kind.describe();
+        }
         &self.inner.message
     }
 }
@@ -279,7 +346,9 @@ impl fmt::Display for Error {
         if i.in_doubt {
             f.write_str(" [outcome unknown]")?;
         }
-        if let Some(s) = &i.source {
+        if let Some(s) = &i.source
+            && !i.message_from_source
+        {
             write!(f, ": {s}")?;
         }
         Ok(())
@@ -364,6 +433,39 @@ mod tests {
             assert_eq!(Error::new(k, "").status(), Status::Permanent);
         }
         assert!(!ErrorKind::Timeout.is_input());
+    }
+
+    #[test]
+    fn an_error_without_a_message_takes_its_source_text_once() {
+        let e = Error::new(ErrorKind::Backend, "")
+            .with_backend("postgres")
+            .with_source(std::io::Error::other("out of shared memory"));
+        assert_eq!(e.message(), "out of shared memory");
+        assert_eq!(e.to_string(), "backend (postgres): out of shared memory");
+        let bare = Error::new(ErrorKind::Deadlock, "");
+        assert!(!bare.message().is_empty());
+        assert!(bare.is_temporary());
+        let kept = Error::new(ErrorKind::Busy, "locked").with_source(std::io::Error::other("x"));
+        assert_eq!(kept.message(), "locked");
+        assert_eq!(kept.to_string(), "busy: locked: x");
+    }
+
+    #[test]
+    fn every_kind_has_a_description() {
+        for k in [
+            ErrorKind::InvalidKey,
+            ErrorKind::WouldDeadlock,
+            ErrorKind::Deadlock,
+            ErrorKind::Backend,
+        ] {
+            assert!(!k.describe().is_empty());
+        }
+        assert!(ErrorKind::Deadlock.is_retryable_transaction());
+        assert!(!ErrorKind::WouldDeadlock.is_retryable_transaction());
+        assert_eq!(
+            Error::new(ErrorKind::WouldDeadlock, "").status(),
+            Status::Permanent
+        );
     }
 
     #[test]

@@ -233,6 +233,7 @@ impl Table {
     /// Checks a full row and returns it in column order, with absent nullable
     /// columns set to NULL and integers in float columns widened.
     pub fn normalize_row(&self, row: Row) -> Result<(Key, Row)> {
+        row.check()?;
         let mut values: Vec<Option<Value>> = vec![None; self.columns().len()];
         for (name, value) in row {
             let Some(i) = self.columns().iter().position(|c| c.name == name) else {
@@ -254,6 +255,7 @@ impl Table {
 
     /// Checks a patch: known columns, not the key, values of the right type.
     pub fn normalize_patch(&self, patch: Patch) -> Result<Patch> {
+        patch.check()?;
         if patch.is_empty() {
             return Err(Error::new(
                 ErrorKind::SchemaMismatch,

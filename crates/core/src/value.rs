@@ -245,9 +245,21 @@ impl From<&Key> for Key {
 /// Columns keep the order they were inserted in; rows built by the engine
 /// follow the table's column order. Lookups are linear, which beats hashing
 /// for the handful of columns a row has.
+///
+/// [`Row::set`] never panics: a column name that is not a valid identifier
+/// is remembered, and every use of the row (a write, a schema check) fails
+/// with [`ErrorKind::InvalidIdentifier`] naming it.
+///
+/// ```
+/// use writethrough_core::{ErrorKind, Row};
+/// let row = Row::new().set("id", 1).set("bad name", 2);
+/// assert_eq!(row.check().unwrap_err().kind(), ErrorKind::InvalidIdentifier);
+/// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Row {
     cols: Vec<(Ident, Value)>,
+    /// Why the first refused column name was refused.
+    invalid: Option<Box<str>>,
 }
 
 impl Row {
@@ -260,19 +272,36 @@ impl Row {
     pub fn with_capacity(n: usize) -> Self {
         Row {
             cols: Vec::with_capacity(n),
+            invalid: None,
         }
     }
 
     /// Sets `column` (validated as an identifier) to `value`, builder style.
     ///
-    /// # Panics
-    /// If `column` is not a valid identifier; use [`Row::try_set`] for
-    /// names that come from outside the program.
+    /// A name that is not a valid identifier is not set; the row remembers
+    /// it, and [`Row::check`] — which every write and schema check calls —
+    /// fails with `InvalidIdentifier`. Use [`Row::try_set`] to see the error
+    /// at once.
     #[must_use]
     pub fn set(mut self, column: &str, value: impl Into<Value>) -> Self {
-        let ident = Ident::new(column).unwrap_or_else(|e| panic!("{e}"));
-        self.insert(ident, value.into());
+        match Ident::new(column) {
+            Ok(ident) => self.insert(ident, value.into()),
+            Err(e) => {
+                if self.invalid.is_none() {
+                    self.invalid = Some(e.message().into());
+                }
+            }
+        }
         self
+    }
+
+    /// Fails with `InvalidIdentifier` if [`Row::set`] was given a column
+    /// name that is not a valid identifier.
+    pub fn check(&self) -> Result<()> {
+        match &self.invalid {
+            Some(why) => Err(Error::new(ErrorKind::InvalidIdentifier, why.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// Sets `column` to `value`, returning an error if `column` is not a valid identifier.
@@ -352,12 +381,25 @@ impl Patch {
 
     /// Sets `column` to `value`.
     ///
-    /// # Panics
-    /// If `column` is not a valid identifier; see [`Patch::try_set`].
+    /// Never panics: a column name that is not a valid identifier makes the
+    /// update that uses the patch fail with `InvalidIdentifier` (see
+    /// [`Patch::check`]); [`Patch::try_set`] reports it at once.
+    ///
+    /// ```
+    /// use writethrough_core::{ErrorKind, Patch};
+    /// let p = Patch::new().set("price", 2.5).set("price; DROP TABLE x", 0);
+    /// assert_eq!(p.check().unwrap_err().kind(), ErrorKind::InvalidIdentifier);
+    /// ```
     #[must_use]
     pub fn set(mut self, column: &str, value: impl Into<Value>) -> Self {
         self.row = self.row.set(column, value);
         self
+    }
+
+    /// Fails with `InvalidIdentifier` if [`Patch::set`] was given a column
+    /// name that is not a valid identifier.
+    pub fn check(&self) -> Result<()> {
+        self.row.check()
     }
 
     /// Sets `column` to `value`, returning an error for an invalid identifier.
@@ -446,6 +488,21 @@ mod tests {
         let cols: Vec<_> = row.iter().map(|(c, _)| c.as_str()).collect();
         assert_eq!(cols, ["b", "a"]);
         assert_eq!(row.get("b"), Some(&Value::Int(2)));
+    }
+
+    #[test]
+    fn set_with_a_bad_column_name_does_not_panic_and_fails_at_use() {
+        let row = Row::new().set("id", 1).set("a b", 2).set("c;--", 3);
+        assert_eq!(row.len(), 1, "refused names are not set");
+        let e = row.check().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidIdentifier);
+        assert!(
+            e.message().contains("\"a b\""),
+            "the first one is named: {e}"
+        );
+        let p = Patch::new().set("", 1);
+        assert_eq!(p.check().unwrap_err().kind(), ErrorKind::InvalidIdentifier);
+        assert!(Patch::new().set("ok", 1).check().is_ok());
     }
 
     #[test]

@@ -74,7 +74,27 @@ pub(crate) fn map_err(e: sqlx::Error, phase: Phase) -> Error {
                     ErrorKind::Unavailable,
                     "the server has no free connection slot",
                 ),
-                "40001" | "40P01" => (ErrorKind::SerializationFailure, ""),
+                "40001" => (
+                    ErrorKind::SerializationFailure,
+                    "the transaction could not be serialized with a concurrent one",
+                ),
+                "40P01" => (
+                    ErrorKind::Deadlock,
+                    "a deadlock was found between this transaction and another; this one was aborted",
+                ),
+                "53200" => (
+                    ErrorKind::Unavailable,
+                    "the server is out of shared memory (for locks: raise max_locks_per_transaction)",
+                ),
+                "53100" => (ErrorKind::Unavailable, "the server's disk is full"),
+                // The database named in the URL does not exist, or the role
+                // may not log in: nothing a retry can fix.
+                "3D000" => (ErrorKind::Config, "the database does not exist"),
+                "28000" | "28P01" => (
+                    ErrorKind::Config,
+                    "the server refused the credentials or the role",
+                ),
+                "3F000" => (ErrorKind::Config, "the schema does not exist"),
                 "22021" | "22P05" => (
                     ErrorKind::InvalidValue,
                     "PostgreSQL cannot store this text (NUL byte or invalid encoding)",
@@ -108,5 +128,90 @@ pub(crate) fn map_err(e: sqlx::Error, phase: Phase) -> Error {
         err.in_doubt()
     } else {
         err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A server error with a SQLSTATE, as sqlx hands it over.
+    #[derive(Debug)]
+    struct ServerError(&'static str, &'static str);
+
+    impl std::fmt::Display for ServerError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.1)
+        }
+    }
+
+    impl std::error::Error for ServerError {}
+
+    impl sqlx::error::DatabaseError for ServerError {
+        fn message(&self) -> &str {
+            self.1
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn mapped(code: &'static str, text: &'static str) -> Error {
+        map_err(
+            sqlx::Error::Database(Box::new(ServerError(code, text))),
+            Phase::NoCommit,
+        )
+    }
+
+    #[test]
+    fn server_errors_get_their_kind_and_a_message() {
+        for (code, text, kind) in [
+            ("53200", "out of shared memory", ErrorKind::Unavailable),
+            (
+                "3D000",
+                "database \"nope\" does not exist",
+                ErrorKind::Config,
+            ),
+            ("28P01", "password authentication failed", ErrorKind::Config),
+            ("40P01", "deadlock detected", ErrorKind::Deadlock),
+            (
+                "40001",
+                "could not serialize access",
+                ErrorKind::SerializationFailure,
+            ),
+            ("XX000", "internal error", ErrorKind::Backend),
+        ] {
+            let e = mapped(code, text);
+            assert_eq!(e.kind(), kind, "{code}: {e}");
+            assert!(!e.message().is_empty(), "{code}: {e:?}");
+            assert!(
+                e.to_string().contains(text),
+                "{code}: the server's text is kept: {e}"
+            );
+        }
+        assert!(
+            mapped("53200", "out of shared memory")
+                .message()
+                .contains("shared memory")
+        );
+        assert!(
+            mapped("XX000", "internal error")
+                .message()
+                .contains("internal error")
+        );
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! [`PostgresStore`] owns a connection pool. Every write draws its version
 //! from one global sequence after taking a transaction-scoped advisory lock
-//! on its key, so the versions of a key are committed in increasing order
-//! (see the `sql` module for why and how).
+//! on its key's slot (one of 1024), so the versions of a key are committed
+//! in increasing order and a transaction of any size takes at most 1024
+//! locks (see the `sql` module for why and how). A scope's
+//! `get_for_update` takes the same lock before it reads.
 //!
 //! Round trips, the engine's cost model:
 //!

@@ -2,10 +2,17 @@
 //!
 //! # Versions and locks
 //!
-//! Every write takes a transaction-scoped advisory lock on its key,
-//! `pg_advisory_xact_lock(hashtextextended('<table>:<key>', 0))`, and only
-//! then draws its version from the global sequence `_wt_version_seq`; the lock
-//! is held until the write's transaction ends. Writers of one key are thus
+//! Every write takes a transaction-scoped advisory lock on its key's slot,
+//! `pg_advisory_xact_lock(<class>, hashtextextended('<table>:<key>', 0) & 1023)`
+//! (see [`slot_lock`]), and only then draws its version from the global
+//! sequence `_wt_version_seq`; the lock is held until the write's
+//! transaction ends. A key always maps to the same one of [`LOCK_SLOTS`]
+//! slots, so what holds for a key's lock holds for its slot's; keys that
+//! share a slot merely wait for each other. A bounded number of slots keeps
+//! a batch of any size to at most [`LOCK_SLOTS`] locks: one lock per key
+//! ran out of the server's lock table (`max_locks_per_transaction`) past a
+//! few tens of thousands of rows. `Transaction::get_for_update` takes the
+//! same slot lock before it reads. Writers of one key are thus
 //! serialized from before they draw a version until after they commit, so
 //! versions of a key are committed in increasing order, a delete's included,
 //! and a write that finds no row still gets a version above every committed
@@ -56,19 +63,43 @@ pub(crate) fn query(sql: &Arc<str>) -> PgQuery {
 }
 
 /// The text a key's advisory lock is hashed from. Every path (single
-/// statements, batches, interactive transactions) locks through this.
+/// statements, batches, interactive transactions, locking reads) locks
+/// through this and [`slot_of`].
 pub(crate) fn lock_text(t: &Table, key: &Key) -> String {
     format!("{}:{key}", t.name())
 }
 
-/// Takes the advisory locks of `$1` (a `text[]` of [`lock_text`]s) in the
-/// order of their hashes, the same order in every transaction, so that
-/// transactions locking several keys cannot deadlock each other.
+/// How many lock slots keys hash into: the most locks one transaction
+/// takes, whatever its size. A power of two.
+pub(crate) const LOCK_SLOTS: i64 = 1024;
+
+/// The first key of the two-key advisory locks the slots use ("wt" in
+/// ASCII), so that they do not meet an application's own advisory locks on
+/// small numbers, nor the one-key `ensure_table` lock.
+pub(crate) const LOCK_CLASS: i32 = 0x7774;
+
+/// The slot of a lock text (an SQL expression of type `text`), as an `int`.
+/// The one slot function: every lock goes through it.
+pub(crate) fn slot_of(text: &str) -> String {
+    format!("(hashtextextended({text}, 0) & {})::int", LOCK_SLOTS - 1)
+}
+
+/// Takes the lock of a slot (an SQL `int` expression), held to the end of
+/// the transaction.
+pub(crate) fn slot_lock(slot: &str) -> String {
+    format!("pg_advisory_xact_lock({LOCK_CLASS}, {slot})")
+}
+
+/// Takes the slot locks of `$1` (a `text[]` of [`lock_text`]s), each slot
+/// once, in slot order, the same order in every transaction, so that
+/// transactions locking several keys this way cannot deadlock each other.
 fn lock_many_cte(param: &str) -> String {
     format!(
-        "\"_k\" AS MATERIALIZED (SELECT pg_advisory_xact_lock(\"_s\".\"h\") FROM \
-         (SELECT DISTINCT hashtextextended(\"x\", 0) AS \"h\" FROM unnest({param}::text[]) AS \"x\" ORDER BY 1) AS \"_s\"), \
-         \"_l\" AS MATERIALIZED (SELECT count(*) AS \"n\" FROM \"_k\")"
+        "\"_k\" AS MATERIALIZED (SELECT {} FROM \
+         (SELECT DISTINCT {} AS \"h\" FROM unnest({param}::text[]) AS \"x\" ORDER BY 1) AS \"_s\"), \
+         \"_l\" AS MATERIALIZED (SELECT count(*) AS \"n\" FROM \"_k\")",
+        slot_lock("\"_s\".\"h\""),
+        slot_of("\"x\""),
     )
 }
 
@@ -271,12 +302,12 @@ impl Names {
         let n = self.cols.len();
         let params: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
         let mut s = format!(
-            "WITH \"_l\" AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(${}, 0))), \
+            "WITH \"_l\" AS MATERIALIZED (SELECT {}), \
              \"_w\" AS (INSERT INTO {} AS \"_t\" ({}, \"{VERSION_COLUMN}\") \
              SELECT {}, nextval('{SEQ}') FROM \"_l\" \
              ON CONFLICT ({}) DO UPDATE SET {} \
              RETURNING \"_t\".\"{VERSION_COLUMN}\"::bigint AS \"v\", NOT (\"_t\".xmax = 0) AS \"e\")",
-            n + 1,
+            slot_lock(&slot_of(&format!("${}", n + 1))),
             self.table,
             self.cols.join(", "),
             params.join(", "),
@@ -360,8 +391,9 @@ impl Names {
         if auto {
             (
                 format!(
-                    "WITH \"_l\" AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended($2, 0))), \
-                     \"_v\" AS MATERIALIZED (SELECT nextval('{SEQ}') AS \"v\" FROM \"_l\")"
+                    "WITH \"_l\" AS MATERIALIZED (SELECT {}), \
+                     \"_v\" AS MATERIALIZED (SELECT nextval('{SEQ}') AS \"v\" FROM \"_l\")",
+                    slot_lock(&slot_of("$2"))
                 ),
                 3,
             )
@@ -715,7 +747,10 @@ mod tests {
         let up = s.upsert(true);
         assert!(up.contains("INSERT INTO \"Items\""), "{up}");
         assert!(up.contains("$1, $2, $3"), "{up}");
-        assert!(up.contains("hashtextextended($4, 0)"), "{up}");
+        assert!(
+            up.contains("pg_advisory_xact_lock(30580, (hashtextextended($4, 0) & 1023)::int)"),
+            "{up}"
+        );
         assert!(up.contains("SELECT 'Items', $5"), "{up}");
         let upd = s.update(
             vec![2],

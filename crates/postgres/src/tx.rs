@@ -173,7 +173,8 @@ fn sql_retry(e: &sqlx::Error) -> bool {
     sqlstate(e).as_deref() == Some(RETRY_SQLSTATE)
 }
 
-/// Locks the keys (`lock_text`s) in hash order, in the open transaction on `conn`.
+/// Locks the slots of the keys (`lock_text`s) in slot order, in the open
+/// transaction on `conn`.
 pub(crate) async fn lock_keys(
     conn: &mut PgConnection,
     shared: &Shared,
@@ -192,8 +193,31 @@ pub(crate) struct PgTx {
     pub(crate) tx: sqlx::Transaction<'static, sqlx::Postgres>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) outbox: bool,
-    /// Keys whose advisory lock this transaction holds.
+    /// Keys (lock texts) whose slot lock this transaction holds.
     pub(crate) locked: HashSet<String>,
+}
+
+impl PgTx {
+    /// Takes the slot lock of `lock` unless this transaction holds it.
+    async fn lock(&mut self, lock: &str) -> Result<()> {
+        if !self.locked.contains(lock) {
+            lock_keys(&mut self.tx, &self.shared, vec![lock.to_owned()]).await?;
+            self.locked.insert(lock.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn select(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
+        let sql = self.shared.table_sql(table);
+        let r = bind_key(query(&sql.select), key)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(|e| map_err(e, Phase::NoCommit).with_operation("db.get"))?;
+        match r {
+            Some(r) => sql::read_row(table, &r, 0),
+            None => Ok(None),
+        }
+    }
 }
 
 #[async_trait]
@@ -204,8 +228,8 @@ impl Transaction for PgTx {
         // Updates and deletes must start after the lock is granted (their
         // snapshot would miss a row its holder inserted); upserts lock in
         // their own statement, which the ON CONFLICT check makes safe.
-        if !matches!(p.op, PreparedOp::Upsert(_)) && !self.locked.contains(&lock) {
-            lock_keys(&mut self.tx, &self.shared, vec![lock.clone()]).await?;
+        if !matches!(p.op, PreparedOp::Upsert(_)) {
+            self.lock(&lock).await?;
         }
         let out = run_one(&mut self.tx, &p, self.outbox, false, Phase::NoCommit)
             .await
@@ -217,15 +241,21 @@ impl Transaction for PgTx {
 
     async fn get(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
         table.check_key(key)?;
-        let sql = self.shared.table_sql(table);
-        let r = bind_key(query(&sql.select), key)
-            .fetch_optional(&mut *self.tx)
+        self.select(table, key).await
+    }
+
+    /// The key's slot lock (the one its writes take), then a `SELECT`: under
+    /// `READ COMMITTED` the statement's snapshot is taken after the lock is
+    /// granted, so it sees every write of the key committed before, and no
+    /// other write of the key commits until this transaction ends. A
+    /// missing row is locked as well as a present one: the lock is on the
+    /// key, not the row.
+    async fn get_for_update(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
+        table.check_key(key)?;
+        self.lock(&sql::lock_text(table, key))
             .await
-            .map_err(|e| map_err(e, Phase::NoCommit).with_operation("db.get"))?;
-        match r {
-            Some(r) => sql::read_row(table, &r, 0),
-            None => Ok(None),
-        }
+            .map_err(|e| e.with_operation("db.get_for_update").with_key(key))?;
+        self.select(table, key).await
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {

@@ -974,7 +974,7 @@ async fn a_held_connection_exhausts_a_pool_of_one() {
 }
 
 #[tokio::test]
-async fn a_deadlock_between_transactions_is_a_serialization_failure() {
+async fn a_deadlock_between_transactions_is_a_temporary_deadlock_error() {
     let pg = pg().await;
     let t = items(&unique("deadlock"));
     pg.store.ensure_table(&t).await.unwrap();
@@ -1002,13 +1002,10 @@ async fn a_deadlock_between_transactions_is_a_serialization_failure() {
         1,
         "PostgreSQL breaks the deadlock by failing one: {errors:?}"
     );
-    assert_eq!(
-        errors[0].kind(),
-        ErrorKind::SerializationFailure,
-        "{}",
-        errors[0]
-    );
+    assert_eq!(errors[0].kind(), ErrorKind::Deadlock, "{}", errors[0]);
     assert!(errors[0].is_temporary());
+    assert!(errors[0].kind().is_retryable_transaction());
+    assert!(!errors[0].message().is_empty());
 }
 
 /// A statement timeout bounds a wait for a key lock.
@@ -1309,4 +1306,61 @@ async fn connecting_to_a_closed_port_names_the_cause_at_once() {
         .expect_err("nothing listens there");
     assert_eq!(e.kind(), writethrough_core::ErrorKind::Unavailable, "{e}");
     assert!(e.to_string().to_lowercase().contains("refused"), "{e}");
+}
+
+/// A URL naming a database that does not exist is a configuration error
+/// with a message, not an anonymous backend error.
+#[tokio::test]
+async fn a_database_that_does_not_exist_is_a_config_error_with_a_message() {
+    let pg = pg().await;
+    let url = pg.server.url();
+    let (base, _) = url.rsplit_once('/').expect("a URL with a database");
+    let url = format!("{base}/no_such_database");
+    let e = writethrough_postgres::PostgresStore::connect(&url)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), writethrough_core::ErrorKind::Config, "{e}");
+    assert!(e.message().contains("does not exist"), "{e}");
+}
+
+/// One transaction writes 20,000 distinct keys and then a batch of 100,000
+/// rows commits: keys hash into a bounded set of lock slots, where one lock
+/// per key exhausted the server's lock table ("out of shared memory").
+#[tokio::test]
+async fn transactions_of_any_size_stay_within_the_lock_table() {
+    let pg = pg().await;
+    let t = items(&unique("many"));
+    pg.store.ensure_table(&t).await.unwrap();
+    let mut tx = pg.store.begin(TxOptions::default()).await.unwrap();
+    for i in 0..20_000 {
+        tx.apply(&upsert(&t, item(i, "scoped"))).await.unwrap();
+    }
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+            .fetch_one(pg.store.pool())
+            .await
+            .unwrap();
+    assert!(
+        held <= 1024,
+        "{held} advisory locks held by one transaction"
+    );
+    tx.commit().await.unwrap();
+    let batch: Vec<_> = (0..100_000).map(|i| upsert(&t, item(i, "batch"))).collect();
+    let out = pg
+        .store
+        .execute(batch, TxOptions::with_outbox(true))
+        .await
+        .expect("a batch of 100,000 rows");
+    assert_eq!(out.len(), 100_000);
+    let mixed: Vec<_> = (0..15_000)
+        .map(|i| upsert(&t, item(i, "mixed")))
+        .chain(std::iter::once(writethrough_core::Write {
+            table: t.clone(),
+            op: writethrough_core::WriteOp::Delete(Key::Int(0)),
+        }))
+        .collect();
+    pg.store
+        .execute(mixed, TxOptions::default())
+        .await
+        .expect("the general path locks slots too");
 }

@@ -10,6 +10,15 @@
 //! reader threads with their own connections, which WAL lets run beside the
 //! writer.
 //!
+//! An interactive transaction (a scope) holds the writer thread, and with it
+//! SQLite's write lock, from `begin` (`BEGIN IMMEDIATE`) to its end: scopes
+//! are serial, so every read in one is current and `get_for_update` is a
+//! plain read. A write, or a second `begin`, from the task that holds an
+//! open scope (its Tokio task, or its thread outside any task — a
+//! `#[tokio::main]` body) would wait for that scope forever; it fails at
+//! once with `ErrorKind::WouldDeadlock` instead. Futures joined inside one
+//! task count as that task: write beside an open scope from another task.
+//!
 //! ```no_run
 //! # fn main() -> writethrough_core::Result<()> {
 //! let db = writethrough_sqlite::SqliteStore::open("app.db")?;
@@ -19,7 +28,8 @@
 mod sql;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -115,7 +125,69 @@ struct Shared {
     writer: Sender<WriterJob>,
     readers: Sender<ReadJob>,
     path: PathBuf,
+    /// The open scope, if any, and who holds it.
+    scope: Arc<ScopeSlot>,
+    next_scope: AtomicU64,
     _temp: Option<tempfile::TempDir>,
+}
+
+/// Who is running: the Tokio task, or the thread when not inside a task
+/// (`block_on`, which a `#[tokio::main]` body runs in, is not a task).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Task(tokio::task::Id),
+    Thread(std::thread::ThreadId),
+}
+
+impl Owner {
+    fn current() -> Self {
+        match tokio::task::try_id() {
+            Some(id) => Owner::Task(id),
+            None => Owner::Thread(std::thread::current().id()),
+        }
+    }
+}
+
+/// The open interactive transaction (there is at most one: it holds the
+/// writer thread) and its owner. Set by the writer thread when the scope
+/// has begun, cleared before its end is answered, so that the owner never
+/// sees it set after its scope ended.
+#[derive(Default)]
+struct ScopeSlot(Mutex<Option<(u64, Owner)>>);
+
+impl ScopeSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, Owner)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, id: u64, owner: Owner) {
+        *self.lock() = Some((id, owner));
+    }
+
+    fn clear(&self, id: u64) {
+        let mut slot = self.lock();
+        if slot.is_some_and(|(open, _)| open == id) {
+            *slot = None;
+        }
+    }
+
+    /// Refuses a call to the writer thread from the owner of the open
+    /// scope: it would queue behind that scope, which waits for its owner.
+    fn check(&self, what: &str) -> Result<()> {
+        let me = Owner::current();
+        match *self.lock() {
+            Some((_, owner)) if owner == me => Err(Error::new(
+                ErrorKind::WouldDeadlock,
+                format!(
+                    "{what} from the task that holds an open SQLite transaction scope would wait \
+                     for that scope forever (SQLite has one writer); write through the scope, \
+                     commit or roll it back first, or write from another task"
+                ),
+            )
+            .with_backend("sqlite")),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -143,6 +215,10 @@ struct Interactive {
     cmds: Receiver<TxCmd>,
     opts: TxOptions,
     started: Reply<()>,
+    /// The scope's id and owner, and the slot to record them in.
+    id: u64,
+    owner: Owner,
+    slot: Arc<ScopeSlot>,
 }
 
 enum TxCmd {
@@ -224,6 +300,8 @@ impl SqliteStore {
                 writer: wtx,
                 readers: rtx,
                 path: cfg.path,
+                scope: Arc::default(),
+                next_scope: AtomicU64::new(1),
                 _temp: None,
             }),
         })
@@ -235,6 +313,13 @@ impl SqliteStore {
     }
 
     async fn write<T>(&self, job: WriterJob, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        let what = match &job {
+            WriterJob::Group(GroupItem::Writes(..)) => "a write",
+            WriterJob::Group(GroupItem::OutboxRemove(..)) => "an outbox cleanup",
+            WriterJob::Begin(_) => "a second transaction scope",
+            WriterJob::Ensure(..) => "ensure_table",
+        };
+        self.shared.scope.check(what)?;
         self.shared.writer.send(job).map_err(|_| gone())?;
         ask(rx).await
     }
@@ -507,6 +592,8 @@ fn run_interactive(conn: &Connection, cache: &mut SqlCache, it: Interactive, idl
         let _ = it.started.send(Err(e));
         return;
     }
+    it.slot.set(it.id, it.owner);
+    let _open = ClearOnExit(&it.slot, it.id);
     if it.started.send(Ok(())).is_err() {
         let _ = exec(conn, "ROLLBACK");
         return;
@@ -524,11 +611,14 @@ fn run_interactive(conn: &Connection, cache: &mut SqlCache, it: Interactive, idl
                 if r.is_err() {
                     let _ = exec(conn, "ROLLBACK");
                 }
+                it.slot.clear(it.id);
                 let _ = reply.send(r);
                 return;
             }
             Ok(TxCmd::Rollback(reply)) => {
-                let _ = reply.send(exec(conn, "ROLLBACK"));
+                let r = exec(conn, "ROLLBACK");
+                it.slot.clear(it.id);
+                let _ = reply.send(r);
                 return;
             }
             Err(RecvTimeoutError::Timeout) => {
@@ -544,9 +634,29 @@ fn run_interactive(conn: &Connection, cache: &mut SqlCache, it: Interactive, idl
     }
 }
 
+/// Clears the scope slot when the writer thread leaves a scope, however it leaves.
+struct ClearOnExit<'a>(&'a ScopeSlot, u64);
+
+impl Drop for ClearOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.clear(self.1);
+    }
+}
+
 /// An interactive SQLite transaction, run on the writer thread.
 struct SqliteTx {
     cmds: Sender<TxCmd>,
+    id: u64,
+    slot: Arc<ScopeSlot>,
+}
+
+impl Drop for SqliteTx {
+    fn drop(&mut self) {
+        // Dropped without commit or rollback: the writer thread rolls back
+        // when it sees the channel close, and a write the owner sends next
+        // queues behind that rollback, so it may go ahead now.
+        self.slot.clear(self.id);
+    }
 }
 
 impl SqliteTx {
@@ -574,6 +684,11 @@ impl Transaction for SqliteTx {
     async fn get(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
         let (t, k) = (table.clone(), key.clone());
         self.call(|r| TxCmd::Get(t, k, r)).await
+    }
+    /// A plain read: the scope holds SQLite's only write lock from `BEGIN
+    /// IMMEDIATE` to its end, so no one else can write the key meanwhile.
+    async fn get_for_update(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
+        self.get(table, key).await
     }
     async fn commit(self: Box<Self>) -> Result<()> {
         self.call(TxCmd::Commit).await.map_err(|e| {
@@ -609,13 +724,21 @@ impl DbStore for SqliteStore {
     async fn begin(&self, opts: TxOptions) -> Result<Box<dyn Transaction>> {
         let (cmds_tx, cmds_rx) = crossbeam_channel::unbounded();
         let (tx, rx) = oneshot::channel();
+        let id = self.shared.next_scope.fetch_add(1, Ordering::Relaxed);
         let job = WriterJob::Begin(Interactive {
             cmds: cmds_rx,
             opts,
             started: tx,
+            id,
+            owner: Owner::current(),
+            slot: self.shared.scope.clone(),
         });
         self.write(job, rx).await?;
-        Ok(Box::new(SqliteTx { cmds: cmds_tx }))
+        Ok(Box::new(SqliteTx {
+            cmds: cmds_tx,
+            id,
+            slot: self.shared.scope.clone(),
+        }))
     }
 
     async fn execute(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {

@@ -12,28 +12,44 @@ use writethrough_core::{
 
 pub(crate) const SEQ_TABLE: &str = "_wt_seq";
 
-/// Maps a rusqlite error to ours, in one place.
+/// Maps a rusqlite error to ours, in one place. The message says what
+/// happened in words of our own where we know them, else SQLite's.
 pub(crate) fn map_err(e: rusqlite::Error) -> Error {
     use rusqlite::ErrorCode as C;
-    let kind = match &e {
+    let (kind, msg) = match &e {
         rusqlite::Error::SqliteFailure(f, _) => match f.code {
-            C::DatabaseBusy | C::DatabaseLocked => ErrorKind::Busy,
-            C::ConstraintViolation => ErrorKind::ConstraintViolation,
-            C::CannotOpen | C::NotADatabase | C::PermissionDenied | C::ReadOnly => {
-                ErrorKind::Unavailable
-            }
-            C::TooBig => ErrorKind::InvalidValue,
-            _ => ErrorKind::Backend,
+            C::DatabaseBusy | C::DatabaseLocked => (
+                ErrorKind::Busy,
+                "the database stayed locked past the busy timeout",
+            ),
+            C::ConstraintViolation => (ErrorKind::ConstraintViolation, ""),
+            // A file that is not a database (or is encrypted): no retry helps.
+            C::NotADatabase => (
+                ErrorKind::Config,
+                "the file is not a SQLite database (or it is encrypted or corrupt)",
+            ),
+            C::CannotOpen => (ErrorKind::Unavailable, "the database file cannot be opened"),
+            C::PermissionDenied | C::ReadOnly => (
+                ErrorKind::Unavailable,
+                "the database file cannot be written (permissions, or read-only)",
+            ),
+            C::DatabaseCorrupt => (ErrorKind::Backend, "the database file is corrupt"),
+            C::DiskFull => (ErrorKind::Unavailable, "the disk is full"),
+            C::TooBig => (
+                ErrorKind::InvalidValue,
+                "a value is larger than SQLite allows",
+            ),
+            _ => (ErrorKind::Backend, ""),
         },
         rusqlite::Error::FromSqlConversionFailure(..)
         | rusqlite::Error::InvalidColumnType(..)
-        | rusqlite::Error::IntegralValueOutOfRange(..) => ErrorKind::SchemaMismatch,
-        _ => ErrorKind::Backend,
+        | rusqlite::Error::IntegralValueOutOfRange(..) => (
+            ErrorKind::SchemaMismatch,
+            "a stored value does not fit the declared column type",
+        ),
+        _ => (ErrorKind::Backend, ""),
     };
-    let msg = match kind {
-        ErrorKind::Busy => "the database stayed locked past the busy timeout",
-        _ => "",
-    };
+    // An empty message takes the source's text (see `Error::with_source`).
     Error::new(kind, msg).with_backend("sqlite").with_source(e)
 }
 
@@ -258,23 +274,50 @@ pub(crate) fn ensure_table(conn: &Connection, cache: &mut SqlCache, t: &Table) -
     conn.execute(&sql.create, []).map_err(map_err)?;
     let mut stmt = conn
         .prepare(&format!(
-            "SELECT name FROM pragma_table_info({})",
+            "SELECT name, type, pk FROM pragma_table_info({})",
             quote_literal(t.name().as_str())
         ))
         .map_err(map_err)?;
-    let existing: Vec<String> = stmt
-        .query_map([], |r| r.get(0))
+    let existing: Vec<(String, String, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .map_err(map_err)?
         .collect::<rusqlite::Result<_>>()
         .map_err(map_err)?;
-    for c in t.columns() {
-        if !existing.iter().any(|e| e == c.name.as_str()) {
-            return Err(Error::new(
-                ErrorKind::SchemaMismatch,
-                format!("table {} exists without column {}", t.name(), c.name),
+    let mismatch = |m: String| Err(Error::new(ErrorKind::SchemaMismatch, m).with_backend("sqlite"));
+    for (i, c) in t.columns().iter().enumerate() {
+        let Some((_, declared, pk)) = existing.iter().find(|(n, _, _)| n == c.name.as_str()) else {
+            return mismatch(format!(
+                "table {} exists without column {}",
+                t.name(),
+                c.name
+            ));
+        };
+        if !fits(c.ty, declared) {
+            return mismatch(format!(
+                "column {}.{} is declared {declared:?}, which does not hold {} values (expected {})",
+                t.name(),
+                c.name,
+                c.ty.as_str(),
+                sql_type(c.ty)
+            ));
+        }
+        let is_key = i == 0;
+        if is_key && *pk != 1 {
+            return mismatch(format!(
+                "key column {}.{} is not the table's primary key",
+                t.name(),
+                c.name
             ));
         }
     }
+    if existing.iter().filter(|(_, _, pk)| *pk > 0).count() > 1 {
+        return mismatch(format!(
+            "table {} has a primary key of several columns; the key {} must be the only one",
+            t.name(),
+            t.key_column().name
+        ));
+    }
+    let existing: Vec<String> = existing.into_iter().map(|(n, _, _)| n).collect();
     if !existing.iter().any(|e| e == VERSION_COLUMN) {
         conn.execute(
             &format!(
@@ -286,6 +329,26 @@ pub(crate) fn ensure_table(conn: &Connection, cache: &mut SqlCache, t: &Table) -
         .map_err(map_err)?;
     }
     Ok(())
+}
+
+/// Whether a column declared `declared` holds values of `ty`, by SQLite's
+/// type affinity rules (section 3.1 of its datatype documentation), so that
+/// tables made by hand with `INT`, `VARCHAR(20)` or `DOUBLE` pass, and a
+/// column whose affinity would convert or refuse our values does not.
+fn fits(ty: ColumnType, declared: &str) -> bool {
+    let d = declared.to_ascii_uppercase();
+    let affinity = if d.contains("INT") {
+        "INTEGER"
+    } else if d.contains("CHAR") || d.contains("CLOB") || d.contains("TEXT") {
+        "TEXT"
+    } else if d.contains("BLOB") || d.is_empty() {
+        "BLOB"
+    } else if d.contains("REAL") || d.contains("FLOA") || d.contains("DOUB") {
+        "REAL"
+    } else {
+        "NUMERIC"
+    };
+    affinity == sql_type(ty)
 }
 
 fn quote_literal(s: &str) -> String {

@@ -96,3 +96,130 @@ async fn a_failing_row_rolls_back_the_whole_batch() {
             .is_empty()
     );
 }
+
+mod scopes_and_schemas {
+    //! Issue 10 on SQLite: a write beside an open scope from its own owner
+    //! (a task, or a thread outside any task) fails at once; ensure_table
+    //! checks types; errors carry messages.
+
+    use std::time::{Duration, Instant};
+
+    use writethrough_core::{ColumnType, DbStore, ErrorKind, Key, Row, Table, TxOptions};
+    use writethrough_sqlite::SqliteStore;
+
+    use super::{table, upsert};
+
+    /// A `#[tokio::main]` body runs in `block_on`, which is not a task: the
+    /// owner of its scope is the thread.
+    #[test]
+    fn a_write_beside_a_scope_in_a_block_on_body_fails_at_once() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert!(tokio::task::try_id().is_none(), "block_on is not a task");
+            let db = SqliteStore::open_temporary().unwrap();
+            let t = table("t");
+            db.ensure_table(&t).await.unwrap();
+            let mut tx = db.begin(TxOptions::default()).await.unwrap();
+            tx.apply(&upsert(&t, 1, "in scope")).await.unwrap();
+            let started = Instant::now();
+            let e = db
+                .execute(vec![upsert(&t, 2, "beside")], TxOptions::default())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::WouldDeadlock, "{e}");
+            let Err(e) = db.begin(TxOptions::default()).await else {
+                panic!("a second scope from the same owner began")
+            };
+            assert_eq!(e.kind(), ErrorKind::WouldDeadlock, "{e}");
+            assert!(started.elapsed() < Duration::from_secs(1));
+            // A task of the same runtime is someone else: it waits.
+            let other = tokio::spawn({
+                let (db, t) = (db.clone(), t.clone());
+                async move {
+                    db.execute(vec![upsert(&t, 3, "other task")], TxOptions::default())
+                        .await
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!other.is_finished());
+            tx.commit().await.unwrap();
+            other.await.unwrap().unwrap();
+            db.execute(vec![upsert(&t, 4, "after")], TxOptions::default())
+                .await
+                .expect("the scope ended");
+            assert!(db.get(&t, &Key::Int(2)).await.unwrap().is_none());
+            assert!(db.get(&t, &Key::Int(3)).await.unwrap().is_some());
+        });
+    }
+
+    /// A current-thread runtime's test body is not a task either.
+    #[tokio::test]
+    async fn a_second_scope_from_the_same_test_body_fails_at_once() {
+        let db = SqliteStore::open_temporary().unwrap();
+        let t = table("t");
+        db.ensure_table(&t).await.unwrap();
+        let tx = db.begin(TxOptions::default()).await.unwrap();
+        let Err(e) = db.begin(TxOptions::default()).await else {
+            panic!("a second scope from the same owner began")
+        };
+        assert_eq!(e.kind(), ErrorKind::WouldDeadlock, "{e}");
+        drop(tx);
+        let tx = db
+            .begin(TxOptions::default())
+            .await
+            .expect("a dropped scope frees the thread");
+        tx.rollback().await.unwrap();
+    }
+
+    /// A file that is not a database is a configuration error with a message.
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_a_config_error_with_a_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.db");
+        std::fs::write(&path, vec![b'x'; 8192]).unwrap();
+        let e = SqliteStore::open(&path).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        assert!(e.message().contains("not a SQLite database"), "{e}");
+    }
+
+    /// A table made by hand with affinity-compatible types passes; one
+    /// whose types do not fit fails with `SchemaMismatch`.
+    #[tokio::test]
+    async fn ensure_table_accepts_compatible_affinities_and_refuses_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hand.db");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE hand (id INT PRIMARY KEY, name VARCHAR(20) NOT NULL, price DOUBLE);
+             CREATE TABLE wrong (id INTEGER PRIMARY KEY, name INTEGER NOT NULL);",
+        )
+        .unwrap();
+        drop(conn);
+        let db = SqliteStore::open(&path).unwrap();
+        let schema = |name: &str| {
+            Table::builder(name)
+                .key("id", ColumnType::Int)
+                .column("name", ColumnType::Text)
+                .nullable("price", ColumnType::Float)
+                .build()
+                .unwrap()
+        };
+        db.ensure_table(&schema("hand")).await.unwrap();
+        let row = Row::new().set("id", 1).set("name", "pen").set("price", 1.5);
+        let (_, row) = schema("hand").normalize_row(row).unwrap();
+        db.execute(
+            vec![writethrough_core::Write {
+                table: schema("hand"),
+                op: writethrough_core::WriteOp::Upsert(row),
+            }],
+            TxOptions::default(),
+        )
+        .await
+        .unwrap();
+        let e = db.ensure_table(&schema("wrong")).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::SchemaMismatch, "{e}");
+    }
+}

@@ -249,6 +249,7 @@ pub struct DbFaults {
     fail_writes: AtomicBool,
     in_doubt_writes: AtomicBool,
     fail_reads: AtomicBool,
+    fail_scope_writes: AtomicBool,
     delay_reads_us: AtomicU64,
     /// Calls seen, by operation (`get`, `execute`, `begin`, ...).
     pub calls: Calls,
@@ -268,6 +269,11 @@ impl DbFaults {
     pub fn fail_reads(&self, on: bool) {
         self.fail_reads.store(on, Ordering::SeqCst);
     }
+    /// Writes inside transaction scopes (`Transaction::apply`) fail, as a
+    /// database that refuses a statement would; the transaction stays open.
+    pub fn fail_scope_writes(&self, on: bool) {
+        self.fail_scope_writes.store(on, Ordering::SeqCst);
+    }
     /// `get` waits `d` before reading.
     pub fn delay_reads(&self, d: Duration) {
         self.delay_reads_us.store(
@@ -280,6 +286,7 @@ impl DbFaults {
         self.fail_writes(false);
         self.in_doubt_writes(false);
         self.fail_reads(false);
+        self.fail_scope_writes(false);
         self.delay_reads(Duration::ZERO);
     }
 
@@ -336,10 +343,16 @@ struct FaultyTx {
 #[async_trait]
 impl Transaction for FaultyTx {
     async fn apply(&mut self, write: &Write) -> Result<WriteOutcome> {
+        if self.faults.fail_scope_writes.load(Ordering::SeqCst) {
+            return Err(injected("apply"));
+        }
         self.inner.apply(write).await
     }
     async fn get(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
         self.inner.get(table, key).await
+    }
+    async fn get_for_update(&mut self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
+        self.inner.get_for_update(table, key).await
     }
     async fn commit(self: Box<Self>) -> Result<()> {
         self.faults.calls.hit("commit");

@@ -214,6 +214,10 @@ pub struct Config {
     pub db_timeout: Duration,
     /// Retries of cache writes after a commit.
     pub retry: RetryPolicy,
+    /// How [`crate::Engine::transaction`] runs its closure again after a
+    /// serialization failure, a deadlock or a busy database: attempts in
+    /// all, and the backoff between them.
+    pub transaction_retry: RetryPolicy,
     /// The cache circuit breaker.
     pub breaker: BreakerConfig,
     /// The consistency mechanisms.
@@ -242,6 +246,11 @@ impl Default for Config {
             cache_timeout: Duration::from_millis(250),
             db_timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
+            transaction_retry: RetryPolicy {
+                attempts: 10,
+                base_delay: Duration::from_millis(2),
+                max_delay: Duration::from_millis(200),
+            },
             breaker: BreakerConfig::default(),
             consistency: Consistency::default(),
             outbox_grace: Duration::from_secs(2),
@@ -277,8 +286,8 @@ impl Config {
                 self.tombstone_ttl, self.load_deadline
             ));
         }
-        if self.retry.attempts == 0 {
-            return bad("retry.attempts must be at least 1".into());
+        if self.retry.attempts == 0 || self.transaction_retry.attempts == 0 {
+            return bad("retry.attempts and transaction_retry.attempts must be at least 1".into());
         }
         if self.breaker.failure_threshold == 0 {
             return bad("breaker.failure_threshold must be at least 1".into());

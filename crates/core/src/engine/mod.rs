@@ -461,6 +461,39 @@ pub(crate) struct Prepared {
     pub(crate) ttl: Option<Duration>,
 }
 
+/// Most effects in one cache call, and most entry bytes: a pipeline of
+/// 100,000 fenced writes outlasts any timeout (and the breaker never learns
+/// why), while a few hundred cost one round trip like one write.
+const CACHE_CHUNK_ITEMS: usize = 500;
+const CACHE_CHUNK_BYTES: usize = 4 << 20;
+
+/// Splits effects into runs of at most [`CACHE_CHUNK_ITEMS`] effects and
+/// about [`CACHE_CHUNK_BYTES`] of entries (a single larger entry is a run
+/// of its own).
+fn cache_chunks(effects: &[Effect]) -> impl Iterator<Item = &[Effect]> {
+    let mut rest = effects;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && n < CACHE_CHUNK_ITEMS {
+            bytes += match &rest[n].kind {
+                EffectKind::Put(entry, _) => entry.len(),
+                _ => codec::HEADER_LEN,
+            };
+            if n > 0 && bytes > CACHE_CHUNK_BYTES {
+                break;
+            }
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 /// How often a reader that joined a load too late tries again before
 /// reading the database alone.
 const MAX_LATE_JOINS: usize = 3;
@@ -923,7 +956,17 @@ impl Inner {
         }
     }
 
+    /// Writes the effects in pieces a server takes in one call (see
+    /// [`cache_chunks`]); each piece is a cache call of its own, with its
+    /// timeout, its metrics and its say in the breaker.
     async fn write_effects(&self, effects: &[Effect]) -> Result<()> {
+        for chunk in cache_chunks(effects) {
+            self.write_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_chunk(&self, effects: &[Effect]) -> Result<()> {
         if self.cfg.consistency.fence {
             let mut items: Vec<CacheItem> = effects
                 .iter()
@@ -1065,10 +1108,13 @@ impl Inner {
                             return Lookup::Hit(r);
                         }
                         Err(e) => {
-                            // A valid entry this reader's type cannot decode: the
-                            // schemas disagree. Read the database; leave the entry.
+                            // A sound header over a payload that does not fit
+                            // the entity: as unreadable as corrupt bytes, and
+                            // replaced the same way by the row read next (the
+                            // fence alone would keep it: its version is current).
                             Counters::add(&self.stats.corrupt_entries, 1);
-                            tracing::warn!(key = ck, error = %e, "cached row does not decode; reading the database");
+                            tracing::warn!(key = ck, error = %e, "cached row does not decode; replacing it from the database");
+                            unreadable = Some(bytes);
                         }
                     }
                 }

@@ -56,6 +56,9 @@ counters! {
     /// Cache entries read as misses because they were prepared in an
     /// earlier epoch.
     old_epoch_entries,
+    /// Runs of an [`crate::Engine::transaction`] closure started again after
+    /// a serialization failure, a deadlock or a busy database.
+    transaction_retries,
 }
 
 impl Counters {

@@ -17,6 +17,8 @@ use super::{Case, Outcome, Pair, unique};
 pub fn cases() -> Vec<Case> {
     crate::cases![
         ensure_table_is_idempotent_and_checks_columns,
+        ensure_table_refuses_other_column_types_and_key_types,
+        get_for_update_locks_a_key_until_the_transaction_ends,
         rows_of_every_type_round_trip,
         versions_rise_per_key_across_writes_deletes_and_reinserts,
         update_returns_the_whole_row_or_none_with_a_version,
@@ -105,6 +107,90 @@ pub async fn ensure_table_is_idempotent_and_checks_columns(pair: Pair) -> Outcom
     for r in join_all(tasks).await {
         r.unwrap()
             .expect("concurrent ensure_table calls all succeed");
+    }
+    Outcome::Passed
+}
+
+/// `ensure_table` over an existing table whose column has another type, or
+/// whose key has another type, fails with `SchemaMismatch` (SQLite checked
+/// names only).
+pub async fn ensure_table_refuses_other_column_types_and_key_types(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let name = unique("types");
+    let t = Table::builder(&name)
+        .key("id", ColumnType::Int)
+        .column("t", ColumnType::Text)
+        .nullable("f", ColumnType::Float)
+        .build()
+        .unwrap();
+    db.ensure_table(&t).await.unwrap();
+    let other_column = Table::builder(&name)
+        .key("id", ColumnType::Int)
+        .column("t", ColumnType::Int)
+        .nullable("f", ColumnType::Float)
+        .build()
+        .unwrap();
+    let other_float = Table::builder(&name)
+        .key("id", ColumnType::Int)
+        .column("t", ColumnType::Text)
+        .nullable("f", ColumnType::Bytes)
+        .build()
+        .unwrap();
+    let text_key = Table::builder(&name)
+        .key("id", ColumnType::Text)
+        .column("t", ColumnType::Text)
+        .build()
+        .unwrap();
+    let key_not_key = Table::builder(&name)
+        .key("t", ColumnType::Text)
+        .column("id", ColumnType::Int)
+        .build()
+        .unwrap();
+    for (what, other) in [
+        ("a text column declared Int", other_column),
+        ("a float column declared Bytes", other_float),
+        ("an integer key declared Text", text_key),
+        ("a plain column declared the key", key_not_key),
+    ] {
+        let e = db.ensure_table(&other).await.expect_err(what);
+        assert_eq!(e.kind(), ErrorKind::SchemaMismatch, "{what}: {e}");
+        assert!(!e.message().is_empty(), "{what}");
+    }
+    db.ensure_table(&t)
+        .await
+        .expect("the right schema still passes");
+    Outcome::Passed
+}
+
+/// A row read with `get_for_update` — present or missing — cannot be
+/// written by another transaction until the reading one ends, and the
+/// reader then sees its own value (no lost update).
+pub async fn get_for_update_locks_a_key_until_the_transaction_ends(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "gfu").await;
+    put(db, &t, row(1, "before")).await;
+    for key in [1, 2] {
+        let mut tx = db.begin(TxOptions::default()).await.unwrap();
+        let seen = tx.get_for_update(&t, &Key::Int(key)).await.unwrap();
+        assert_eq!(seen.is_some(), key == 1);
+        let writer = {
+            let (db, t) = (db.clone(), t.clone());
+            tokio::spawn(async move { put(&db, &t, row(key, "other")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !writer.is_finished(),
+            "key {key}: a write went through a locking read's lock"
+        );
+        tx.apply(&upsert(&t, row(key, "locked"))).await.unwrap();
+        tx.commit().await.unwrap();
+        let other = writer.await.unwrap();
+        let last = db.get(&t, &Key::Int(key)).await.unwrap().unwrap();
+        assert_eq!(
+            last.version, other,
+            "key {key}: the waiting write came after"
+        );
+        assert_eq!(last.row.get("t"), Some(&Value::Text("other".into())));
     }
     Outcome::Passed
 }

@@ -1863,7 +1863,11 @@ pub async fn put_many_of_a_hundred_thousand_rows_commits_and_caches_every_row(
     // adapter's `transactions_of_any_size_stay_within_the_lock_table`.
     let (engine, items) = setup_with(
         &pair,
-        |c| c.consistency = Consistency::fenced(),
+        |c| {
+            c.consistency = Consistency::fenced();
+            // A debug build on a loaded machine takes tens of seconds.
+            c.db_timeout = Duration::from_secs(180);
+        },
         TableOptions::new(),
     )
     .await;

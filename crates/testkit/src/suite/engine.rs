@@ -727,18 +727,14 @@ pub async fn corrupt_or_foreign_cache_bytes_read_as_a_miss_and_are_repaired(pair
     Outcome::Passed
 }
 
-/// Bad input fails with a typed error, and nothing reaches either store.
-pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome {
-    let (engine, items) = setup(&pair, TableOptions::new()).await;
-    let rows = engine
-        .register_table(
-            Item::table().renamed(&unique("rows")).unwrap(),
-            TableOptions::new(),
-        )
-        .await
-        .unwrap();
-    let caps = pair.cache.capabilities();
-    let good = || writethrough_core::Record::to_row(&item(1, 1.0)).unwrap();
+/// Every row the README's bad-input table refuses, for key `key`, with the
+/// kind of its refusal: tried by plain writes and inside scopes.
+fn bad_rows(
+    key: i64,
+    caps: &writethrough_core::CacheCapabilities,
+    db_caps: &writethrough_core::DbCapabilities,
+) -> Vec<(&'static str, Row, ErrorKind)> {
+    let good = || writethrough_core::Record::to_row(&item(key, 1.0)).unwrap();
     let mut cases: Vec<(&str, Row, ErrorKind)> = vec![
         (
             "NaN",
@@ -784,7 +780,7 @@ pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome 
     let mut missing = good();
     missing.remove("name");
     cases.push(("missing column", missing, ErrorKind::InvalidValue));
-    if !pair.db.capabilities().text_allows_nul {
+    if !db_caps.text_allows_nul {
         cases.push((
             "NUL byte in text",
             good().set("name", "a\0b"),
@@ -799,6 +795,21 @@ pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome 
             ErrorKind::ValueTooLarge,
         ));
     }
+    cases
+}
+
+/// Bad input fails with a typed error, and nothing reaches either store.
+pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome {
+    let (engine, items) = setup(&pair, TableOptions::new()).await;
+    let rows = engine
+        .register_table(
+            Item::table().renamed(&unique("rows")).unwrap(),
+            TableOptions::new(),
+        )
+        .await
+        .unwrap();
+    let caps = pair.cache.capabilities();
+    let cases = bad_rows(1, &caps, &pair.db.capabilities());
     for (what, row, kind) in cases {
         let e = rows.put(&row).await.expect_err(what);
         assert_eq!(e.kind(), kind, "{what}: {e}");
@@ -1560,67 +1571,7 @@ pub async fn any_failure_in_a_scope_poisons_it_and_commit_writes_nothing(pair: P
         .await
         .unwrap();
     let caps = pair.cache.capabilities();
-    let good = || writethrough_core::Record::to_row(&item(100, 1.0)).unwrap();
-    let mut bad_rows: Vec<(&str, Row, ErrorKind)> = vec![
-        (
-            "NaN",
-            good().set("price", f64::NAN),
-            ErrorKind::InvalidValue,
-        ),
-        (
-            "infinity",
-            good().set("price", f64::INFINITY),
-            ErrorKind::InvalidValue,
-        ),
-        (
-            "-infinity",
-            good().set("price", f64::NEG_INFINITY),
-            ErrorKind::InvalidValue,
-        ),
-        (
-            "text key in an int table",
-            good().set("id", "1"),
-            ErrorKind::InvalidValue,
-        ),
-        (
-            "null in a NOT NULL column",
-            good().set("name", Value::Null),
-            ErrorKind::InvalidValue,
-        ),
-        (
-            "unknown column",
-            good().set("colour", "red"),
-            ErrorKind::SchemaMismatch,
-        ),
-        (
-            "wrong type",
-            good().set("qty", "many"),
-            ErrorKind::InvalidValue,
-        ),
-        (
-            "a column name that is not an identifier",
-            good().set("price; --", 1),
-            ErrorKind::InvalidIdentifier,
-        ),
-    ];
-    let mut missing = good();
-    missing.remove("name");
-    bad_rows.push(("missing column", missing, ErrorKind::InvalidValue));
-    if !pair.db.capabilities().text_allows_nul {
-        bad_rows.push((
-            "NUL byte in text",
-            good().set("name", "a\0b"),
-            ErrorKind::InvalidValue,
-        ));
-    }
-    if caps.max_value_len <= 64 << 20 {
-        let big = "x".repeat(caps.max_value_len + 1);
-        bad_rows.push((
-            "value over the item limit",
-            good().set("name", big),
-            ErrorKind::ValueTooLarge,
-        ));
-    }
+    let bad_rows = bad_rows(100, &caps, &pair.db.capabilities());
     for (what, row, kind) in bad_rows {
         let rows = &rows;
         poisons!(&pair, engine, &items, what, kind, |tx| tx

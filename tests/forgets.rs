@@ -613,7 +613,7 @@ async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
         round += 1;
     }
     let mut events = Vec::new();
-    let mut epoch_changes = 0;
+    let (mut epoch_changes, mut repairs) = (0, 0);
     for (mut child, out) in children {
         let status = child.wait().await.expect("reaped");
         assert!(status.success(), "a history client failed: {status}");
@@ -627,14 +627,29 @@ async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
         // engine has moved, some read the database and some the cache.
         let changes = std::fs::read_to_string(out.with_extension("txt.epochs"))
             .expect("the epoch changes file");
-        for t in changes.lines().filter_map(|l| l.parse::<u64>().ok()) {
-            epoch_changes += 1;
-            windows.push((t.saturating_sub(bound_ns), t + bound_ns));
+        // A line with two times is a span in which the engine had keys
+        // waiting for a resync: it read them from the database.
+        for line in changes.lines() {
+            let times: Vec<u64> = line
+                .split(' ')
+                .map(|t| t.parse().expect("a time"))
+                .collect();
+            match times[..] {
+                [t] => {
+                    epoch_changes += 1;
+                    windows.push((t.saturating_sub(bound_ns), t + bound_ns));
+                }
+                [from, to] => {
+                    repairs += 1;
+                    windows.push((from.saturating_sub(bound_ns), to + bound_ns));
+                }
+                _ => panic!("an epoch change or a repair span: {line}"),
+            }
         }
     }
     let report = check_windowed(&events, &windows);
     println!(
-        "nemesis {name}: {} processes, {} faults ({}), {epoch_changes} epoch changes seen by the engines: {report}",
+        "nemesis {name}: {} processes, {} faults ({}), {epoch_changes} epoch changes and {repairs} resync spans seen by the engines: {report}",
         PROCS,
         faults.len(),
         {

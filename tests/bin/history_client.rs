@@ -57,6 +57,10 @@ async fn main() {
         async move {
             let mut seen = engine.cache_epoch();
             let mut changes = Vec::new();
+            // And while it had keys waiting for a resync (its writes caught
+            // by a fault, or late after a freeze): it reads those keys from
+            // the database, which may be ahead of the cache others read.
+            let mut repairing: Option<u64> = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 let now = engine.cache_epoch();
@@ -64,7 +68,16 @@ async fn main() {
                     changes.push(monotonic_ns().to_string());
                     seen = now;
                 }
-                if stop.load(Ordering::SeqCst) {
+                let stopping = stop.load(Ordering::SeqCst);
+                match (engine.pending_resync() > 0 && !stopping, repairing) {
+                    (true, None) => repairing = Some(monotonic_ns()),
+                    (false, Some(since)) => {
+                        changes.push(format!("{since} {}", monotonic_ns()));
+                        repairing = None;
+                    }
+                    _ => {}
+                }
+                if stopping {
                     return changes;
                 }
             }

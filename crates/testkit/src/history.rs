@@ -573,23 +573,55 @@ pub fn linearizable(events: &[Event]) -> bool {
 }
 
 fn describe(key: i64, evs: &[Event]) -> String {
-    // The shortest prefix (by invocation) that no order explains: its last
-    // operation is where the history goes wrong.
+    // The shortest prefix (by invocation) that no order explains, with the
+    // writes that produced the values its reads returned (a read may return
+    // a write that began after it did): its last operation is where the
+    // history goes wrong.
+    let with_producers = |end: usize| -> Vec<Event> {
+        let mut part: Vec<Event> = evs[..end].to_vec();
+        for e in &evs[end..] {
+            let produces = |v: u32| {
+                part.iter()
+                    .any(|r| r.op == Op::Read(Some(v)) && e.call < r.ret)
+            };
+            let needed = match e.op {
+                Op::Write(v) | Op::Update(v, true) => produces(v),
+                _ => false,
+            };
+            if needed {
+                part.push(*e);
+            }
+        }
+        part.sort_by_key(|e| e.call);
+        part
+    };
     let (mut lo, mut hi) = (0, evs.len());
     while lo < hi {
         let mid = (lo + hi) / 2;
-        if linearizable(&evs[..=mid]) {
+        if linearizable(&with_producers(mid + 1)) {
             lo = mid + 1;
         } else {
             hi = mid;
         }
     }
     let end = (lo + 1).min(evs.len());
+    let part = with_producers(end);
+    let last = evs[end - 1].call;
     let mut s = format!(
-        "key {key}: no linearization of {} operations; the first {end} already have none, ending:\n",
+        "key {key}: no linearization of {} operations; the first {end} (with the writes their reads saw) already have none, ending at the invocation {last}:\n",
         evs.len()
     );
-    for e in evs[..end].iter().rev().take(30).rev() {
+    let at = part
+        .iter()
+        .position(|e| e.call == last)
+        .unwrap_or(part.len() - 1);
+    for e in part[..=at]
+        .iter()
+        .rev()
+        .take(40)
+        .rev()
+        .chain(&part[at + 1..])
+    {
         let ret = if e.ret == u64::MAX {
             "?".to_string()
         } else {

@@ -66,6 +66,12 @@ impl Gate {
             .forget();
     }
 
+    /// As [`Gate::arrived`], but gives up after `limit`: `false` if no
+    /// operation came (a scenario whose precondition did not hold).
+    pub async fn arrived_within(&self, limit: std::time::Duration) -> bool {
+        tokio::time::timeout(limit, self.arrived()).await.is_ok()
+    }
+
     /// Lets every paused operation go on, and any later one pass.
     pub fn release(&self) {
         self.0.to_pause.store(0, Ordering::SeqCst);

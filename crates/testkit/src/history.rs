@@ -327,18 +327,19 @@ pub fn check_windowed(events: &[Event], windows: &[(u64, u64)]) -> WindowedRepor
     report
 }
 
+/// What `e` left in the register, if it changed it: a value, or no row.
+fn sets(e: &Event) -> Option<Option<u32>> {
+    match e.op {
+        Op::Write(v) | Op::Update(v, true) => Some(Some(v)),
+        Op::Delete(true) => Some(None),
+        _ => None,
+    }
+}
+
 /// How long before read `r` began the value it returned had been replaced
 /// by an operation that completed before it began; `None` if it had not.
 fn staleness(evs: &[Event], r: &Event) -> Option<Duration> {
     let Op::Read(seen) = r.op else { return None };
-    let sets = |e: &Event| -> Option<Option<u32>> {
-        match e.op {
-            Op::Write(v) => Some(Some(v)),
-            Op::Update(v, true) => Some(Some(v)),
-            Op::Delete(true) => Some(None),
-            _ => None,
-        }
-    };
     // What produced the value seen: if one of its producers may have
     // taken effect while the read ran, the read was not stale.
     let producers: Vec<&Event> = evs
@@ -580,14 +581,10 @@ fn describe(key: i64, evs: &[Event]) -> String {
     let with_producers = |end: usize| -> Vec<Event> {
         let mut part: Vec<Event> = evs[..end].to_vec();
         for e in &evs[end..] {
-            let produces = |v: u32| {
+            let needed = sets(e).flatten().is_some_and(|v| {
                 part.iter()
                     .any(|r| r.op == Op::Read(Some(v)) && e.call < r.ret)
-            };
-            let needed = match e.op {
-                Op::Write(v) | Op::Update(v, true) => produces(v),
-                _ => false,
-            };
+            });
             if needed {
                 part.push(*e);
             }

@@ -23,7 +23,8 @@ pub struct ReconcileReport {
 }
 
 pub(crate) async fn run(engine: Weak<Inner>) {
-    let mut next_reconcile = Instant::now();
+    let started = Instant::now();
+    let mut next_reconcile = started;
     let mut first_pass = true;
     loop {
         tokio::time::sleep(TICK).await;
@@ -43,10 +44,13 @@ pub(crate) async fn run(engine: Weak<Inner>) {
         if let Some(every) = inner.cfg.reconcile_interval
             && Instant::now() >= next_reconcile
         {
-            // The first pass replays everything: records a crashed process left
-            // behind may be younger than the grace period.
+            // The first pass replays everything made before this engine
+            // started: records a crashed process left behind may be younger
+            // than the grace period. Records younger than that are this
+            // engine's writes in flight (or a live peer's), which their
+            // writers complete; replaying them would only race those writes.
             let min_age = if first_pass {
-                Duration::ZERO
+                started.elapsed().min(inner.cfg.outbox_grace)
             } else {
                 inner.cfg.outbox_grace
             };

@@ -3,10 +3,11 @@
 pub mod tour;
 
 use serde::{Deserialize, Serialize};
-use writethrough::{ColumnType, Entity, Table};
+use writethrough::Entity;
 
 /// A product of the catalogue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Entity)]
+#[writethrough(table = "products")]
 pub struct Product {
     /// Its id, the key.
     pub id: i64,
@@ -16,18 +17,6 @@ pub struct Product {
     pub price: f64,
     /// How many are in stock.
     pub stock: i64,
-}
-
-impl Entity for Product {
-    fn table() -> Table {
-        Table::builder("products")
-            .key("id", ColumnType::Int)
-            .column("name", ColumnType::Text)
-            .column("price", ColumnType::Float)
-            .column("stock", ColumnType::Int)
-            .build()
-            .expect("the products schema is valid")
-    }
 }
 
 /// Rejects what the catalogue must never hold.

@@ -67,7 +67,10 @@ async fn scenario(pair: Pair, cache_url: String, db_url: String) {
     // The put's own outbox record stays while the epoch is young (it would
     // be replayed if the cache forgot); a replay of it repairs the key too,
     // so it goes first: what is measured is the wait on the child's record.
-    survivor.flush().await.expect("acknowledged records removed");
+    survivor
+        .flush()
+        .await
+        .expect("acknowledged records removed");
     kill_after_commit(&cache_url, &db_url, &ns, &table).await;
     let committed = pair
         .db

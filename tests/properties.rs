@@ -7,7 +7,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use writethrough::moka::MokaCache;
 use writethrough::sqlite::SqliteStore;
-use writethrough::{Engine, Handle, Key, Patch, TableOptions};
+use writethrough::{Engine, Handle, Patch, TableOptions};
 use writethrough_testkit::faults::{FaultyCache, FaultyDb};
 use writethrough_testkit::suite::engine::{Item, in_db, item};
 use writethrough_testkit::suite::{Pair, unique};
@@ -123,7 +123,7 @@ impl World {
 
     async fn check(&self, after: &Op) {
         for k in 0..KEYS {
-            let via_engine = self.items.get(Key::Int(k)).await.unwrap();
+            let via_engine = self.items.get(k).await.unwrap();
             let in_db = in_db(&self.pair, &self.items, k).await.map(|(i, _)| i);
             assert_eq!(via_engine, in_db, "key {k} after {after:?}");
         }

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// The benchmark's row.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, writethrough::Entity)]
+#[writethrough(table = "bench")]
 pub(crate) struct Product {
     /// Key.
     pub(crate) id: i64,

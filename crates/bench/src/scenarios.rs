@@ -8,26 +8,13 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use writethrough::{
-    CacheStore, ColumnType, Consistency, DbStore, Engine, Entity, Handle, Patch, Result, Table,
-    TableOptions,
+    CacheStore, Consistency, DbStore, Engine, Entity, Handle, Patch, Result, TableOptions,
 };
 
 use crate::Args;
 use crate::raw::{
     BoxError, Product, RawCache, RawDb, RawMemcached, RawMoka, RawPostgres, RawRedis, RawSqlite,
 };
-
-impl Entity for Product {
-    fn table() -> Table {
-        Table::builder("bench")
-            .key("id", ColumnType::Int)
-            .column("name", ColumnType::Text)
-            .column("price", ColumnType::Float)
-            .column("payload", ColumnType::Text)
-            .build()
-            .expect("a valid schema")
-    }
-}
 
 /// Keys each scenario cycles through.
 const KEYS: i64 = 1000;

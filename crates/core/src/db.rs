@@ -210,6 +210,16 @@ pub trait DbStore: Send + Sync + 'static {
     }
     /// Reads one committed row.
     async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>>;
+    /// Reads several committed rows, one answer per key in the order given
+    /// (a key given twice is answered twice). One query where the backend
+    /// can; this default reads them one by one.
+    async fn get_many(&self, table: &Table, keys: &[Key]) -> Result<Vec<Option<VersionedRow>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(self.get(table, k).await?);
+        }
+        Ok(out)
+    }
     /// Reads rows in key order, starting after `after`, at most `limit`.
     async fn scan(
         &self,
@@ -250,6 +260,9 @@ impl<D: DbStore + ?Sized> DbStore for Arc<D> {
     }
     async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
         (**self).get(table, key).await
+    }
+    async fn get_many(&self, table: &Table, keys: &[Key]) -> Result<Vec<Option<VersionedRow>>> {
+        (**self).get_many(table, keys).await
     }
     async fn scan(
         &self,

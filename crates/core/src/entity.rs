@@ -10,36 +10,76 @@ use serde::ser::{self, Impossible};
 
 use crate::codec::{self, Codec};
 use crate::error::{Error, ErrorKind, Result};
+use crate::mapping::KeyType;
 use crate::schema::Table;
-use crate::value::{Ident, Row, Value};
+use crate::value::{Ident, Key, Row, Value};
 
 /// A serde struct stored as one row of a table.
+///
+/// Derive it: the table's columns come from the struct's fields and their
+/// Rust types (see [`ColumnKind`](crate::ColumnKind)), so the struct and
+/// its table cannot drift apart, and the key's type is the key field's.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use writethrough_core::Entity;
+///
+/// #[derive(Entity, Serialize, Deserialize)]
+/// #[writethrough(table = "products", crate = "writethrough_core")]
+/// struct Product {
+///     #[writethrough(key)]
+///     id: i64,
+///     name: String,
+///     price: f64,
+///     note: Option<String>, // a nullable column
+/// }
+///
+/// let t = Product::table();
+/// assert_eq!(t.name().as_str(), "products");
+/// assert_eq!(t.key_column().name.as_str(), "id");
+/// ```
+///
+/// (Through the `writethrough` facade, which applications use, the
+/// `crate = ...` argument is not needed.) A hand-written implementation
+/// names the key type and builds the [`Table`] itself:
 ///
 /// ```
 /// use serde::{Deserialize, Serialize};
 /// use writethrough_core::{ColumnType, Entity, Table};
 ///
 /// #[derive(Serialize, Deserialize)]
-/// struct Product { id: i64, name: String, price: f64 }
+/// struct Product { id: i64, name: String }
 ///
 /// impl Entity for Product {
+///     type Key = i64;
 ///     fn table() -> Table {
 ///         Table::builder("products")
 ///             .key("id", ColumnType::Int)
 ///             .column("name", ColumnType::Text)
-///             .column("price", ColumnType::Float)
 ///             .build()
 ///             .expect("a valid schema")
 ///     }
 /// }
 /// ```
 pub trait Entity: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The type of the key field: an integer or a `String`.
+    type Key: KeyType;
     /// The table this entity lives in; its field names are the columns.
     fn table() -> Table;
 }
 
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for crate::value::Row {}
+    impl<T: super::Entity> Sealed for T {}
+}
+
 /// What a table handle reads and writes: a plain [`Row`], or any [`Entity`].
-pub trait Record: Sized + Send + Sync + 'static {
+///
+/// Sealed: implement [`Entity`] (or derive it) for your types.
+pub trait Record: sealed::Sealed + Sized + Send + Sync + 'static {
+    /// The key type a handle of this record takes ([`Key`] for rows).
+    type Key: KeyType;
     /// The record as a row (not yet checked against the schema).
     fn to_row(&self) -> Result<Row>;
     /// The record from a row of `table`.
@@ -49,6 +89,7 @@ pub trait Record: Sized + Send + Sync + 'static {
 }
 
 impl Record for Row {
+    type Key = Key;
     fn to_row(&self) -> Result<Row> {
         self.check()?;
         Ok(self.clone())
@@ -62,6 +103,7 @@ impl Record for Row {
 }
 
 impl<T: Entity> Record for T {
+    type Key = T::Key;
     fn to_row(&self) -> Result<Row> {
         self.serialize(RowSerializer)
     }
@@ -538,6 +580,7 @@ mod tests {
     }
 
     impl Entity for Product {
+        type Key = i64;
         fn table() -> Table {
             Table::builder("products")
                 .key("id", ColumnType::Int)
@@ -589,6 +632,7 @@ mod tests {
         #[derive(Serialize, Deserialize)]
         struct Wrapper(i64);
         impl Entity for Wrapper {
+            type Key = i64;
             fn table() -> Table {
                 Table::builder("w")
                     .key("id", ColumnType::Int)
@@ -600,5 +644,97 @@ mod tests {
             Wrapper(1).to_row().unwrap_err().kind(),
             ErrorKind::InvalidValue
         );
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone, crate::Entity)]
+    #[writethrough(crate = "crate")]
+    struct UserProfile {
+        #[writethrough(key)]
+        handle: String,
+        age: u8,
+        score: f32,
+        admin: bool,
+        avatar: Option<Vec<u8>>,
+        #[serde(rename = "full_name")]
+        name: String,
+        #[writethrough(json)]
+        tags: Vec<String>,
+        #[writethrough(json)]
+        prefs: Option<std::collections::BTreeMap<String, i64>>,
+        #[serde(skip)]
+        cached_len: usize,
+        extra: serde_json::Value,
+    }
+
+    #[test]
+    fn a_derived_entity_maps_every_field_and_round_trips() {
+        let t = UserProfile::table();
+        assert_eq!(
+            t.name().as_str(),
+            "user_profile",
+            "snake_case of the struct"
+        );
+        assert_eq!(t.key_column().name.as_str(), "handle");
+        let cols: Vec<(&str, ColumnType, bool)> = t
+            .columns()
+            .iter()
+            .map(|c| (c.name.as_str(), c.ty, c.nullable))
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                ("handle", ColumnType::Text, false),
+                ("age", ColumnType::Int, false),
+                ("score", ColumnType::Float, false),
+                ("admin", ColumnType::Bool, false),
+                ("avatar", ColumnType::Bytes, true),
+                ("full_name", ColumnType::Text, false),
+                ("tags", ColumnType::Json, false),
+                ("prefs", ColumnType::Json, true),
+                ("extra", ColumnType::Json, false),
+            ]
+        );
+        let u = UserProfile {
+            handle: "ada".into(),
+            age: 36,
+            score: 1.5,
+            admin: true,
+            avatar: None,
+            name: "Ada Lovelace".into(),
+            tags: vec!["math".into()],
+            prefs: Some([("theme".to_owned(), 2)].into()),
+            cached_len: 0,
+            extra: serde_json::json!({"a": [1]}),
+        };
+        let (key, row) = t.normalize_row(u.to_row().unwrap()).unwrap();
+        assert_eq!(key, Key::Text("ada".into()));
+        assert_eq!(UserProfile::from_row(&t, row.clone()).unwrap(), u);
+        let entry = Codec::Json.encode(&t, &row).unwrap().into_entry(3);
+        let codec::Decoded::Row { codec, payload, .. } = codec::decode(&entry) else {
+            panic!()
+        };
+        assert_eq!(UserProfile::from_payload(codec, &t, payload).unwrap(), u);
+        // The key type is the key field's.
+        let k: <UserProfile as Entity>::Key = "ada".to_owned();
+        assert_eq!(k.to_key().unwrap(), key);
+    }
+
+    #[derive(Serialize, Deserialize, crate::Entity)]
+    #[writethrough(table = "counters", crate = "crate")]
+    struct Counter {
+        id: u64,
+        n: i64,
+    }
+
+    #[test]
+    fn a_field_named_id_is_the_key_by_default_and_u64_keys_are_range_checked() {
+        let t = Counter::table();
+        assert_eq!(t.name().as_str(), "counters");
+        assert_eq!(t.key_column().name.as_str(), "id");
+        assert_eq!(t.key_column().ty, ColumnType::Int);
+        let e = u64::MAX.to_key().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidKey);
+        let e = Counter { id: u64::MAX, n: 1 }.to_row().unwrap_err();
+        assert!(e.message().contains("does not fit"), "{e}");
     }
 }

@@ -40,6 +40,8 @@ pub enum ErrorKind {
     PoolExhausted,
     /// The database refused the write for a constraint (unique, check, foreign key, not null).
     ConstraintViolation,
+    /// An insert found a row with its key already there; nothing was written.
+    Conflict,
     /// The database aborted the transaction to keep it serializable; retrying may succeed.
     SerializationFailure,
     /// The database found transactions waiting on each other's locks and
@@ -76,6 +78,7 @@ impl ErrorKind {
             ErrorKind::Busy => "busy",
             ErrorKind::PoolExhausted => "pool_exhausted",
             ErrorKind::ConstraintViolation => "constraint_violation",
+            ErrorKind::Conflict => "conflict",
             ErrorKind::SerializationFailure => "serialization_failure",
             ErrorKind::Deadlock => "deadlock",
             ErrorKind::WouldDeadlock => "would_deadlock",
@@ -102,6 +105,7 @@ impl ErrorKind {
             ErrorKind::Busy => "the database is busy",
             ErrorKind::PoolExhausted => "no pooled connection is free",
             ErrorKind::ConstraintViolation => "the database refused the write for a constraint",
+            ErrorKind::Conflict => "a row with this key already exists",
             ErrorKind::SerializationFailure => {
                 "the database aborted the transaction to keep it serializable"
             }

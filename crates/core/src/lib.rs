@@ -17,6 +17,7 @@ pub mod db;
 mod engine;
 mod entity;
 mod error;
+mod mapping;
 mod schema;
 mod value;
 
@@ -30,13 +31,38 @@ pub use db::{
 pub use engine::Hooks;
 pub use engine::{
     AuditReport, BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder, Handle,
-    Health, HealthMonitor, HookPoint, ReconcileReport, RetryPolicy, Stats, TableOptions, Tx,
+    Health, HealthMonitor, HookPoint, Read, ReconcileReport, RetryPolicy, Stats, TableOptions, Tx,
     WriteOptions,
 };
 pub use entity::{Entity, Record};
 pub use error::{Error, ErrorKind, Result, Status};
+pub use mapping::{ColumnKind, KeyArg, KeyType};
 pub use schema::{Column, ColumnType, Table, TableBuilder};
 pub use value::{Ident, Key, MAX_IDENT_LEN, Patch, RESERVED_PREFIX, Row, Value, VersionedRow};
+/// Derives [`Entity`] from a struct's fields; see the trait's documentation.
+pub use writethrough_derive::Entity;
 
 /// Re-exported so adapters implement the traits with the same macro version.
 pub use async_trait::async_trait;
+
+/// What `#[derive(Entity)]` expands to calls; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    use crate::schema::{ColumnType, Table};
+
+    /// The table of a derived entity: `(name, type, nullable, is_key)` per
+    /// column. The derive checked every name at compile time by the rules
+    /// [`Table::builder`] applies, and a key's type is always int or text.
+    pub fn derived_table(name: &str, columns: &[(&str, ColumnType, bool, bool)]) -> Table {
+        let mut b = Table::builder(name);
+        for &(col, ty, nullable, key) in columns {
+            b = match (key, nullable) {
+                (true, _) => b.key(col, ty),
+                (false, false) => b.column(col, ty),
+                (false, true) => b.nullable(col, ty),
+            };
+        }
+        b.build()
+            .unwrap_or_else(|e| unreachable!("derive(Entity) checked this schema: {e}"))
+    }
+}

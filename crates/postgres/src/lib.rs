@@ -57,8 +57,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, Row as _};
 use writethrough_core::{
-    DbCapabilities, DbStore, Error, ErrorKind, Key, OUTBOX_TABLE, OutboxEntry, Result, Table,
-    Transaction, TxOptions, VERSION_COLUMN, VersionedRow, Write, WriteOutcome, async_trait,
+    ColumnType, DbCapabilities, DbStore, Error, ErrorKind, Key, OUTBOX_TABLE, OutboxEntry, Result,
+    Table, Transaction, TxOptions, VERSION_COLUMN, VersionedRow, Write, WriteOutcome, async_trait,
 };
 
 pub use config::PostgresConfig;
@@ -71,6 +71,10 @@ use tx::{PgTx, Prepared, PreparedOp, RunError, prepare, run_one};
 /// fresh-snapshot check finds a row inserted while it waited for the key
 /// lock, before it falls back to a transaction that locks first.
 const SINGLE_STATEMENT_TRIES: usize = 3;
+
+/// How often `execute` runs writes the database aborted to break a
+/// deadlock (they committed nothing) before it reports the deadlock.
+const DEADLOCK_TRIES: usize = 3;
 
 /// A PostgreSQL database backend. Cheap to clone: clones share the pool.
 #[derive(Clone)]
@@ -243,6 +247,34 @@ impl PostgresStore {
         })
     }
 
+    /// One attempt at `execute`: the cheapest path the writes allow.
+    async fn execute_prepared(
+        &self,
+        ps: &[Prepared],
+        opts: TxOptions,
+    ) -> Result<Vec<WriteOutcome>> {
+        if ps.len() == 1 && !opts.fence && !opts.outbox {
+            self.execute_plain(&ps[0])
+                .await
+                .map(|o| vec![o])
+                .map_err(|e| e.with_key(&ps[0].key))
+        } else if ps.len() == 1 {
+            self.execute_one(&ps[0], opts.outbox)
+                .await
+                .map(|o| vec![o])
+                .map_err(|e| e.with_key(&ps[0].key))
+        } else if ps
+            .iter()
+            .all(|p| matches!(p.op, PreparedOp::Upsert(_)) && p.table() == ps[0].table())
+            && tx::distinct_keys(ps)
+        {
+            self.batch_upsert(ps, opts.outbox).await
+        } else {
+            let mut conn = self.acquire().await?;
+            execute_in_tx(&self.shared, &mut conn, ps, opts.outbox).await
+        }
+    }
+
     /// Upserts of distinct keys of one table: one autocommit statement that
     /// locks every key in hash order, writes every row and its outbox record.
     async fn batch_upsert(&self, ps: &[Prepared], outbox: bool) -> Result<Vec<WriteOutcome>> {
@@ -410,27 +442,25 @@ impl DbStore for PostgresStore {
             .map(|w| prepare(&self.shared, w))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| e.with_operation("db.execute"))?;
-        let result = if ps.len() == 1 && !opts.fence && !opts.outbox {
-            self.execute_plain(&ps[0])
-                .await
-                .map(|o| vec![o])
-                .map_err(|e| e.with_key(&ps[0].key))
-        } else if ps.len() == 1 {
-            self.execute_one(&ps[0], opts.outbox)
-                .await
-                .map(|o| vec![o])
-                .map_err(|e| e.with_key(&ps[0].key))
-        } else if ps
-            .iter()
-            .all(|p| matches!(p.op, PreparedOp::Upsert(_)) && p.table() == ps[0].table())
-            && tx::distinct_keys(&ps)
-        {
-            self.batch_upsert(&ps, opts.outbox).await
-        } else {
-            let mut conn = self.acquire().await?;
-            execute_in_tx(&self.shared, &mut conn, &ps, opts.outbox).await
-        };
-        result.map_err(|e| e.with_operation("db.execute"))
+        let mut attempt = 1;
+        loop {
+            let result = self.execute_prepared(&ps, opts).await;
+            match result {
+                // Aborted to break a deadlock (a scope locked its keys' slots
+                // in another order than this write's sorted order): nothing
+                // was committed, so the same writes can run again.
+                Err(e)
+                    if e.kind() == ErrorKind::Deadlock
+                        && !e.is_in_doubt()
+                        && attempt < DEADLOCK_TRIES =>
+                {
+                    tracing::debug!(attempt, error = %e, "write aborted by a deadlock; running it again");
+                    tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+                    attempt += 1;
+                }
+                r => return r.map_err(|e| e.with_operation("db.execute")),
+            }
+        }
     }
 
     async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
@@ -444,6 +474,48 @@ impl DbStore for PostgresStore {
             Some(r) => sql::read_row(table, &r, 0),
             None => Ok(None),
         }
+    }
+
+    async fn get_many(&self, table: &Table, keys: &[Key]) -> Result<Vec<Option<VersionedRow>>> {
+        for k in keys {
+            table.check_key(k)?;
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = self.shared.table_sql(table);
+        let q = query(&sql.select_many);
+        let q = match table.key_column().ty {
+            ColumnType::Int => q.bind(
+                keys.iter()
+                    .filter_map(|k| match k {
+                        Key::Int(i) => Some(*i),
+                        Key::Text(_) => None,
+                    })
+                    .collect::<Vec<i64>>(),
+            ),
+            _ => q.bind(
+                keys.iter()
+                    .filter_map(|k| match k {
+                        Key::Text(s) => Some(s.clone()),
+                        Key::Int(_) => None,
+                    })
+                    .collect::<Vec<String>>(),
+            ),
+        };
+        let rows = q
+            .fetch_all(&self.shared.pool)
+            .await
+            .map_err(|e| map_err(e, Phase::NoCommit).with_operation("db.get_many"))?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            if let Some(vr) = sql::read_row(table, r, 0)?
+                && let Some(k) = table.key_of(&vr.row)
+            {
+                found.insert(k, vr);
+            }
+        }
+        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
     }
 
     async fn scan(

@@ -163,6 +163,7 @@ pub(crate) struct TableSql {
     batch_upsert: [Arc<str>; 2],
     delete: [Arc<str>; 4],
     pub(crate) select: Arc<str>,
+    pub(crate) select_many: Arc<str>,
     pub(crate) scan_first: Arc<str>,
     pub(crate) scan_after: Arc<str>,
     updates: Mutex<HashMap<UpdateShape, Arc<str>>>,
@@ -183,6 +184,10 @@ impl TableSql {
         let arc = |s: String| -> Arc<str> { Arc::from(s) };
         let select = format!(
             "SELECT {} FROM {} AS \"_t\" WHERE \"_t\".{} = $1",
+            n.sel_t, n.table, n.key
+        );
+        let select_many = format!(
+            "SELECT {} FROM {} AS \"_t\" WHERE \"_t\".{} = ANY($1)",
             n.sel_t, n.table, n.key
         );
         let scan_first = format!(
@@ -207,6 +212,7 @@ impl TableSql {
                 arc(n.delete(v(true, true))),
             ],
             select: arc(select),
+            select_many: arc(select_many),
             scan_first: arc(scan_first),
             scan_after: arc(scan_after),
             updates: Mutex::new(HashMap::new()),

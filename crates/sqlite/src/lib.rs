@@ -230,6 +230,7 @@ enum TxCmd {
 
 enum ReadJob {
     Get(Table, Key, Reply<Option<VersionedRow>>),
+    GetMany(Table, Vec<Key>, Reply<Vec<Option<VersionedRow>>>),
     Scan(Table, Option<Key>, usize, Reply<Vec<VersionedRow>>),
     OutboxPending(
         Option<Vec<String>>,
@@ -393,6 +394,9 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
         match job {
             ReadJob::Get(t, k, reply) => {
                 let _ = reply.send(sql::get(&conn, &mut cache, &t, &k));
+            }
+            ReadJob::GetMany(t, keys, reply) => {
+                let _ = reply.send(sql::get_many(&conn, &mut cache, &t, &keys));
             }
             ReadJob::Scan(t, after, limit, reply) => {
                 let _ = reply.send(sql::scan(&conn, &mut cache, &t, after.as_ref(), limit));
@@ -750,6 +754,12 @@ impl DbStore for SqliteStore {
     async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
         let (tx, rx) = oneshot::channel();
         self.read(ReadJob::Get(table.clone(), key.clone(), tx), rx)
+            .await
+    }
+
+    async fn get_many(&self, table: &Table, keys: &[Key]) -> Result<Vec<Option<VersionedRow>>> {
+        let (tx, rx) = oneshot::channel();
+        self.read(ReadJob::GetMany(table.clone(), keys.to_vec(), tx), rx)
             .await
     }
 

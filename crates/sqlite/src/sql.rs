@@ -140,6 +140,8 @@ pub(crate) struct TableSql {
     upsert_tail: String,
     width: usize,
     pub(crate) select: String,
+    /// The rows of the keys in a JSON array: one statement for any number.
+    pub(crate) select_many: String,
     pub(crate) delete: String,
     pub(crate) scan_first: String,
     pub(crate) scan_after: String,
@@ -191,6 +193,9 @@ impl TableSql {
             upsert_tail: format!("ON CONFLICT ({key}) DO UPDATE SET {set}"),
             width: cols.len() + 1,
             select: format!("SELECT {select_cols} FROM {name} WHERE {key} = ?1"),
+            select_many: format!(
+                "SELECT {select_cols} FROM {name} WHERE {key} IN (SELECT value FROM json_each(?1))"
+            ),
             delete: format!("DELETE FROM {name} WHERE {key} = ?1"),
             scan_first: format!("SELECT {select_cols} FROM {name} ORDER BY {key} LIMIT ?1"),
             scan_after: format!(
@@ -582,6 +587,40 @@ pub(crate) fn get(
         .optional()
         .map_err(map_err)?
         .transpose()
+}
+
+pub(crate) fn get_many(
+    conn: &Connection,
+    cache: &mut SqlCache,
+    t: &Table,
+    keys: &[Key],
+) -> Result<Vec<Option<VersionedRow>>> {
+    for k in keys {
+        t.check_key(k)?;
+    }
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = cache.get(t);
+    let array = serde_json::Value::Array(
+        keys.iter()
+            .map(|k| match k {
+                Key::Int(i) => serde_json::Value::from(*i),
+                Key::Text(s) => serde_json::Value::from(s.as_str()),
+            })
+            .collect(),
+    )
+    .to_string();
+    let mut stmt = conn.prepare_cached(&sql.select_many).map_err(map_err)?;
+    let mut rows = stmt.query([array]).map_err(map_err)?;
+    let mut found = std::collections::HashMap::with_capacity(keys.len());
+    while let Some(r) = rows.next().map_err(map_err)? {
+        let vr = read_row(t, r)?;
+        if let Some(k) = t.key_of(&vr.row) {
+            found.insert(k, vr);
+        }
+    }
+    Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
 }
 
 pub(crate) fn scan(

@@ -406,6 +406,10 @@ impl DbStore for FaultyDb {
         self.faults.read("get").await?;
         self.inner.get(table, key).await
     }
+    async fn get_many(&self, table: &Table, keys: &[Key]) -> Result<Vec<Option<VersionedRow>>> {
+        self.faults.read("get_many").await?;
+        self.inner.get_many(table, keys).await
+    }
     async fn scan(
         &self,
         table: &Table,

@@ -18,20 +18,15 @@
 //! # #[tokio::main(flavor = "multi_thread")]
 //! # async fn main() -> writethrough::Result<()> {
 //! use serde::{Deserialize, Serialize};
-//! use writethrough::{ColumnType, Engine, Entity, Table, TableOptions};
+//! use writethrough::{Engine, Entity, TableOptions};
 //!
-//! #[derive(Serialize, Deserialize, Debug, PartialEq)]
-//! struct Product { id: i64, name: String, price: f64 }
-//!
-//! impl Entity for Product {
-//!     fn table() -> Table {
-//!         Table::builder("products")
-//!             .key("id", ColumnType::Int)
-//!             .column("name", ColumnType::Text)
-//!             .column("price", ColumnType::Float)
-//!             .build()
-//!             .expect("a valid schema")
-//!     }
+//! #[derive(Entity, Serialize, Deserialize, Debug, PartialEq)]
+//! #[writethrough(table = "products")]
+//! struct Product {
+//!     #[writethrough(key)]
+//!     id: i64,
+//!     name: String,
+//!     price: f64,
 //! }
 //!
 //! let cache = writethrough::moka::MokaCache::default();
@@ -40,7 +35,7 @@
 //! let products = engine.register::<Product>(TableOptions::new()).await?;
 //!
 //! products.put(&Product { id: 1, name: "pen".into(), price: 1.5 }).await?;
-//! let pen = products.get(1).await?; // served from the cache
+//! let pen = products.get(1).await?; // served from the cache; the key is an i64
 //! assert_eq!(pen.map(|p| p.price), Some(1.5));
 //! # Ok(()) }
 //! # #[cfg(not(all(feature = "moka", feature = "sqlite")))] fn main() {}

@@ -15,10 +15,11 @@ use super::stats::Counters;
 use super::table::{TableState, Validator, WriteOptions};
 use super::{DbCall, Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
 use crate::db::{Write, WriteOp, WriteOutcome};
-use crate::entity::Record;
+use crate::entity::{Entity, Record};
 use crate::error::{Error, ErrorKind, Result};
+use crate::mapping::KeyArg;
 use crate::schema::Table;
-use crate::value::{Key, Patch, VersionedRow};
+use crate::value::{Key, Patch, Row, VersionedRow};
 
 /// A registered table, read and written as `R` (an [`crate::Entity`] or a
 /// plain [`crate::Row`]). Cheap to clone.
@@ -68,8 +69,8 @@ impl<R: Record> Handle<R> {
     }
 
     /// The cache key of `key`, as the cache backend sees it.
-    pub fn cache_key(&self, key: impl Into<Key>) -> Result<String> {
-        self.inner.key_for(&self.st, &key.into())
+    pub fn cache_key(&self, key: impl KeyArg<R::Key>) -> Result<String> {
+        self.inner.key_for(&self.st, &key.into_key()?)
     }
 
     /// Writes `record`: upsert in the database, commit, then the cache.
@@ -142,8 +143,8 @@ impl<R: Record> Handle<R> {
 
     /// Reads `key`: from the cache, else from the database (one load shared
     /// by every concurrent miss on the key), which then fills the cache.
-    pub async fn get(&self, key: impl Into<Key>) -> Result<Option<R>> {
-        let key = key.into();
+    pub async fn get(&self, key: impl KeyArg<R::Key>) -> Result<Option<R>> {
+        let key = key.into_key().map_err(|e| e.with_operation("get"))?;
         let shown = key.clone();
         let (found, _) = self
             .observed(OpKind::Get, self.inner.read(&self.st, key))
@@ -152,17 +153,73 @@ impl<R: Record> Handle<R> {
         Ok(found)
     }
 
+    /// [`Handle::get`] that also says where the row came from: for tests
+    /// and logs, without diffing the engine's global stats.
+    pub async fn read(&self, key: impl KeyArg<R::Key>) -> Result<Read<R>> {
+        let key = key.into_key().map_err(|e| e.with_operation("read"))?;
+        let shown = key.clone();
+        let (value, hit) = self
+            .observed(OpKind::Get, self.inner.read(&self.st, key))
+            .await
+            .map_err(|e| e.with_operation("read").with_key(shown))?;
+        Ok(Read::new(value, hit))
+    }
+
+    /// Reads many keys: one cache round trip for all of them, then one
+    /// database query for the misses, whose rows fill the cache in one
+    /// fenced batch. One answer per key, in the order given.
+    pub async fn get_many<K: KeyArg<R::Key>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<Option<R>>> {
+        Ok(self
+            .read_many(keys)
+            .await?
+            .into_iter()
+            .map(|r| r.value)
+            .collect())
+    }
+
+    /// [`Handle::get_many`] that says of each answer where it came from.
+    pub async fn read_many<K: KeyArg<R::Key>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<Read<R>>> {
+        let keys = keys
+            .into_iter()
+            .map(KeyArg::into_key)
+            .collect::<Result<Vec<Key>>>()
+            .map_err(|e| e.with_operation("get_many"))?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = self
+            .observed(OpKind::GetMany, self.inner.read_many(&self.st, keys))
+            .await
+            .map_err(|e| e.with_operation("get_many"))?;
+        Ok(found
+            .into_iter()
+            .map(|(v, hit)| Read::new(v, hit))
+            .collect())
+    }
+
     /// Reads `key` from the cache, else from `loader` instead of the database.
     ///
     /// What the loader returns is cached (not written to the database) at
     /// version 0, below every database version: it never replaces an entry
     /// a write or a database load put there, and any later write replaces it.
-    pub async fn get_or_load<F, Fut>(&self, key: impl Into<Key>, loader: F) -> Result<Option<R>>
+    pub async fn get_or_load<F, Fut>(
+        &self,
+        key: impl KeyArg<R::Key>,
+        loader: F,
+    ) -> Result<Option<R>>
     where
         F: Fn(Key) -> Fut,
         Fut: Future<Output = Result<Option<R>>> + Send + 'static,
     {
-        let key = key.into();
+        let key = key
+            .into_key()
+            .map_err(|e| e.with_operation("get_or_load"))?;
         let ck = self
             .inner
             .key_for(&self.st, &key)
@@ -246,10 +303,10 @@ impl<R: Record> Handle<R> {
     ///
     /// With a validator, the new row is validated inside the transaction,
     /// which is rolled back if it fails.
-    pub async fn update(&self, key: impl Into<Key>, patch: Patch) -> Result<Option<R>> {
+    pub async fn update(&self, key: impl KeyArg<R::Key>, patch: Patch) -> Result<Option<R>> {
         self.observed(OpKind::Update, async {
-            let key = key.into();
             let op = |e: Error| e.with_operation("update");
+            let key = key.into_key().map_err(op)?;
             let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
             let patch = self.st.table.normalize_patch(patch).map_err(op)?;
             self.inner
@@ -303,10 +360,10 @@ impl<R: Record> Handle<R> {
     /// Deletes the row at `key` and leaves a tombstone in the cache that a
     /// read which loaded the old row cannot overwrite. Returns whether a row
     /// was deleted.
-    pub async fn delete(&self, key: impl Into<Key>) -> Result<bool> {
+    pub async fn delete(&self, key: impl KeyArg<R::Key>) -> Result<bool> {
         self.observed(OpKind::Delete, async {
-            let key = key.into();
             let op = |e: Error| e.with_operation("delete");
+            let key = key.into_key().map_err(op)?;
             let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
             let write = Write {
                 table: self.st.table.clone(),
@@ -323,6 +380,99 @@ impl<R: Record> Handle<R> {
         .await
     }
 
+    /// Creates `record`, which must not exist yet: a row with its key
+    /// already there fails with [`ErrorKind::Conflict`] and nothing is
+    /// written. Returns the new row's version. Checked like
+    /// [`Handle::put`] before anything is written.
+    pub async fn insert(&self, record: &R) -> Result<u64> {
+        self.observed(OpKind::Insert, async {
+            let p = self
+                .inner
+                .prepare(
+                    &self.st,
+                    self.validate.as_ref(),
+                    record,
+                    &WriteOptions::default(),
+                )
+                .map_err(|e| e.with_operation("insert"))?;
+            let key = p.cache_key.clone();
+            let out = self
+                .inner
+                .commit_insert(&self.st, p)
+                .await
+                .map_err(|e| e.with_operation("insert").with_key(&key))?;
+            Ok(out.version)
+        })
+        .await
+    }
+
+    /// Deletes many keys in one database transaction, then leaves their
+    /// tombstones in one cache round trip. Returns, per key in the order
+    /// given, whether a row was deleted. All keys are checked first; a key
+    /// may appear only once.
+    pub async fn delete_many<K: KeyArg<R::Key>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<bool>> {
+        self.observed(OpKind::DeleteMany, async {
+            let op = |e: Error| e.with_operation("delete_many");
+            let mut seen = HashSet::new();
+            let mut keyed = Vec::new();
+            for k in keys {
+                let key = k.into_key().map_err(op)?;
+                let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
+                if !seen.insert(ck.clone()) {
+                    return Err(op(Error::new(
+                        ErrorKind::InvalidKey,
+                        "the batch deletes this key twice",
+                    )
+                    .with_key(&ck)));
+                }
+                keyed.push((key, ck));
+            }
+            if keyed.is_empty() {
+                return Ok(Vec::new());
+            }
+            let writes = keyed
+                .iter()
+                .map(|(k, _)| Write {
+                    table: self.st.table.clone(),
+                    op: WriteOp::Delete(k.clone()),
+                })
+                .collect();
+            let opts = self.inner.tx_options();
+            let commit = self
+                .inner
+                .db_call(DbCall::Execute, (*self.inner.db).execute(writes, opts));
+            let out = self
+                .inner
+                .commit_many(&self.st, keyed, commit)
+                .await
+                .map_err(op)?;
+            Ok(out.into_iter().map(|o| o.existed).collect())
+        })
+        .await
+    }
+
+    /// Makes the next read of `key` load it from the database, fenced: the
+    /// cached row is replaced, only if unchanged, by an invalidation at its
+    /// version, which no older row can overwrite. For a row you know the
+    /// cache should not serve (changed outside the engine, say); writes
+    /// through the engine never need it. Returns whether an entry was
+    /// invalidated (`false`: nothing readable was cached).
+    pub async fn invalidate(&self, key: impl KeyArg<R::Key>) -> Result<bool> {
+        self.observed(OpKind::Invalidate, async {
+            let op = |e: Error| e.with_operation("invalidate");
+            let key = key.into_key().map_err(op)?;
+            let ck = self.inner.key_for(&self.st, &key).map_err(op)?;
+            self.inner
+                .invalidate(&ck)
+                .await
+                .map_err(|e| op(e).with_key(&ck))
+        })
+        .await
+    }
+
     /// Runs one operation inside a tracing span and records its metrics.
     async fn observed<T: Observed>(
         &self,
@@ -335,7 +485,7 @@ impl<R: Record> Handle<R> {
         let r = op.instrument(span).await;
         let took = started.elapsed();
         let m = &self.inner.metrics;
-        if kind == OpKind::Get {
+        if kind.reads() {
             m.reads.record(took)
         } else {
             m.writes.record(took)
@@ -352,6 +502,50 @@ impl<R: Record> Handle<R> {
     }
 }
 
+impl<E: Entity> Handle<E> {
+    /// An untyped view of the same table: reads and writes [`Row`]s and
+    /// takes any [`Key`], checked at run time. For tooling that works on
+    /// rows; the entity's validator still applies to every write.
+    pub fn rows(&self) -> Handle<Row> {
+        let validate = self.validate.clone().map(|v| {
+            let table = self.st.table.clone();
+            let rows: Validator<Row> =
+                Arc::new(move |row: &Row| match E::from_row(&table, row.clone()) {
+                    Ok(record) => v(&record),
+                    Err(e) => Err(format!("the row does not fit the entity: {e}")),
+                });
+            rows
+        });
+        Handle {
+            inner: self.inner.clone(),
+            st: self.st.clone(),
+            validate,
+            _record: PhantomData,
+        }
+    }
+}
+
+/// A read's answer and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Read<R> {
+    /// The row, or `None` if the database has none.
+    pub value: Option<R>,
+    /// Whether the cache answered (`false`: the database did).
+    pub hit: bool,
+}
+
+impl<R> Read<R> {
+    fn new(value: Option<R>, hit: bool) -> Self {
+        Read { value, hit }
+    }
+
+    /// The row, dropping where it came from.
+    pub fn into_value(self) -> Option<R> {
+        self.value
+    }
+}
+
 /// What an operation's result says about where it was served from.
 trait Observed {
     fn hit(&self) -> Option<bool> {
@@ -361,7 +555,9 @@ trait Observed {
 impl Observed for u64 {}
 impl Observed for bool {}
 impl Observed for Vec<u64> {}
+impl Observed for Vec<bool> {}
 impl<R> Observed for Option<R> {}
+impl<R> Observed for Vec<(Option<R>, bool)> {}
 impl<R> Observed for (Option<R>, bool) {
     fn hit(&self) -> Option<bool> {
         Some(self.1)

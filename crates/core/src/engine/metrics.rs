@@ -83,6 +83,7 @@ impl CacheCall {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DbCall {
     Get,
+    GetMany,
     Scan,
     Execute,
     Begin,
@@ -96,8 +97,9 @@ pub(crate) enum DbCall {
 }
 
 impl DbCall {
-    const ALL: [DbCall; 11] = [
+    const ALL: [DbCall; 12] = [
         DbCall::Get,
+        DbCall::GetMany,
         DbCall::Scan,
         DbCall::Execute,
         DbCall::Begin,
@@ -113,6 +115,7 @@ impl DbCall {
     pub(crate) fn name(self) -> &'static str {
         match self {
             DbCall::Get => "db.get",
+            DbCall::GetMany => "db.get_many",
             DbCall::Scan => "db.scan",
             DbCall::Execute => "db.execute",
             DbCall::Begin => "db.begin",
@@ -299,11 +302,32 @@ pub(crate) enum OpKind {
     PutMany,
     Update,
     Delete,
+    GetMany,
+    DeleteMany,
+    Insert,
+    Invalidate,
 }
 
 impl OpKind {
+    const NAMES: [&'static str; 9] = [
+        "get",
+        "put",
+        "put_many",
+        "update",
+        "delete",
+        "get_many",
+        "delete_many",
+        "insert",
+        "invalidate",
+    ];
+
     pub(crate) fn name(self) -> &'static str {
-        ["get", "put", "put_many", "update", "delete"][self as usize]
+        Self::NAMES[self as usize]
+    }
+
+    /// Whether it reads (its latency is a read's).
+    pub(crate) fn reads(self) -> bool {
+        matches!(self, OpKind::Get | OpKind::GetMany)
     }
 }
 
@@ -327,7 +351,7 @@ pub(crate) enum OpOutcome {
 
 /// A table's metric handles.
 pub(crate) struct TableMetrics {
-    ops: [OpHandles; 5],
+    ops: [OpHandles; 9],
     get_hit: Counter,
     get_miss: Counter,
     pub(crate) hits: Counter,
@@ -345,13 +369,7 @@ impl TableMetrics {
             seconds: histogram!("writethrough_operation_seconds", "op" => op, "table" => t.clone(), "cache" => cache, "db" => db),
         };
         TableMetrics {
-            ops: [
-                op(OpKind::Get.name()),
-                op(OpKind::Put.name()),
-                op(OpKind::PutMany.name()),
-                op(OpKind::Update.name()),
-                op(OpKind::Delete.name()),
-            ],
+            ops: OpKind::NAMES.map(op),
             get_hit: counter!("writethrough_operations_total", "op" => "get", "table" => t.clone(), "outcome" => "hit", "cache" => cache, "db" => db),
             get_miss: counter!("writethrough_operations_total", "op" => "get", "table" => t.clone(), "outcome" => "miss", "cache" => cache, "db" => db),
             hits: counter!("writethrough_cache_hits_total", "table" => t.clone(), "cache" => cache),

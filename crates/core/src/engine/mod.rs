@@ -14,6 +14,7 @@ mod handle;
 mod hooks;
 mod maintenance;
 mod metrics;
+mod read;
 mod shard;
 mod stats;
 mod table;
@@ -25,14 +26,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 
 pub use audit::AuditReport;
 pub use breaker::BreakerState;
 pub use config::{BreakerConfig, Config, Consistency, RetryPolicy};
-pub use handle::Handle;
+pub use handle::{Handle, Read};
 pub use hooks::HookPoint;
 #[cfg(feature = "test-hooks")]
 pub use hooks::Hooks;
@@ -43,7 +42,7 @@ pub use table::{TableOptions, WriteOptions};
 pub use tx::Tx;
 
 use crate::cache::{CacheCapabilities, CacheItem, CacheStore, Fence};
-use crate::codec::{self, Decoded, Payload};
+use crate::codec::{self, Payload};
 use crate::db::{DbCapabilities, DbStore, TxOptions, Write, WriteOp, WriteOutcome};
 use crate::entity::{Entity, Record};
 use crate::error::{Error, ErrorKind, Result};
@@ -498,6 +497,9 @@ fn cache_chunks(effects: &[Effect]) -> impl Iterator<Item = &[Effect]> {
 /// reading the database alone.
 const MAX_LATE_JOINS: usize = 3;
 
+/// How often `invalidate` looks again when the entry changed under it.
+const INVALIDATE_ATTEMPTS: usize = 5;
+
 /// What a cache lookup found.
 pub(crate) enum Lookup<R> {
     /// A readable row.
@@ -747,8 +749,66 @@ impl Inner {
     pub(crate) async fn commit_upserts(
         &self,
         st: &Arc<TableState>,
-        mut prepared: Vec<Prepared>,
+        prepared: Vec<Prepared>,
     ) -> Result<Vec<WriteOutcome>> {
+        let opts = self.tx_options();
+        self.commit_prepared(st, prepared, |writes| {
+            self.db_call(DbCall::Execute, (*self.db).execute(writes, opts))
+        })
+        .await
+    }
+
+    /// Inserts one prepared row that must not exist yet: in a transaction
+    /// that takes the key's lock and reads it first, so that two inserts of
+    /// one key cannot both succeed. A row already there is a `Conflict`.
+    pub(crate) async fn commit_insert(
+        &self,
+        st: &Arc<TableState>,
+        prepared: Prepared,
+    ) -> Result<WriteOutcome> {
+        let key = prepared.key.clone();
+        let mut out = self
+            .commit_prepared(st, vec![prepared], |writes| async move {
+                let opts = self.tx_options();
+                let mut tx = self.db_call(DbCall::Begin, (*self.db).begin(opts)).await?;
+                let existing = self
+                    .db_call(DbCall::Get, tx.get_for_update(&st.table, &key))
+                    .await;
+                match existing {
+                    Ok(None) => {}
+                    other => {
+                        let _ = self.db_call(DbCall::Rollback, tx.rollback()).await;
+                        return Err(other.err().unwrap_or_else(|| {
+                            Error::new(
+                                ErrorKind::Conflict,
+                                format!("a row with key {key} already exists"),
+                            )
+                        }));
+                    }
+                }
+                let mut out = Vec::with_capacity(writes.len());
+                for w in &writes {
+                    out.push(self.db_call(DbCall::Apply, tx.apply(w)).await?);
+                }
+                self.db_call(DbCall::Commit, tx.commit()).await?;
+                Ok(out)
+            })
+            .await?;
+        out.pop()
+            .ok_or_else(|| Error::new(ErrorKind::Backend, "the database returned no outcome"))
+    }
+
+    /// Commits the prepared rows with `run` (given their writes), then
+    /// applies their cache effects.
+    async fn commit_prepared<F>(
+        &self,
+        st: &Arc<TableState>,
+        mut prepared: Vec<Prepared>,
+        run: impl FnOnce(Vec<Write>) -> F,
+    ) -> Result<Vec<WriteOutcome>>
+    where
+        F: Future<Output = Result<Vec<WriteOutcome>>>,
+    {
         let writes = prepared
             .iter_mut()
             .map(|p| Write {
@@ -762,12 +822,8 @@ impl Inner {
                 .map(|p| (p.cache_key.clone(), st.clone(), p.key.clone()))
                 .collect(),
         );
-        let opts = self.tx_options();
         let epoch = self.epoch_for_write().await;
-        let outcomes = match self
-            .db_call(DbCall::Execute, (*self.db).execute(writes, opts))
-            .await
-        {
+        let outcomes = match run(writes).await {
             Ok(o) => o,
             Err(e) => return Err(guard.failed(e)),
         };
@@ -806,16 +862,47 @@ impl Inner {
         cache_key: String,
         commit: impl Future<Output = Result<WriteOutcome>>,
     ) -> Result<WriteOutcome> {
-        let guard = self.guard(vec![(cache_key.clone(), st.clone(), key.clone())]);
+        let shown = cache_key.clone();
+        let mut out = self
+            .commit_many(st, vec![(key, cache_key)], async {
+                commit.await.map(|o| vec![o])
+            })
+            .await
+            .map_err(|e| e.with_key(&shown))?;
+        out.pop()
+            .ok_or_else(|| Error::new(ErrorKind::Backend, "the database returned no outcome"))
+    }
+
+    /// Commits updates or deletes of `keys` (one outcome per key, in order)
+    /// under a resync guard, then applies their cache effects.
+    pub(crate) async fn commit_many(
+        &self,
+        st: &Arc<TableState>,
+        keys: Vec<(Key, String)>,
+        commit: impl Future<Output = Result<Vec<WriteOutcome>>>,
+    ) -> Result<Vec<WriteOutcome>> {
+        let guard = self.guard(
+            keys.iter()
+                .map(|(k, ck)| (ck.clone(), st.clone(), k.clone()))
+                .collect(),
+        );
         let epoch = self.epoch_for_write().await;
-        let outcome = match commit.await {
-            Ok(o) => o,
-            Err(e) => return Err(guard.failed(e).with_key(&cache_key)),
+        let outcomes = match commit.await {
+            Ok(o) if o.len() == keys.len() => o,
+            Ok(_) => {
+                let e = Error::new(ErrorKind::Backend, "the database returned too few outcomes");
+                return Err(guard.failed(e.in_doubt()));
+            }
+            Err(e) => return Err(guard.failed(e)),
         };
-        Counters::add(&self.stats.writes, 1);
-        let effect = self.effect_of(st, key, cache_key, &outcome, epoch);
-        self.apply_effects(vec![effect], guard).await;
-        Ok(outcome)
+        Counters::add(&self.stats.writes, outcomes.len() as u64);
+        let effects = keys
+            .into_iter()
+            .zip(&outcomes)
+            .map(|((key, ck), o)| self.effect_of(st, key, ck, o, epoch))
+            .collect();
+        self.apply_effects(effects, guard).await;
+        Ok(outcomes)
     }
 
     /// The cache effect of an update or delete, from its outcome.
@@ -1017,260 +1104,55 @@ impl Inner {
         }
     }
 
-    /// Reads one key: the cache, else the database through single flight.
-    pub(crate) async fn read<R: Record>(
-        self: &Arc<Self>,
-        st: &Arc<TableState>,
-        key: Key,
-    ) -> Result<(Option<R>, bool)> {
-        let ck = self.key_for(st, &key)?;
-        // The arrival stamp is taken before the cache lookup: a reader that
-        // missed just before a load filled the cache then still joins that
-        // load (it finished after the reader arrived) instead of starting
-        // a second one.
-        let mut arrival = self.flights.arrive();
-        let epoch = self.epochs.current();
-        let unreadable = match self.lookup::<R>(st, &ck, true).await {
-            Lookup::Hit(hit) => return Ok((Some(hit), true)),
-            Lookup::Miss(unreadable) => unreadable,
-        };
-        self.hook(HookPoint::Miss, &ck).await;
-        let mut loaded = None;
-        for _ in 0..MAX_LATE_JOINS {
-            let load = || {
-                self.clone()
-                    .load_from_db(st.clone(), key.clone(), ck.clone())
-            };
-            match self.load(&ck, arrival, load).await {
-                Joined::Fresh(r) => {
-                    loaded = Some(r?);
-                    break;
-                }
-                Joined::Late => {
-                    // The load we joined had queried before we arrived; it has
-                    // filled the cache since, with anything written before us.
-                    if let Lookup::Hit(hit) = self.lookup::<R>(st, &ck, false).await {
-                        return Ok((Some(hit), true));
-                    }
-                    arrival = self.flights.arrive();
-                }
-            }
-        }
-        let loaded = match loaded {
-            Some(l) => l,
-            // Joined late every time (a hot, uncacheable key): read alone.
-            None => {
-                self.clone().load_from_db(st.clone(), key, ck.clone())(Issue::unshared()).await?
-            }
-        };
-        if let Some(found) = unreadable {
-            self.replace_unreadable(st, &ck, found, loaded.as_ref(), epoch)
-                .await;
-        }
-        let found = loaded
-            .map(|vr| R::from_row(&st.table, vr.row))
-            .transpose()?;
-        Ok((found, false))
-    }
-
-    /// Looks `ck` up in the cache. On a miss, returns the bytes found if
-    /// they were not a readable entry, so that the reader can replace them.
-    pub(crate) async fn lookup<R: Record>(
-        &self,
-        st: &TableState,
-        ck: &str,
-        count_miss: bool,
-    ) -> Lookup<R> {
-        let usable = self.breaker.allows() && !self.resync.contains(ck);
-        let mut unreadable = None;
-        let trusted = if usable {
-            self.trusted_epoch().await
-        } else {
-            None
-        };
-        if let Some(trusted) = trusted
-            && let Ok(Some(bytes)) = self.cache_call(CacheCall::Get, (*self.cache).get(ck)).await
-        {
-            match codec::decode(&bytes) {
-                d @ (Decoded::Row { .. } | Decoded::Tombstone { .. })
-                    if d.epoch().is_some_and(|e| e < trusted) =>
-                {
-                    // Prepared before the cache forgot or went back: the
-                    // database decides, and the fence lets its row replace it.
-                    Counters::add(&self.stats.old_epoch_entries, 1);
-                    unreadable = Some(bytes.clone());
-                }
-                Decoded::Row { codec, payload, .. } => {
-                    match R::from_payload(codec, &st.table, payload) {
-                        Ok(r) => {
-                            Counters::add(&self.stats.hits, 1);
-                            st.metrics.hits.increment(1);
-                            return Lookup::Hit(r);
-                        }
-                        Err(e) => {
-                            // A sound header over a payload that does not fit
-                            // the entity: as unreadable as corrupt bytes, and
-                            // replaced the same way by the row read next (the
-                            // fence alone would keep it: its version is current).
-                            Counters::add(&self.stats.corrupt_entries, 1);
-                            tracing::warn!(key = ck, error = %e, "cached row does not decode; replacing it from the database");
-                            unreadable = Some(bytes);
-                        }
-                    }
-                }
-                Decoded::Tombstone { .. } => {}
-                Decoded::Corrupt => {
-                    Counters::add(&self.stats.corrupt_entries, 1);
-                    unreadable = Some(bytes);
-                }
-            }
-        }
-        if count_miss {
-            Counters::add(&self.stats.misses, 1);
-            st.metrics.misses.increment(1);
-        }
-        Lookup::Miss(unreadable)
-    }
-
-    /// Replaces unreadable bytes with the row just loaded. The fence alone
-    /// would keep bytes whose header is intact but whose payload is not, so
-    /// this swaps exactly those bytes, atomically, where the backend can.
-    async fn replace_unreadable(
-        &self,
-        st: &TableState,
-        ck: &str,
-        found: Bytes,
-        vr: Option<&VersionedRow>,
-        epoch: u64,
-    ) {
+    /// Turns the cache entry of `ck` into a miss without opening the door
+    /// to an older row: a row entry of version `v` is swapped, only if it
+    /// is still exactly those bytes, for an invalidation at `v`, which
+    /// refuses every populate older than `v` and lets the database's row
+    /// back in on the next read. A tombstone or an invalidation is already
+    /// a miss and stays. Returns whether an entry was invalidated.
+    pub(crate) async fn invalidate(&self, ck: &str) -> Result<bool> {
         if !self.breaker.allows() {
-            return;
+            return Err(Error::new(
+                ErrorKind::CircuitOpen,
+                "the cache is not being called; nothing was invalidated",
+            ));
         }
-        let item = match vr {
-            // No row: "none as of the version found", in this epoch (the
-            // database has no row, so whatever was there is gone).
-            None => {
-                let version = codec::entry_version(&found).unwrap_or(0);
-                CacheItem {
-                    key: ck.to_owned(),
-                    entry: codec::tombstone_at(version, epoch),
-                    version,
-                    ttl: Some(self.tombstone_ttl),
-                }
-            }
-            Some(vr) => {
-                if !st.caches(&vr.row) {
-                    return;
-                }
-                let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version, epoch) else {
-                    return;
-                };
-                CacheItem {
-                    key: ck.to_owned(),
-                    entry,
-                    version: vr.version,
-                    ttl,
-                }
-            }
-        };
-        let r = self
-            .cache_call(
-                CacheCall::ReplaceIfUnchanged,
-                (*self.cache).replace_if_unchanged(found, item),
-            )
-            .await;
-        if let Ok(Fence::Applied) = r {
-            Counters::add(&self.stats.populates, 1);
-        }
-    }
-
-    /// Runs `load` for `ck`, shared with concurrent callers when single
-    /// flight is on; `arrival` is the caller's stamp from `Flights::arrive`.
-    pub(crate) async fn load<F>(&self, ck: &str, arrival: u64, load: impl FnOnce() -> F) -> Joined
-    where
-        F: FnOnce(Issue) -> BoxFuture<'static, LoadResult>,
-    {
-        if self.cfg.consistency.single_flight {
-            self.flights.run(ck, arrival, load()).await
-        } else {
-            Joined::Fresh(load()(Issue::unshared()).await)
-        }
-    }
-
-    /// The load of one row from the database, for [`Inner::load`].
-    fn load_from_db(
-        self: Arc<Self>,
-        st: Arc<TableState>,
-        key: Key,
-        ck: String,
-    ) -> impl FnOnce(Issue) -> BoxFuture<'static, LoadResult> {
-        move |issue| {
-            async move {
-                self.hook(HookPoint::BeforeLoad, &ck).await;
-                let started = Instant::now();
-                let epoch = self.epochs.current();
-                Counters::add(&self.stats.loads, 1);
-                issue.now();
-                let row = self
-                    .db_call(DbCall::Get, (*self.db).get(&st.table, &key))
-                    .await?;
-                self.hook(HookPoint::AfterLoad, &ck).await;
-                if let Some(vr) = &row {
-                    self.populate(&st, &ck, vr, started, epoch).await;
-                }
-                Ok(row)
-            }
-            .boxed()
-        }
-    }
-
-    /// Puts a loaded row in the cache, fenced by its version. Waits for the
-    /// cache's answer, so that a reader who saw this row and then reads
-    /// again cannot be handed an older one another reader put there.
-    pub(crate) async fn populate(
-        &self,
-        st: &TableState,
-        ck: &str,
-        vr: &VersionedRow,
-        started: Instant,
-        epoch: u64,
-    ) -> bool {
-        if !self.breaker.allows() || self.resync.overflowed() || !st.caches(&vr.row) {
-            return false;
-        }
-        if started.elapsed() >= self.cfg.load_deadline {
-            Counters::add(&self.stats.late_loads, 1);
-            return false;
-        }
-        let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version, epoch) else {
-            return false;
-        };
-        let r = if self.cfg.consistency.fence {
+        self.flights.forget_all(std::iter::once(ck));
+        for _ in 0..INVALIDATE_ATTEMPTS {
+            let Some(bytes) = self
+                .cache_call(CacheCall::Get, (*self.cache).get(ck))
+                .await?
+            else {
+                return Ok(false);
+            };
+            let version = match codec::decode(&bytes) {
+                codec::Decoded::Row { version, .. } => version,
+                codec::Decoded::Tombstone { .. } => return Ok(false),
+                // Unreadable bytes: no version to keep, any row may replace them.
+                codec::Decoded::Corrupt => 0,
+            };
             let item = CacheItem {
                 key: ck.to_owned(),
-                entry,
-                version: vr.version,
-                ttl,
+                entry: codec::invalidation_at(version, self.epochs.current()),
+                version,
+                ttl: Some(self.tombstone_ttl),
             };
-            self.cache_call(CacheCall::SetIfNewer, (*self.cache).set_if_newer(item))
-                .await
-        } else {
-            self.cache_call(CacheCall::Set, (*self.cache).set(ck, entry, ttl))
-                .await
-                .map(|()| Fence::Applied)
-        };
-        match r {
-            Ok(Fence::Applied) => {
-                Counters::add(&self.stats.populates, 1);
-                true
+            match self
+                .cache_call(
+                    CacheCall::ReplaceIfUnchanged,
+                    (*self.cache).replace_if_unchanged(bytes, item),
+                )
+                .await?
+            {
+                Fence::Applied => return Ok(true),
+                // A write or a load replaced the entry meanwhile: look again.
+                Fence::Stale => continue,
             }
-            Ok(Fence::Stale) => {
-                Counters::add(&self.stats.stale_refused, 1);
-                self.metrics.stale_refused.increment(1);
-                false
-            }
-            Err(_) => false,
         }
+        Err(Error::new(
+            ErrorKind::Busy,
+            format!("the entry changed under each of {INVALIDATE_ATTEMPTS} attempts"),
+        ))
     }
 
     /// Makes the cache entry of `ck` agree with `row`, the current database

@@ -48,6 +48,7 @@ use super::{DbCall, Effect, EffectKind, Engine, Inner};
 use crate::db::{Transaction, Write, WriteOp, WriteOutcome};
 use crate::entity::Record;
 use crate::error::{Error, ErrorKind, Result};
+use crate::mapping::KeyArg;
 use crate::value::{Key, Patch};
 
 /// An open transaction scope, from [`crate::Engine::begin`] or
@@ -186,11 +187,11 @@ impl Tx {
     pub async fn update<R: Record>(
         &mut self,
         table: &Handle<R>,
-        key: impl Into<Key>,
+        key: impl KeyArg<R::Key>,
         patch: Patch,
     ) -> Result<Option<R>> {
         self.check_open("tx.update")?;
-        let key = key.into();
+        let key = self.checked("tx.update", key.into_key())?;
         let checked = (|| {
             let ck = self.inner.key_for(&table.st, &key)?;
             let patch = table.st.table.normalize_patch(patch)?;
@@ -229,10 +230,10 @@ impl Tx {
     pub async fn delete<R: Record>(
         &mut self,
         table: &Handle<R>,
-        key: impl Into<Key>,
+        key: impl KeyArg<R::Key>,
     ) -> Result<bool> {
         self.check_open("tx.delete")?;
-        let key = key.into();
+        let key = self.checked("tx.delete", key.into_key())?;
         let ck = self.inner.key_for(&table.st, &key);
         let ck = self.checked("tx.delete", ck)?;
         let o = self
@@ -256,9 +257,9 @@ impl Tx {
     pub async fn get<R: Record>(
         &mut self,
         table: &Handle<R>,
-        key: impl Into<Key>,
+        key: impl KeyArg<R::Key>,
     ) -> Result<Option<R>> {
-        self.read(table, key.into(), false).await
+        self.read(table, key.into_key(), false).await
     }
 
     /// Reads a row for update: takes the key's lock (the one writes take),
@@ -289,15 +290,15 @@ impl Tx {
     pub async fn get_for_update<R: Record>(
         &mut self,
         table: &Handle<R>,
-        key: impl Into<Key>,
+        key: impl KeyArg<R::Key>,
     ) -> Result<Option<R>> {
-        self.read(table, key.into(), true).await
+        self.read(table, key.into_key(), true).await
     }
 
     async fn read<R: Record>(
         &mut self,
         table: &Handle<R>,
-        key: Key,
+        key: Result<Key>,
         for_update: bool,
     ) -> Result<Option<R>> {
         let op = if for_update {
@@ -306,6 +307,7 @@ impl Tx {
             "tx.get"
         };
         self.check_open(op)?;
+        let key = self.checked(op, key)?;
         let checked = table.st.table.check_key(&key);
         self.checked(op, checked)?;
         let inner = self.inner.clone();

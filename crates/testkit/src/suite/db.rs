@@ -28,6 +28,7 @@ pub fn cases() -> Vec<Case> {
         a_dropped_transaction_rolls_back,
         outbox_records_appear_with_their_writes_and_can_be_removed,
         scan_pages_in_key_order,
+        get_many_answers_each_key_in_order,
         concurrent_writes_to_one_key_get_distinct_versions_and_the_last_wins,
         nul_bytes_in_text_follow_the_capabilities,
         unfenced_writes_store_rows_with_rising_versions,
@@ -503,6 +504,33 @@ pub async fn scan_pages_in_key_order(pair: Pair) -> Outcome {
     let mut want: Vec<Key> = ids.iter().map(|i| Key::Int(*i)).collect();
     want.sort();
     assert_eq!(seen, want);
+    Outcome::Passed
+}
+
+/// `get_many` answers each key in the order given, absent and repeated
+/// keys included, with the rows and versions `get` returns; a key of the
+/// wrong type is refused.
+pub async fn get_many_answers_each_key_in_order(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "getmany").await;
+    let writes: Vec<Write> = [3i64, 1, 2]
+        .iter()
+        .map(|i| upsert(&t, row(*i, "x")))
+        .collect();
+    db.execute(writes, TxOptions::default()).await.unwrap();
+    let keys: Vec<Key> = [2i64, 9, 1, 2, 3].iter().map(|i| Key::Int(*i)).collect();
+    let many = db.get_many(&t, &keys).await.unwrap();
+    assert_eq!(many.len(), keys.len());
+    for (k, got) in keys.iter().zip(&many) {
+        assert_eq!(got, &db.get(&t, k).await.unwrap(), "key {k}");
+    }
+    assert!(many[1].is_none() && many[0].is_some());
+    assert_eq!(db.get_many(&t, &[]).await.unwrap(), vec![]);
+    let e = db
+        .get_many(&t, &[Key::Int(1), Key::Text("1".into())])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidKey, "{e}");
     Outcome::Passed
 }
 

@@ -8,8 +8,9 @@ use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use writethrough_core::codec::{self, Decoded};
 use writethrough_core::{
-    BreakerState, ColumnType, Consistency, Engine, Entity, Error, ErrorKind, Handle, Key, KeyRule,
-    Patch, Row, Table, TableOptions, Tx, TxOptions, Value, Write, WriteOp, WriteOptions,
+    BreakerState, Codec, ColumnType, Consistency, Engine, Entity, Error, ErrorKind, Handle, Key,
+    KeyRule, Patch, Record, Row, Table, TableOptions, Tx, TxOptions, Value, Write, WriteOp,
+    WriteOptions,
 };
 
 use super::{Case, Outcome, Pair, eventually, unique};
@@ -57,11 +58,16 @@ pub fn cases() -> Vec<Case> {
         put_many_of_a_hundred_thousand_rows_commits_and_caches_every_row,
         a_cache_failure_of_a_batch_counts_in_stats_health_and_the_breaker,
         a_cached_payload_that_does_not_fit_the_entity_is_replaced,
+        get_many_is_one_cache_round_trip_and_one_query_for_the_misses,
+        delete_many_is_one_transaction_and_leaves_every_tombstone,
+        insert_creates_only_and_one_of_racing_inserts_wins,
+        invalidate_makes_the_next_read_load_and_fences_older_rows,
     ]
 }
 
 /// The typed row the suite writes: one column of every type.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Entity)]
+#[writethrough(table = "items", crate = "writethrough_core")]
 pub struct Item {
     /// Key.
     pub id: i64,
@@ -79,22 +85,6 @@ pub struct Item {
     pub tags: serde_json::Value,
     /// Nullable bytes.
     pub blob: Option<Vec<u8>>,
-}
-
-impl Entity for Item {
-    fn table() -> Table {
-        Table::builder("items")
-            .key("id", ColumnType::Int)
-            .column("name", ColumnType::Text)
-            .column("price", ColumnType::Float)
-            .column("qty", ColumnType::Int)
-            .column("active", ColumnType::Bool)
-            .nullable("note", ColumnType::Text)
-            .column("tags", ColumnType::Json)
-            .nullable("blob", ColumnType::Bytes)
-            .build()
-            .expect("a valid schema")
-    }
 }
 
 /// An item with recognisable values.
@@ -145,7 +135,7 @@ pub async fn setup_with(
 pub async fn cached<R: writethrough_core::Record>(
     pair: &Pair,
     h: &Handle<R>,
-    key: impl Into<Key>,
+    key: impl writethrough_core::KeyArg<R::Key>,
 ) -> Option<(bool, u64)> {
     let ck = h.cache_key(key).expect("valid key");
     let bytes = pair.cache.get(&ck).await.expect("cache answers")?;
@@ -837,7 +827,9 @@ pub async fn bad_input_is_refused_before_any_side_effect(pair: Pair) -> Outcome 
             .expect_err(what);
         assert_eq!(e.kind(), ErrorKind::InvalidTtl, "{what}: {e}");
     }
-    let e = items.get(Key::Text("1".into())).await.unwrap_err();
+    // A typed handle takes only its key type (a compile-time check); the
+    // untyped view checks at run time.
+    let e = items.rows().get(Key::Text("1".into())).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidKey);
     let e = items
         .update(1, Patch::new().set("id", 2))
@@ -1177,7 +1169,8 @@ pub async fn health_reports_throughput_latency_and_failures(pair: Pair) -> Outco
 }
 
 /// An account of the seed's `FinancialTransactionService`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Entity)]
+#[writethrough(table = "accounts", crate = "writethrough_core")]
 pub struct Account {
     /// Key.
     pub id: i64,
@@ -1185,18 +1178,9 @@ pub struct Account {
     pub balance: i64,
 }
 
-impl Entity for Account {
-    fn table() -> Table {
-        Table::builder("accounts")
-            .key("id", ColumnType::Int)
-            .column("balance", ColumnType::Int)
-            .build()
-            .expect("a valid schema")
-    }
-}
-
 /// A money movement recorded with the balance it changed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Entity)]
+#[writethrough(table = "transfers", crate = "writethrough_core")]
 pub struct Transfer {
     /// Key.
     pub id: i64,
@@ -1204,17 +1188,6 @@ pub struct Transfer {
     pub account: i64,
     /// The amount, in cents.
     pub amount: i64,
-}
-
-impl Entity for Transfer {
-    fn table() -> Table {
-        Table::builder("transfers")
-            .key("id", ColumnType::Int)
-            .column("account", ColumnType::Int)
-            .column("amount", ColumnType::Int)
-            .build()
-            .expect("a valid schema")
-    }
 }
 
 /// What [`money_flow`] found afterwards.
@@ -1456,7 +1429,7 @@ pub async fn transaction_closure_commits_rolls_back_and_retries_within_its_bound
             let (n, items) = (runs, items.clone());
             Box::pin(async move {
                 if n == 1 {
-                    let _ = tx.get(&items, "not an int key").await;
+                    let _ = tx.get(&items.rows(), "not an int key").await;
                 }
                 tx.put(&items, &item(4, 1.0)).await.ok();
                 Ok(n)
@@ -1605,7 +1578,7 @@ pub async fn any_failure_in_a_scope_poisons_it_and_commit_writes_nothing(pair: P
         i,
         "tx.get of a key of the wrong type",
         ErrorKind::InvalidKey,
-        |tx| tx.get(i, "1").await
+        |tx| tx.get(&i.rows(), "1").await
     );
     poisons!(
         &pair,
@@ -1613,7 +1586,7 @@ pub async fn any_failure_in_a_scope_poisons_it_and_commit_writes_nothing(pair: P
         i,
         "tx.get_for_update of a key of the wrong type",
         ErrorKind::InvalidKey,
-        |tx| tx.get_for_update(i, "1").await
+        |tx| tx.get_for_update(&i.rows(), "1").await
     );
     poisons!(
         &pair,
@@ -1621,7 +1594,7 @@ pub async fn any_failure_in_a_scope_poisons_it_and_commit_writes_nothing(pair: P
         i,
         "tx.delete of a key of the wrong type",
         ErrorKind::InvalidKey,
-        |tx| tx.delete(i, "1").await
+        |tx| tx.delete(&i.rows(), "1").await
     );
     poisons!(
         &pair,
@@ -1955,5 +1928,175 @@ pub async fn a_cached_payload_that_does_not_fit_the_entity_is_replaced(pair: Pai
         "replaced: the next read hits"
     );
     assert_eq!(cached(&pair, &items, 1).await, Some((true, v)));
+    Outcome::Passed
+}
+
+/// `get_many` answers every key in order (duplicates and absent keys
+/// included) with one cache call and one database query for the misses,
+/// whose rows it caches in one fenced batch: the next `get_many` hits.
+pub async fn get_many_is_one_cache_round_trip_and_one_query_for_the_misses(pair: Pair) -> Outcome {
+    let faulty = FaultyCache::new(pair.cache.clone());
+    let db = FaultyDb::new(pair.db.clone());
+    let counted = pair
+        .with_cache(Arc::new(faulty.clone()))
+        .with_db(Arc::new(db.clone()));
+    let (_, items) = setup(&counted, TableOptions::new()).await;
+    let batch: Vec<Item> = (1..=10).map(|i| item(i, i as f64)).collect();
+    items.put_many(&batch).await.unwrap();
+    for k in [2, 5, 7] {
+        pair.cache
+            .delete(&items.cache_key(k).unwrap())
+            .await
+            .unwrap();
+    }
+    faulty.faults().calls.reset();
+    db.faults().calls.reset();
+    let keys = [1, 2, 99, 5, 3, 7, 2];
+    let reads = items.read_many(keys).await.unwrap();
+    let values: Vec<Option<Item>> = reads.iter().map(|r| r.value.clone()).collect();
+    let expected: Vec<Option<Item>> = keys
+        .iter()
+        .map(|&k| (k <= 10).then(|| item(k, k as f64)))
+        .collect();
+    assert_eq!(values, expected, "one answer per key, in order");
+    let hits: Vec<bool> = reads.iter().map(|r| r.hit).collect();
+    assert_eq!(hits, [true, false, false, false, true, false, false]);
+    let calls = &faulty.faults().calls;
+    assert_eq!(calls.get("get_many"), 1, "one cache round trip");
+    assert_eq!(calls.get("get"), 0);
+    assert_eq!(calls.get("set_many_if_newer"), 1, "one fenced populate");
+    assert_eq!(calls.get("set_if_newer"), 0);
+    assert_eq!(
+        db.faults().calls.get("get_many"),
+        1,
+        "one query for the misses"
+    );
+    assert_eq!(db.faults().calls.get("get"), 0);
+    for k in [2, 5, 7] {
+        let (_, v) = in_db(&pair, &items, k).await.unwrap();
+        assert_eq!(
+            cached(&pair, &items, k).await,
+            Some((true, v)),
+            "key {k} re-cached"
+        );
+    }
+    let again = items.read_many([2, 5, 7]).await.unwrap();
+    assert!(again.iter().all(|r| r.hit), "the misses were cached");
+    assert_eq!(items.get_many(Vec::<i64>::new()).await.unwrap(), vec![]);
+    Outcome::Passed
+}
+
+/// `delete_many` deletes in one transaction and leaves a tombstone per key
+/// in one cache round trip; a key given twice is refused before anything
+/// is deleted.
+pub async fn delete_many_is_one_transaction_and_leaves_every_tombstone(pair: Pair) -> Outcome {
+    let faulty = FaultyCache::new(pair.cache.clone());
+    let db = FaultyDb::new(pair.db.clone());
+    let counted = pair
+        .with_cache(Arc::new(faulty.clone()))
+        .with_db(Arc::new(db.clone()));
+    let (_, items) = setup(&counted, TableOptions::new()).await;
+    let batch: Vec<Item> = (1..=5).map(|i| item(i, 1.0)).collect();
+    let versions = items.put_many(&batch).await.unwrap();
+    let e = items.delete_many([1, 2, 1]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidKey, "{e}");
+    assert!(in_db(&pair, &items, 1).await.is_some(), "nothing deleted");
+    faulty.faults().calls.reset();
+    db.faults().calls.reset();
+    let existed = items.delete_many([1, 2, 9]).await.unwrap();
+    assert_eq!(existed, [true, true, false]);
+    assert_eq!(
+        db.faults().calls.get("execute"),
+        1,
+        "one database transaction"
+    );
+    assert_eq!(
+        faulty.faults().calls.get("set_many_if_newer"),
+        1,
+        "one cache round trip"
+    );
+    for (k, v) in [(1, versions[0]), (2, versions[1])] {
+        assert_eq!(in_db(&pair, &items, k).await, None);
+        match cached(&pair, &items, k).await {
+            Some((false, tv)) => assert!(tv > v, "the tombstone of {k} is newer than its row"),
+            other => panic!("expected a tombstone for {k}, found {other:?}"),
+        }
+        assert_eq!(items.get(k).await.unwrap(), None);
+    }
+    assert_eq!(items.get(3).await.unwrap(), Some(item(3, 1.0)));
+    Outcome::Passed
+}
+
+/// `insert` creates a row and refuses, with `Conflict` and no side effect,
+/// a key that exists; of eight concurrent inserts of one new key exactly
+/// one succeeds. After a delete, the key can be inserted again.
+pub async fn insert_creates_only_and_one_of_racing_inserts_wins(pair: Pair) -> Outcome {
+    let (_, items) = setup(&pair, TableOptions::new()).await;
+    let v = items.insert(&item(1, 1.0)).await.unwrap();
+    assert_eq!(cached(&pair, &items, 1).await, Some((true, v)));
+    let e = items.insert(&item(1, 2.0)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert_eq!(in_db(&pair, &items, 1).await, Some((item(1, 1.0), v)));
+    assert_eq!(cached(&pair, &items, 1).await, Some((true, v)));
+    assert_eq!(items.get(1).await.unwrap(), Some(item(1, 1.0)));
+
+    let racers = (0..8).map(|n| {
+        let items = items.clone();
+        async move { items.insert(&item(2, f64::from(n))).await }
+    });
+    let results = join_all(racers).await;
+    let won: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_ok()).collect();
+    assert_eq!(won.len(), 1, "exactly one insert wins: {results:?}");
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        }
+    }
+    let winner = item(2, won[0] as f64);
+    assert_eq!(
+        in_db(&pair, &items, 2).await.map(|(i, _)| i),
+        Some(winner.clone())
+    );
+    assert_eq!(items.get(2).await.unwrap(), Some(winner));
+
+    assert!(items.delete(1).await.unwrap());
+    let v3 = items.insert(&item(1, 3.0)).await.unwrap();
+    assert!(v3 > v);
+    assert_eq!(items.get(1).await.unwrap(), Some(item(1, 3.0)));
+    Outcome::Passed
+}
+
+/// `invalidate` turns a cached row into a miss at its version: the next
+/// read loads from the database (and says so), a populate of an older
+/// row is refused, and the read after that hits again.
+pub async fn invalidate_makes_the_next_read_load_and_fences_older_rows(pair: Pair) -> Outcome {
+    let (_, items) = setup(&pair, TableOptions::new()).await;
+    let v1 = items.put(&item(1, 1.0)).await.unwrap();
+    let v2 = items.put(&item(1, 2.0)).await.unwrap();
+    assert!(items.read(1).await.unwrap().hit);
+    assert!(items.invalidate(1).await.unwrap(), "a row was invalidated");
+    assert!(
+        !items.invalidate(1).await.unwrap(),
+        "an invalidation is already a miss"
+    );
+    let ck = items.cache_key(1).unwrap();
+    let table = items.table().clone();
+    let (_, old_row) = table.normalize_row(item(1, 1.0).to_row().unwrap()).unwrap();
+    let old = writethrough_core::CacheItem {
+        key: ck.clone(),
+        entry: Codec::Json.encode(&table, &old_row).unwrap().into_entry(v1),
+        version: v1,
+        ttl: None,
+    };
+    assert_eq!(
+        pair.cache.set_if_newer(old).await.unwrap(),
+        writethrough_core::Fence::Stale,
+        "an older row cannot fill the invalidated entry"
+    );
+    let read = items.read(1).await.unwrap();
+    assert_eq!((read.value, read.hit), (Some(item(1, 2.0)), false));
+    assert_eq!(cached(&pair, &items, 1).await, Some((true, v2)));
+    assert!(items.read(1).await.unwrap().hit);
+    assert!(!items.invalidate(42).await.unwrap(), "nothing cached");
     Outcome::Passed
 }

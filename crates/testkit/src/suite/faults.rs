@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use writethrough_core::{BreakerState, Config, Engine, ErrorKind, Handle, Key, TableOptions};
+use writethrough_core::{BreakerState, Config, Engine, ErrorKind, Handle, TableOptions};
 
 use super::engine::{Item, in_db, item};
 use super::{Outcome, Pair, eventually, unique};
@@ -305,7 +305,7 @@ impl Scenario {
             "stale cache entries after recovery: {audit:?}"
         );
         for k in 1..=KEYS {
-            let via_engine = self.items.get(Key::Int(k)).await.expect("reads work");
+            let via_engine = self.items.get(k).await.expect("reads work");
             let in_db = in_db(pair, &self.items, k).await.map(|(i, _)| i);
             assert_eq!(via_engine, in_db, "key {k} reads what the database holds");
         }

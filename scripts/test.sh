@@ -40,6 +40,15 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets --all-features -- -D warnings"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
+step "the facade with each backend feature alone, and with none"
+for f in "" moka sqlite redis memcached postgres; do
+    echo "  features: ${f:-none}"
+    cargo check -q -p writethrough --no-default-features ${f:+--features "$f"}
+done
+
+step "cargo doc --workspace --no-deps --all-features (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps --all-features
+
 step "cargo deny check"
 if ! command -v cargo-deny >/dev/null 2>&1; then
     echo "cargo-deny is not installed; installing it from crates.io"

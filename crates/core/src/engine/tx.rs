@@ -1,40 +1,8 @@
 //! Transaction scopes: several writes in one database transaction, whose
 //! cache effects apply only once it has committed.
 //!
-//! # Isolation, and read-modify-write
-//!
-//! A scope gets the same promise on both databases: a row read with
-//! [`Tx::get_for_update`] cannot be written by anyone else until the scope
-//! ends, so reading a value, computing from it and writing it back never
-//! loses a concurrent update. How each database keeps it:
-//!
-//! * **PostgreSQL**: `READ COMMITTED` plus the engine's key locks. Every
-//!   write takes its key's lock (a transaction-scoped advisory lock on one of
-//!   1024 hash slots) and holds it until its transaction ends;
-//!   `get_for_update` takes the same lock, then reads, so it sees the last
-//!   committed write of the key and blocks the next one — for a missing row
-//!   too. A plain [`Tx::get`] takes no lock: another scope may commit a write
-//!   of the key right after it, and a value computed from it and written
-//!   back overwrites that write (a lost update).
-//! * **SQLite**: serial. A scope holds the database's only write lock from
-//!   [`crate::Engine::begin`] (`BEGIN IMMEDIATE`) to its end, so nothing
-//!   else writes meanwhile and every read in it, locking or not, stays
-//!   current. A plain write (or a second scope) from the task that holds an
-//!   open scope could only wait for that scope, forever: it fails at once
-//!   with [`ErrorKind::WouldDeadlock`].
-//!
-//! Locks can deadlock (two scopes locking two keys in opposite orders; on
-//! PostgreSQL, two keys that share a slot), and the database then aborts one
-//! scope. [`crate::Engine::transaction`] runs a closure in a scope and runs
-//! it again on serialization failures, deadlocks and a busy database, with
-//! backoff, within [`crate::Config::transaction_retry`].
-//!
-//! # Failing loudly
-//!
-//! Any error inside a scope — refused input, a validator, the database —
-//! poisons it: every later operation, and [`Tx::commit`], fail with the
-//! first error's kind and carry it as their source; `commit` then rolls
-//! back and writes nothing.
+//! The isolation a scope gets on each database, and why a value read to
+//! be written back is read with `Tx::get_for_update`, are documented on `Tx`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,9 +25,42 @@ use crate::value::{Key, Patch};
 /// Writes go to the database transaction at once (so reads through the
 /// scope see them); their cache effects wait for [`Tx::commit`]. Dropping
 /// the scope, or [`Tx::rollback`], rolls the transaction back and leaves the
-/// cache untouched. See the [module docs](self) for the isolation a scope
-/// gets and for why a value read to be written back must be read with
-/// [`Tx::get_for_update`].
+/// cache untouched.
+///
+/// # Isolation, and read-modify-write
+///
+/// A scope gets the same promise on both databases: a row read with
+/// [`Tx::get_for_update`] cannot be written by anyone else until the scope
+/// ends, so reading a value, computing from it and writing it back never
+/// loses a concurrent update. How each database keeps it:
+///
+/// * **PostgreSQL**: `READ COMMITTED` plus the engine's key locks. Every
+///   write takes its key's lock (a transaction-scoped advisory lock on one of
+///   1024 hash slots) and holds it until its transaction ends;
+///   `get_for_update` takes the same lock, then reads, so it sees the last
+///   committed write of the key and blocks the next one — for a missing row
+///   too. A plain [`Tx::get`] takes no lock: another scope may commit a write
+///   of the key right after it, and a value computed from it and written
+///   back overwrites that write (a lost update).
+/// * **SQLite**: serial. A scope holds the database's only write lock from
+///   [`crate::Engine::begin`] (`BEGIN IMMEDIATE`) to its end, so nothing
+///   else writes meanwhile and every read in it, locking or not, stays
+///   current. A plain write (or a second scope) from the task that holds an
+///   open scope could only wait for that scope, forever: it fails at once
+///   with [`ErrorKind::WouldDeadlock`].
+///
+/// Locks can deadlock (two scopes locking two keys in opposite orders; on
+/// PostgreSQL, two keys that share a slot), and the database then aborts one
+/// scope. [`crate::Engine::transaction`] runs a closure in a scope and runs
+/// it again on serialization failures, deadlocks and a busy database, with
+/// backoff, within [`crate::Config::transaction_retry`].
+///
+/// # Failing loudly
+///
+/// Any error inside a scope — refused input, a validator, the database —
+/// poisons it: every later operation, and [`Tx::commit`], fail with the
+/// first error's kind and carry it as their source; `commit` then rolls
+/// back and writes nothing.
 ///
 /// ```no_run
 /// # async fn demo(engine: writethrough_core::Engine,

@@ -208,6 +208,39 @@ pub trait DbStore: Send + Sync + 'static {
         tx.commit().await?;
         Ok(out)
     }
+    /// Writes upserts whose rows must not exist yet, in one transaction:
+    /// if a key is already there, nothing is written and the call fails
+    /// with [`ErrorKind::Conflict`](crate::ErrorKind::Conflict). Two
+    /// inserts of one key cannot both succeed. This default takes each
+    /// key's lock with [`Transaction::get_for_update`] before it writes;
+    /// SQLite checks inside its writer thread instead.
+    async fn insert(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
+        let mut tx = self.begin(opts).await?;
+        let mut out = Vec::with_capacity(writes.len());
+        for w in &writes {
+            if let WriteOp::Upsert(row) = &w.op
+                && let Some(key) = w.table.key_of(row)
+            {
+                match tx.get_for_update(&w.table, &key).await {
+                    Ok(None) => {}
+                    Ok(Some(_)) => {
+                        let _ = tx.rollback().await;
+                        return Err(crate::Error::new(
+                            crate::ErrorKind::Conflict,
+                            format!("a row with key {key} already exists"),
+                        ));
+                    }
+                    Err(e) => {
+                        let _ = tx.rollback().await;
+                        return Err(e);
+                    }
+                }
+            }
+            out.push(tx.apply(w).await?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
     /// Reads one committed row.
     async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>>;
     /// Reads several committed rows, one answer per key in the order given
@@ -263,6 +296,9 @@ impl<D: DbStore + ?Sized> DbStore for Arc<D> {
     }
     async fn get_many(&self, table: &Table, keys: &[Key]) -> Result<Vec<Option<VersionedRow>>> {
         (**self).get_many(table, keys).await
+    }
+    async fn insert(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
+        (**self).insert(writes, opts).await
     }
     async fn scan(
         &self,

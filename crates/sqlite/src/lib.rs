@@ -207,7 +207,8 @@ enum WriterJob {
 }
 
 enum GroupItem {
-    Writes(Vec<Write>, TxOptions, Reply<Vec<WriteOutcome>>),
+    /// Writes; with `create_only`, every upsert must create its row.
+    Writes(Vec<Write>, TxOptions, bool, Reply<Vec<WriteOutcome>>),
     OutboxRemove(Vec<i64>, Reply<()>),
 }
 
@@ -503,7 +504,22 @@ fn run_item(
     item: &GroupItem,
 ) -> Result<Option<Vec<WriteOutcome>>> {
     match item {
-        GroupItem::Writes(writes, opts, _) => {
+        GroupItem::Writes(writes, opts, create_only, _) => {
+            if *create_only {
+                // The writer thread is the only writer: nothing can insert
+                // the key between this check and the write.
+                for w in writes {
+                    if let writethrough_core::WriteOp::Upsert(row) = &w.op
+                        && let Some(key) = w.table.key_of(row)
+                        && sql::get(conn, cache, &w.table, &key)?.is_some()
+                    {
+                        return Err(Error::new(
+                            ErrorKind::Conflict,
+                            format!("a row with key {key} already exists"),
+                        ));
+                    }
+                }
+            }
             sql::apply_all(conn, cache, writes, opts.outbox).map(Some)
         }
         GroupItem::OutboxRemove(ids, _) => {
@@ -537,7 +553,7 @@ fn run_group(conn: &Connection, cache: &mut SqlCache, group: Vec<GroupItem>) {
     let reply_all = |group: Vec<GroupItem>, results: Vec<Result<Option<Vec<WriteOutcome>>>>| {
         for (item, r) in group.into_iter().zip(results) {
             match item {
-                GroupItem::Writes(_, _, reply) => {
+                GroupItem::Writes(_, _, _, reply) => {
                     let _ = reply.send(r.map(Option::unwrap_or_default));
                 }
                 GroupItem::OutboxRemove(_, reply) => {
@@ -747,8 +763,20 @@ impl DbStore for SqliteStore {
 
     async fn execute(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
         let (tx, rx) = oneshot::channel();
-        self.write(WriterJob::Group(GroupItem::Writes(writes, opts, tx)), rx)
-            .await
+        self.write(
+            WriterJob::Group(GroupItem::Writes(writes, opts, false, tx)),
+            rx,
+        )
+        .await
+    }
+
+    async fn insert(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
+        let (tx, rx) = oneshot::channel();
+        self.write(
+            WriterJob::Group(GroupItem::Writes(writes, opts, true, tx)),
+            rx,
+        )
+        .await
     }
 
     async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {

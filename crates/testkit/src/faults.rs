@@ -406,6 +406,17 @@ impl DbStore for FaultyDb {
         self.faults.read("get").await?;
         self.inner.get(table, key).await
     }
+    async fn insert(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
+        self.faults.calls.hit("insert");
+        match self.faults.write_fault() {
+            Some(false) => Err(injected("insert")),
+            Some(true) => {
+                self.inner.insert(writes, opts).await?;
+                Err(injected("insert (connection lost after the commit was sent)").in_doubt())
+            }
+            None => self.inner.insert(writes, opts).await,
+        }
+    }
     async fn get_many(&self, table: &Table, keys: &[Key]) -> Result<Vec<Option<VersionedRow>>> {
         self.faults.read("get_many").await?;
         self.inner.get_many(table, keys).await

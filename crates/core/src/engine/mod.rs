@@ -766,32 +766,10 @@ impl Inner {
         st: &Arc<TableState>,
         prepared: Prepared,
     ) -> Result<WriteOutcome> {
-        let key = prepared.key.clone();
+        let opts = self.tx_options();
         let mut out = self
-            .commit_prepared(st, vec![prepared], |writes| async move {
-                let opts = self.tx_options();
-                let mut tx = self.db_call(DbCall::Begin, (*self.db).begin(opts)).await?;
-                let existing = self
-                    .db_call(DbCall::Get, tx.get_for_update(&st.table, &key))
-                    .await;
-                match existing {
-                    Ok(None) => {}
-                    other => {
-                        let _ = self.db_call(DbCall::Rollback, tx.rollback()).await;
-                        return Err(other.err().unwrap_or_else(|| {
-                            Error::new(
-                                ErrorKind::Conflict,
-                                format!("a row with key {key} already exists"),
-                            )
-                        }));
-                    }
-                }
-                let mut out = Vec::with_capacity(writes.len());
-                for w in &writes {
-                    out.push(self.db_call(DbCall::Apply, tx.apply(w)).await?);
-                }
-                self.db_call(DbCall::Commit, tx.commit()).await?;
-                Ok(out)
+            .commit_prepared(st, vec![prepared], |writes| {
+                self.db_call(DbCall::Execute, (*self.db).insert(writes, opts))
             })
             .await?;
         out.pop()

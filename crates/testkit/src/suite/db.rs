@@ -29,6 +29,7 @@ pub fn cases() -> Vec<Case> {
         outbox_records_appear_with_their_writes_and_can_be_removed,
         scan_pages_in_key_order,
         get_many_answers_each_key_in_order,
+        insert_creates_rows_or_writes_nothing,
         concurrent_writes_to_one_key_get_distinct_versions_and_the_last_wins,
         nul_bytes_in_text_follow_the_capabilities,
         unfenced_writes_store_rows_with_rising_versions,
@@ -531,6 +532,37 @@ pub async fn get_many_answers_each_key_in_order(pair: Pair) -> Outcome {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidKey, "{e}");
+    Outcome::Passed
+}
+
+/// `insert` creates rows that do not exist; if one key of the batch exists,
+/// it fails with `Conflict` and writes nothing.
+pub async fn insert_creates_rows_or_writes_nothing(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "insert").await;
+    let out = db
+        .insert(vec![upsert(&t, row(1, "a"))], TxOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    assert!(!out[0].existed);
+    let e = db
+        .insert(
+            vec![upsert(&t, row(2, "b")), upsert(&t, row(1, "c"))],
+            TxOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert!(
+        db.get(&t, &Key::Int(2)).await.unwrap().is_none(),
+        "all or nothing"
+    );
+    let kept = db.get(&t, &Key::Int(1)).await.unwrap().unwrap();
+    assert_eq!(
+        kept.version, out[0].version,
+        "the existing row is untouched"
+    );
     Outcome::Passed
 }
 

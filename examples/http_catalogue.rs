@@ -259,8 +259,8 @@ async fn health(State(app): State<App>) -> Json<JsonValue> {
     };
     Json(json!({
         "status": status,
-        "cache": app.engine.cache().name(),
-        "db": app.engine.db().name(),
+        "cache": app.engine.cache_name(),
+        "db": app.engine.db_name(),
         "breaker": h.breaker.as_str(),
         "breaker_trips": h.breaker_trips,
         "pending_resync": h.pending_resync,

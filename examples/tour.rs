@@ -24,7 +24,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use writethrough::{CacheStore, DbStore, Engine, ErrorKind, Patch, Stats, TableOptions};
+use writethrough::backend::{CacheStore, DbStore};
+use writethrough::{Engine, ErrorKind, Patch, Stats, TableOptions};
 
 use crate::{Product, notebooks, validate};
 
@@ -289,7 +290,7 @@ fn hit_or_miss(before: Stats, after: Stats, found: bool, db: &str) -> String {
 }
 
 fn db_label(engine: &Engine) -> &'static str {
-    match engine.db().name() {
+    match engine.db_name() {
         "postgres" => "PostgreSQL",
         "sqlite" => "SQLite",
         other => other,

@@ -22,9 +22,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Notify;
-use writethrough::{
-    CacheStore, Config, Consistency, Engine, Entity, Handle, HookPoint, Hooks, TableOptions,
-};
+use writethrough::backend::CacheStore;
+use writethrough::{Config, Consistency, Engine, Entity, Handle, HookPoint, Hooks, TableOptions};
 use writethrough_testkit::proxy::FaultProxy;
 use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
 use writethrough_testkit::suite::engine::{Item, item};

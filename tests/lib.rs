@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use writethrough::backend::{CacheStore, DbStore};
 use writethrough::moka::MokaCache;
 use writethrough::sqlite::SqliteStore;
-use writethrough::{CacheStore, DbStore};
 use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
 use writethrough_testkit::suite::Pair;
 
@@ -107,8 +107,8 @@ pub mod rigs {
     use std::time::Duration;
 
     use futures::FutureExt;
+    use writethrough::backend::{CacheStore, DbStore};
     use writethrough::sqlite::{SqliteConfig, SqliteStore};
-    use writethrough::{CacheStore, DbStore};
     use writethrough_testkit::proxy::FaultProxy;
     use writethrough_testkit::server::{
         MemcachedServer, PostgresServer, RedisServer, ServerControl,

@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use writethrough::{
-    CacheStore, Consistency, DbStore, Engine, Entity, Handle, Patch, Result, TableOptions,
-};
+use writethrough::backend::{CacheStore, DbStore};
+use writethrough::{Consistency, Engine, Entity, Handle, Patch, Result, TableOptions};
 
 use crate::Args;
 use crate::raw::{

@@ -17,11 +17,11 @@
 //! cache backend can read them without our code: the Redis adapter's Lua
 //! script compares them to fence writes, the Memcached adapter parses them
 //! inside a `gets`/`cas` loop. The fence orders entries by (version,
-//! epoch); see [`replaces`]. The engine bumps the epoch when it finds that
+//! epoch); see [`replaces`](crate::backend::codec::replaces). The engine bumps the epoch when it finds that
 //! the cache forgot or went back in time (see the README's "The cache that
 //! forgets"), and reads entries of an earlier epoch as misses. Anything that does not parse (foreign bytes, a truncated value, an
 //! older envelope format, a codec this build lacks, a checksum mismatch) is
-//! [`Decoded::Corrupt`]: the engine treats it as a miss and overwrites it.
+//! [`Decoded::Corrupt`](crate::backend::codec::Decoded::Corrupt): the engine treats it as a miss and overwrites it.
 
 use bytes::Bytes;
 use serde::ser::{SerializeMap, SerializeSeq};
@@ -175,7 +175,7 @@ fn write_header(h: &mut [u8], kind: u8, version: u64, epoch: u64, codec: u8, crc
 
 /// The record of a cache's current epoch, stored under the engine's epoch
 /// key: an entry of `epoch` at version `epoch` whose payload names the
-/// cache server's identity (see [`crate::CacheStore::identity`]). Written
+/// cache server's identity (see [`crate::backend::CacheStore::identity`]). Written
 /// with the fence, the highest proposal wins.
 pub fn epoch_record(epoch: u64, identity: &str) -> Bytes {
     let payload = serde_json::Value::from(identity).to_string().into_bytes();

@@ -2,18 +2,16 @@
 //!
 //! A write commits to the database first, then updates the cache; a read is
 //! served from the cache and falls back to the database on a miss. This
-//! crate holds the backend traits ([`CacheStore`], [`DbStore`],
-//! [`Transaction`]), the [`Engine`] that implements the pattern on any pair
-//! of them, the [`Error`] type, the cache entry [`codec`], and the rows and
-//! typed [`Entity`] mapping.
+//! crate holds the [`Engine`] that implements the pattern on any pair of
+//! backends, the typed [`Entity`] mapping and rows, the [`Error`] type, and,
+//! apart in [`backend`], the interface adapters implement
+//! ([`backend::CacheStore`], [`backend::DbStore`], [`backend::Transaction`])
+//! with the cache entry [`codec`].
 //!
 //! Adapters live in their own crates (`writethrough-moka`,
 //! `writethrough-sqlite`, ...); most applications depend on the
 //! `writethrough` facade crate instead of this one.
 
-pub mod cache;
-pub mod codec;
-pub mod db;
 mod engine;
 mod entity;
 mod error;
@@ -21,19 +19,19 @@ mod mapping;
 mod schema;
 mod value;
 
-pub use cache::{CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule};
+mod cache;
+/// The cache entry format; reach it as [`backend::codec`].
+#[doc(hidden)]
+pub mod codec;
+mod db;
 pub use codec::Codec;
-pub use db::{
-    DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, VERSION_COLUMN,
-    Write, WriteOp, WriteOutcome,
-};
-#[cfg(feature = "test-hooks")]
-pub use engine::Hooks;
 pub use engine::{
     AuditReport, BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder, Handle,
-    Health, HealthMonitor, HookPoint, Read, ReconcileReport, RetryPolicy, Stats, TableOptions, Tx,
+    Health, HealthMonitor, Read, ReconcileReport, RetryPolicy, Stats, TableOptions, Tx,
     WriteOptions,
 };
+#[cfg(feature = "test-hooks")]
+pub use engine::{HookPoint, Hooks};
 pub use entity::{Entity, Record};
 pub use error::{Error, ErrorKind, Result, Status};
 pub use mapping::{ColumnKind, KeyArg, KeyType};
@@ -42,8 +40,20 @@ pub use value::{Ident, Key, MAX_IDENT_LEN, Patch, RESERVED_PREFIX, Row, Value, V
 /// Derives [`Entity`] from a struct's fields; see the trait's documentation.
 pub use writethrough_derive::Entity;
 
-/// Re-exported so adapters implement the traits with the same macro version.
-pub use async_trait::async_trait;
+/// The adapter interface: what a cache or database backend implements,
+/// and the types the engine hands it. Applications use the engine and
+/// never call a backend directly (that would bypass the fences); adapter
+/// authors start here (see CONTRIBUTING.md, "Adding a backend").
+pub mod backend {
+    pub use crate::cache::{CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule};
+    pub use crate::codec;
+    pub use crate::db::{
+        DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, VERSION_COLUMN,
+        Write, WriteOp, WriteOutcome,
+    };
+    /// Re-exported so adapters implement the traits with the same macro version.
+    pub use async_trait::async_trait;
+}
 
 /// What `#[derive(Entity)]` expands to calls; not part of the API.
 #[doc(hidden)]

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use writethrough_core::{CacheItem, CacheStore, codec};
+use writethrough_core::backend::{CacheItem, CacheStore, codec};
 use writethrough_memcached::MemcachedCache;
 use writethrough_memcached::raw::RawClient;
 use writethrough_testkit::server::{MemcachedServer, RedisServer};

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> writethrough_core::Result<()> {
-//! use writethrough_core::CacheStore;
+//! use writethrough_core::backend::CacheStore;
 //! use writethrough_memcached::MemcachedCache;
 //!
 //! let cache = MemcachedCache::connect("memcached://127.0.0.1:11211,127.0.0.1:11212?timeout=250ms").await?;
@@ -70,10 +70,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::future::join_all;
-use writethrough_core::{
-    CacheCapabilities, CacheItem, CacheStore, Error, ErrorKind, Fence, KeyRule, Result,
-    async_trait, codec,
+use writethrough_core::backend::{
+    CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule, async_trait, codec,
 };
+use writethrough_core::{Error, ErrorKind, Result};
 
 mod client;
 mod config;

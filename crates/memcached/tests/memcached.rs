@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use writethrough_core::codec::{self, Decoded};
-use writethrough_core::{CacheItem, CacheStore, ErrorKind, Fence, KeyRule};
+use writethrough_core::ErrorKind;
+use writethrough_core::backend::codec::{self, Decoded};
+use writethrough_core::backend::{CacheItem, CacheStore, Fence, KeyRule};
 use writethrough_memcached::{MemcachedCache, MemcachedConfig};
 use writethrough_testkit::server::MemcachedServer;
 

@@ -3,7 +3,7 @@
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! use writethrough_core::CacheStore;
+//! use writethrough_core::backend::CacheStore;
 //! let cache = writethrough_moka::MokaCache::builder().max_capacity_bytes(64 << 20).build();
 //! assert_eq!(cache.get("nothing").await.unwrap(), None);
 //! # }
@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use moka::Expiry;
 use moka::ops::compute::Op;
-use writethrough_core::{
-    CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule, Result, async_trait, codec,
+use writethrough_core::Result;
+use writethrough_core::backend::{
+    CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule, async_trait, codec,
 };
 
 /// One stored entry with its own TTL.

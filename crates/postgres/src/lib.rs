@@ -33,7 +33,8 @@
 //!
 //! ```no_run
 //! # async fn demo() -> writethrough_core::Result<()> {
-//! use writethrough_core::{ColumnType, DbStore, Table};
+//! use writethrough_core::{ColumnType, Table};
+//! use writethrough_core::backend::DbStore;
 //! use writethrough_postgres::PostgresStore;
 //!
 //! let db = PostgresStore::connect("postgres://app@localhost/shop?max_connections=20").await?;
@@ -56,10 +57,11 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, Row as _};
-use writethrough_core::{
-    ColumnType, DbCapabilities, DbStore, Error, ErrorKind, Key, OUTBOX_TABLE, OutboxEntry, Result,
-    Table, Transaction, TxOptions, VERSION_COLUMN, VersionedRow, Write, WriteOutcome, async_trait,
+use writethrough_core::backend::{
+    DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, VERSION_COLUMN,
+    Write, WriteOutcome, async_trait,
 };
+use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table, VersionedRow};
 
 pub use config::PostgresConfig;
 

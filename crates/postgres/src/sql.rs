@@ -43,9 +43,9 @@ use std::sync::{Arc, Mutex};
 
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Postgres, Row as _};
+use writethrough_core::backend::{OUTBOX_TABLE, VERSION_COLUMN};
 use writethrough_core::{
-    ColumnType, Error, ErrorKind, Key, OUTBOX_TABLE, Patch, Result, Row, Table, VERSION_COLUMN,
-    Value, VersionedRow,
+    ColumnType, Error, ErrorKind, Key, Patch, Result, Row, Table, Value, VersionedRow,
 };
 
 use crate::error::{Phase, map_err};

@@ -4,10 +4,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use sqlx::postgres::PgConnection;
-use writethrough_core::{
-    Error, ErrorKind, Key, Patch, Result, Row, Table, Transaction, VersionedRow, Write, WriteOp,
-    WriteOutcome, async_trait,
-};
+use writethrough_core::backend::{Transaction, Write, WriteOp, WriteOutcome, async_trait};
+use writethrough_core::{Error, ErrorKind, Key, Patch, Result, Row, Table, VersionedRow};
 
 use crate::Shared;
 use crate::error::{Phase, RETRY_SQLSTATE, map_err, sqlstate};

@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use sqlx::AssertSqlSafe;
-use writethrough_core::{DbStore, TxOptions};
+use writethrough_core::backend::{DbStore, TxOptions};
 
 use common::*;
 

@@ -8,9 +8,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
-use writethrough_core::{
-    ColumnType, DbStore, ErrorKind, Key, Patch, Row, Table, TxOptions, Value, WriteOutcome,
-};
+use writethrough_core::backend::{DbStore, TxOptions, WriteOutcome};
+use writethrough_core::{ColumnType, ErrorKind, Key, Patch, Row, Table, Value};
 
 use common::*;
 
@@ -213,8 +212,8 @@ async fn versions_strictly_increase_per_key_across_every_kind_of_write() {
 async fn hold_key(
     pg: &Pg,
     t: &Table,
-    write: writethrough_core::Write,
-) -> (Box<dyn writethrough_core::Transaction>, u64) {
+    write: writethrough_core::backend::Write,
+) -> (Box<dyn writethrough_core::backend::Transaction>, u64) {
     let mut holder = pg.store.begin(TxOptions::default()).await.unwrap();
     let v = holder.apply(&write).await.unwrap().version;
     let _ = t;
@@ -237,7 +236,7 @@ async fn a_blocked_write_draws_its_version_after_the_key_lock() {
         )
         .await
         .unwrap();
-    let cases: Vec<(&str, Vec<writethrough_core::Write>, bool)> = vec![
+    let cases: Vec<(&str, Vec<writethrough_core::backend::Write>, bool)> = vec![
         ("upsert", vec![upsert(&t, item(1, "x"))], false),
         ("upsert+outbox", vec![upsert(&t, item(1, "x"))], true),
         (
@@ -423,16 +422,20 @@ async fn concurrent_writers_leave_each_key_as_its_highest_version_says() {
         let last = all
             .iter()
             .filter(|(w, _)| match &w.op {
-                writethrough_core::WriteOp::Upsert(r) => r.get("id") == Some(&Value::Int(key)),
-                writethrough_core::WriteOp::Update(k, _)
-                | writethrough_core::WriteOp::Delete(k) => *k == Key::Int(key),
+                writethrough_core::backend::WriteOp::Upsert(r) => {
+                    r.get("id") == Some(&Value::Int(key))
+                }
+                writethrough_core::backend::WriteOp::Update(k, _)
+                | writethrough_core::backend::WriteOp::Delete(k) => *k == Key::Int(key),
             })
             .max_by_key(|(_, o)| o.version)
             .unwrap();
         let got = pg.store.get(&t, &Key::Int(key)).await.unwrap();
         match (&last.0.op, got) {
-            (writethrough_core::WriteOp::Delete(_), got) => assert_eq!(got, None, "key {key}"),
-            (writethrough_core::WriteOp::Update(..), got) if !last.1.existed => {
+            (writethrough_core::backend::WriteOp::Delete(_), got) => {
+                assert_eq!(got, None, "key {key}")
+            }
+            (writethrough_core::backend::WriteOp::Update(..), got) if !last.1.existed => {
                 assert_eq!(
                     got, None,
                     "key {key}: the last write was an update that found nothing"
@@ -1141,7 +1144,7 @@ async fn single_writes_and_one_table_batches_cost_one_round_trip() {
         .await
         .unwrap();
     let opts = TxOptions::with_outbox(true);
-    let calls: Vec<(&str, Vec<writethrough_core::Write>, u32)> = vec![
+    let calls: Vec<(&str, Vec<writethrough_core::backend::Write>, u32)> = vec![
         ("upsert", vec![upsert(&t, item(1, "a"))], 1),
         ("update", vec![update(&t, 1, Patch::new().set("qty", 1))], 1),
         ("delete", vec![delete(&t, 1)], 1),
@@ -1354,9 +1357,9 @@ async fn transactions_of_any_size_stay_within_the_lock_table() {
     assert_eq!(out.len(), 100_000);
     let mixed: Vec<_> = (0..15_000)
         .map(|i| upsert(&t, item(i, "mixed")))
-        .chain(std::iter::once(writethrough_core::Write {
+        .chain(std::iter::once(writethrough_core::backend::Write {
             table: t.clone(),
-            op: writethrough_core::WriteOp::Delete(Key::Int(0)),
+            op: writethrough_core::backend::WriteOp::Delete(Key::Int(0)),
         }))
         .collect();
     pg.store

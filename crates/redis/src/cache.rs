@@ -7,9 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, ServerErrorKind, Value};
-use writethrough_core::{
-    CacheCapabilities, CacheItem, CacheStore, Error, ErrorKind, Fence, KeyRule, Result, async_trait,
+use writethrough_core::backend::{
+    CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule, async_trait,
 };
+use writethrough_core::{Error, ErrorKind, Result};
 
 use crate::config::{MAX_KEY_LEN, RedisConfig};
 use crate::error::{BACKEND, map_err, unexpected};
@@ -37,7 +38,7 @@ const SCAN_COUNT: usize = 1000;
 ///
 /// ```no_run
 /// # async fn demo() -> writethrough_core::Result<()> {
-/// use writethrough_core::CacheStore;
+/// use writethrough_core::backend::CacheStore;
 /// use writethrough_redis::RedisCache;
 ///
 /// let cache = RedisCache::connect("redis://127.0.0.1:6379").await?;

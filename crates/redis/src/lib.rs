@@ -1,6 +1,6 @@
 //! Redis as a writethrough cache.
 //!
-//! [`RedisCache`] implements [`CacheStore`](writethrough_core::CacheStore)
+//! [`RedisCache`] implements [`CacheStore`](writethrough_core::backend::CacheStore)
 //! on one Redis server through redis-rs's multiplexed, self-reconnecting
 //! [`ConnectionManager`](redis::aio::ConnectionManager):
 //!
@@ -19,8 +19,8 @@
 //! # Fencing
 //!
 //! A fenced write is a Lua script that reads the version in the stored
-//! entry's header (see [`writethrough_core::codec`]) and writes only if
-//! [`codec::replaces`](writethrough_core::codec::replaces) would: nothing
+//! entry's header (see [`writethrough_core::backend::codec`]) and writes only if
+//! [`codec::replaces`](writethrough_core::backend::codec::replaces) would: nothing
 //! stored, bytes that are not an entry (another type, wrong magic or kind,
 //! non-digits, too short, a version past `u64::MAX`), or a strictly lower
 //! version. Versions are compared exactly as two 10-digit halves. Each

@@ -11,7 +11,7 @@
 use std::sync::LazyLock;
 
 use redis::Cmd;
-use writethrough_core::CacheItem;
+use writethrough_core::backend::CacheItem;
 
 /// `KEYS[1]` the key; `ARGV[1]` the entry; `ARGV[2]`, `ARGV[3]` the new
 /// version's high and low 10 decimal digits; `ARGV[4]` the TTL in
@@ -132,6 +132,9 @@ mod tests {
     fn the_script_bounds_match_the_largest_version() {
         assert!(FENCED_SET.contains(&(u64::MAX / HALF).to_string()));
         assert!(FENCED_SET.contains(&(u64::MAX % HALF).to_string()));
-        assert!(FENCED_SET.contains(&format!("len >= {}", writethrough_core::codec::HEADER_LEN)));
+        assert!(FENCED_SET.contains(&format!(
+            "len >= {}",
+            writethrough_core::backend::codec::HEADER_LEN
+        )));
     }
 }

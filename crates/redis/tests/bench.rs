@@ -17,7 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
-use writethrough_core::CacheStore;
+use writethrough_core::backend::CacheStore;
 use writethrough_redis::RedisCache;
 
 use common::*;

@@ -4,7 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use writethrough_core::{CacheStore, ErrorKind, Fence};
+use writethrough_core::ErrorKind;
+use writethrough_core::backend::{CacheStore, Fence};
 use writethrough_redis::{RedisCache, RedisConfig};
 
 use common::*;

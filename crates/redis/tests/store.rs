@@ -10,8 +10,9 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::AsyncCommands;
-use writethrough_core::codec::{self, HEADER_LEN};
-use writethrough_core::{CacheItem, CacheStore, ErrorKind, Fence, KeyRule};
+use writethrough_core::ErrorKind;
+use writethrough_core::backend::codec::{self, HEADER_LEN};
+use writethrough_core::backend::{CacheItem, CacheStore, Fence, KeyRule};
 use writethrough_redis::{DEFAULT_MAX_VALUE_LEN, MAX_KEY_LEN, RedisCache};
 
 use common::*;

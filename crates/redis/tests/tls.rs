@@ -23,7 +23,7 @@ async fn rediss_urls_connect_over_tls() {
     use std::net::TcpListener;
     use std::process::{Command, Stdio};
     use std::time::Duration;
-    use writethrough_core::{CacheStore, Fence};
+    use writethrough_core::backend::{CacheStore, Fence};
 
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));

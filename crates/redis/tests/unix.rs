@@ -3,7 +3,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use writethrough_core::{CacheStore, Fence};
+use writethrough_core::backend::{CacheStore, Fence};
 use writethrough_redis::RedisCache;
 
 mod common;

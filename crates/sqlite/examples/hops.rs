@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
-use writethrough_core::{ColumnType, DbStore, Key, Row, Table, TxOptions, Write, WriteOp};
+use writethrough_core::backend::{DbStore, TxOptions, Write, WriteOp};
+use writethrough_core::{ColumnType, Key, Row, Table};
 use writethrough_sqlite::SqliteStore;
 
 const RUN: Duration = Duration::from_millis(1500);

@@ -35,10 +35,11 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
-use writethrough_core::{
-    DbCapabilities, DbStore, Error, ErrorKind, Key, OUTBOX_TABLE, OutboxEntry, Result, Table,
-    Transaction, TxOptions, VersionedRow, Write, WriteOutcome, async_trait,
+use writethrough_core::backend::{
+    DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, Write,
+    WriteOutcome, async_trait,
 };
+use writethrough_core::{Error, ErrorKind, Key, Result, Table, VersionedRow};
 
 use sql::{SqlCache, map_err};
 
@@ -509,7 +510,7 @@ fn run_item(
                 // The writer thread is the only writer: nothing can insert
                 // the key between this check and the write.
                 for w in writes {
-                    if let writethrough_core::WriteOp::Upsert(row) = &w.op
+                    if let writethrough_core::backend::WriteOp::Upsert(row) = &w.op
                         && let Some(key) = w.table.key_of(row)
                         && sql::get(conn, cache, &w.table, &key)?.is_some()
                     {

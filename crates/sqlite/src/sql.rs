@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, ToSql, params_from_iter};
+use writethrough_core::backend::{OUTBOX_TABLE, VERSION_COLUMN, Write, WriteOp, WriteOutcome};
 use writethrough_core::{
-    ColumnType, Error, ErrorKind, Key, OUTBOX_TABLE, Patch, Result, Row, Table, VERSION_COLUMN,
-    Value, VersionedRow, Write, WriteOp, WriteOutcome,
+    ColumnType, Error, ErrorKind, Key, Patch, Result, Row, Table, Value, VersionedRow,
 };
 
 pub(crate) const SEQ_TABLE: &str = "_wt_seq";

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use writethrough_core::{ColumnType, DbStore, Key, Row, Table, TxOptions, Write, WriteOp};
+use writethrough_core::backend::{DbStore, TxOptions, Write, WriteOp};
+use writethrough_core::{ColumnType, Key, Row, Table};
 use writethrough_sqlite::SqliteStore;
 
 fn table(name: &str) -> Table {
@@ -104,7 +105,8 @@ mod scopes_and_schemas {
 
     use std::time::{Duration, Instant};
 
-    use writethrough_core::{ColumnType, DbStore, ErrorKind, Key, Row, Table, TxOptions};
+    use writethrough_core::backend::{DbStore, TxOptions};
+    use writethrough_core::{ColumnType, ErrorKind, Key, Row, Table};
     use writethrough_sqlite::SqliteStore;
 
     use super::{table, upsert};
@@ -211,9 +213,9 @@ mod scopes_and_schemas {
         let row = Row::new().set("id", 1).set("name", "pen").set("price", 1.5);
         let (_, row) = schema("hand").normalize_row(row).unwrap();
         db.execute(
-            vec![writethrough_core::Write {
+            vec![writethrough_core::backend::Write {
                 table: schema("hand"),
-                op: writethrough_core::WriteOp::Upsert(row),
+                op: writethrough_core::backend::WriteOp::Upsert(row),
             }],
             TxOptions::default(),
         )

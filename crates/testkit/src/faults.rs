@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use writethrough_core::{
-    CacheCapabilities, CacheItem, CacheStore, DbCapabilities, DbStore, Error, ErrorKind, Fence,
-    Key, OutboxEntry, Result, Table, Transaction, TxOptions, VersionedRow, Write, WriteOutcome,
-    async_trait,
+use writethrough_core::backend::{
+    CacheCapabilities, CacheItem, CacheStore, DbCapabilities, DbStore, Fence, OutboxEntry,
+    Transaction, TxOptions, Write, WriteOutcome, async_trait,
 };
+use writethrough_core::{Error, ErrorKind, Key, Result, Table, VersionedRow};
 
 fn injected(what: &str) -> Error {
     Error::new(ErrorKind::Unavailable, format!("injected fault: {what}")).with_backend("faulty")

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
-use writethrough_core::{HookPoint, Hooks, async_trait};
+use writethrough_core::backend::async_trait;
+use writethrough_core::{HookPoint, Hooks};
 
 /// Hooks for [`writethrough_core::EngineBuilder::hooks`]: each [`Gate`]
 /// pauses the first operation(s) that reach its point for its key.

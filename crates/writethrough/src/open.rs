@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use writethrough_core::{CacheStore, DbStore, Engine, EngineBuilder, Error, ErrorKind, Result};
+use writethrough_core::backend::{CacheStore, DbStore};
+use writethrough_core::{Engine, EngineBuilder, Error, ErrorKind, Result};
 
 fn scheme(url: &str) -> &str {
     url.split_once(':').map_or("", |(s, _)| s)

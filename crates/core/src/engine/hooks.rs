@@ -5,6 +5,7 @@
 /// Where an operation is when the hook runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
+#[cfg_attr(not(feature = "test-hooks"), allow(unreachable_pub))]
 pub enum HookPoint {
     /// A read missed and loaded its row from the database; it has not yet
     /// put it in the cache. (Races R2, R6.)

@@ -32,9 +32,10 @@ pub use audit::AuditReport;
 pub use breaker::BreakerState;
 pub use config::{BreakerConfig, Config, Consistency, RetryPolicy};
 pub use handle::{Handle, Read};
-pub use hooks::HookPoint;
+#[cfg(not(feature = "test-hooks"))]
+pub(crate) use hooks::HookPoint;
 #[cfg(feature = "test-hooks")]
-pub use hooks::Hooks;
+pub use hooks::{HookPoint, Hooks};
 pub use maintenance::ReconcileReport;
 pub use metrics::{Health, HealthMonitor};
 pub use stats::Stats;
@@ -406,6 +407,28 @@ impl Engine {
         self.inner.flush_acks(true).await
     }
 
+    /// Flushes (see [`Engine::flush`]) and stops the background work: no
+    /// more epoch checks, resyncs, breaker probes or outbox replays from
+    /// this engine. Call it last, when the program is done with the
+    /// engine; reads and writes still work after it, but what a failed
+    /// cache write leaves is then repaired only by other engines' outbox
+    /// replays. Returns the flush's error, if any, after stopping.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: writethrough_core::Engine) -> writethrough_core::Result<()> {
+    /// engine.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown(&self) -> Result<()> {
+        let flushed = self.flush().await;
+        let task = self.inner.background.lock().take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        flushed
+    }
+
     /// Resyncs every key waiting for it, if the cache answers; returns how many are left.
     pub async fn resync_now(&self) -> usize {
         self.inner.resync_pass().await;
@@ -433,13 +456,27 @@ impl Engine {
         &self.inner.cfg
     }
 
-    /// The cache backend.
-    pub fn cache(&self) -> &Arc<dyn CacheStore> {
+    /// The cache backend's name (`"redis"`, `"moka"`, ...).
+    pub fn cache_name(&self) -> &'static str {
+        (*self.inner.cache).name()
+    }
+
+    /// The database backend's name (`"postgres"`, `"sqlite"`).
+    pub fn db_name(&self) -> &'static str {
+        (*self.inner.db).name()
+    }
+
+    /// The cache backend itself. Calls on it bypass the engine — no fence,
+    /// no epoch, no breaker — so an application that writes through it can
+    /// break every guarantee; it is for tests and tools that inspect or
+    /// damage the cache on purpose.
+    pub fn raw_cache(&self) -> &Arc<dyn CacheStore> {
         &self.inner.cache
     }
 
-    /// The database backend.
-    pub fn db(&self) -> &Arc<dyn DbStore> {
+    /// The database backend itself; see [`Engine::raw_cache`] for why an
+    /// application does not write through it.
+    pub fn raw_db(&self) -> &Arc<dyn DbStore> {
         &self.inner.db
     }
 }

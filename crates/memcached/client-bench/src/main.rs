@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_memcached::AsciiProtocol as _;
 use tokio::process::{Child, Command};
-use writethrough_core::CacheStore;
+use writethrough_core::backend::CacheStore;
 
 const SIZES: [(&str, usize); 2] = [("256B", 256), ("16KiB", 16 * 1024)];
 const CONCURRENCY: [usize; 2] = [1, 16];

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row as _};
-use writethrough_core::{ColumnType, Key, Patch, Row, Table, Write, WriteOp};
+use writethrough_core::backend::{Write, WriteOp};
+use writethrough_core::{ColumnType, Key, Patch, Row, Table};
 use writethrough_postgres::{PostgresConfig, PostgresStore};
 use writethrough_testkit::server::PostgresServer;
 

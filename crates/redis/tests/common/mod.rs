@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use writethrough_core::codec::{self, Codec};
-use writethrough_core::{CacheItem, ColumnType, Row, Table};
+use writethrough_core::backend::CacheItem;
+use writethrough_core::backend::codec::{self, Codec};
+use writethrough_core::{ColumnType, Row, Table};
 use writethrough_redis::{RedisCache, RedisConfig};
 
 pub use writethrough_testkit::server::RedisServer;

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use writethrough_core::codec;
-use writethrough_core::{CacheItem, CacheStore, ErrorKind, Fence, KeyRule};
+use writethrough_core::ErrorKind;
+use writethrough_core::backend::codec;
+use writethrough_core::backend::{CacheItem, CacheStore, Fence, KeyRule};
 
 use super::{Case, Outcome, Pair, eventually, unique};
 

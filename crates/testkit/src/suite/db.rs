@@ -1,15 +1,14 @@
 //! The database store suite: the [`DbStore`] and [`Transaction`] contracts,
 //! on any backend. Cases use `pair.db` only.
 //!
-//! [`Transaction`]: writethrough_core::Transaction
+//! [`Transaction`]: writethrough_core::backend::Transaction
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use writethrough_core::{
-    ColumnType, DbStore, ErrorKind, Key, Patch, Row, Table, TxOptions, Value, Write, WriteOp,
-};
+use writethrough_core::backend::{DbStore, TxOptions, Write, WriteOp};
+use writethrough_core::{ColumnType, ErrorKind, Key, Patch, Row, Table, Value};
 
 use super::{Case, Outcome, Pair, unique};
 
@@ -408,7 +407,7 @@ pub async fn outbox_records_appear_with_their_writes_and_can_be_removed(pair: Pa
     let db = &pair.db;
     let t = fresh(db, "ob").await;
     let name = t.name().as_str().to_owned();
-    let mine = |all: Vec<writethrough_core::OutboxEntry>| -> Vec<writethrough_core::OutboxEntry> {
+    let mine = |all: Vec<writethrough_core::backend::OutboxEntry>| -> Vec<writethrough_core::backend::OutboxEntry> {
         all.into_iter().filter(|e| e.table == name).collect()
     };
     let out = db

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use writethrough_core::{CacheStore, Config, DbStore, Engine, EngineBuilder};
+use writethrough_core::backend::{CacheStore, DbStore};
+use writethrough_core::{Config, Engine, EngineBuilder};
 
 /// What a case concluded.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -129,7 +129,7 @@ pub async fn r2_a_late_populate_cannot_overwrite_a_newer_write(pair: Pair) -> Ou
         |pair, c| async move {
             let r = rig(&pair, c, &unique("r2"), false).await;
             let v1 = r.items.put(&item(1, 1.0)).await.unwrap();
-            r.engine.cache().delete(&r.ck).await.unwrap();
+            r.engine.raw_cache().delete(&r.ck).await.unwrap();
             let gate = r.gates.pause(HookPoint::AfterLoad, &r.ck, 1);
             let items = r.items.clone();
             let reader = tokio::spawn(async move { items.get(1).await });
@@ -283,7 +283,7 @@ pub async fn r6_a_delete_cannot_be_undone_by_a_late_populate(pair: Pair) -> Outc
         |pair, c| async move {
             let r = rig(&pair, c, &unique("r6"), false).await;
             r.items.put(&item(1, 1.0)).await.unwrap();
-            r.engine.cache().delete(&r.ck).await.unwrap();
+            r.engine.raw_cache().delete(&r.ck).await.unwrap();
             let gate = r.gates.pause(HookPoint::AfterLoad, &r.ck, 1);
             let items = r.items.clone();
             let reader = tokio::spawn(async move { items.get(1).await });
@@ -310,7 +310,7 @@ pub async fn r7_concurrent_misses_on_a_cold_key_load_once(pair: Pair) -> Outcome
             let p = pair.with_db(Arc::new(db.clone()));
             let r = rig(&p, c, &unique("r7"), false).await;
             r.items.put(&item(1, 1.0)).await.unwrap();
-            r.engine.cache().delete(&r.ck).await.unwrap();
+            r.engine.raw_cache().delete(&r.ck).await.unwrap();
             db.faults().calls.reset();
             let gate = r.gates.pause(HookPoint::BeforeLoad, &r.ck, 1);
             let missed = r.gates.count(HookPoint::Miss, &r.ck);
@@ -358,7 +358,7 @@ pub async fn r7_a_shared_load_is_not_handed_to_a_reader_that_started_after_a_wri
     let mut tries = 0;
     let (gate, first) = loop {
         tries += 1;
-        a.engine.cache().delete(&a.ck).await.unwrap();
+        a.engine.raw_cache().delete(&a.ck).await.unwrap();
         let gate = a.gates.pause(HookPoint::AfterLoad, &a.ck, 1);
         let items = a.items.clone();
         let first = tokio::spawn(async move { items.get(1).await });

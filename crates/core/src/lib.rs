@@ -76,3 +76,30 @@ pub mod __private {
             .unwrap_or_else(|e| unreachable!("derive(Entity) checked this schema: {e}"))
     }
 }
+
+/// The entity the API's doc examples use; not part of the API.
+#[doc(hidden)]
+pub mod __doc {
+    use serde::{Deserialize, Serialize};
+
+    /// A product of the doc examples.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, crate::Entity)]
+    #[writethrough(table = "products", crate = "crate")]
+    pub struct Product {
+        /// The key.
+        pub id: i64,
+        /// Its name.
+        pub name: String,
+        /// Its price.
+        pub price: f64,
+    }
+
+    /// A product with key `id`.
+    pub fn product(id: i64, price: f64) -> Product {
+        Product {
+            id,
+            name: format!("product {id}"),
+            price,
+        }
+    }
+}

@@ -1,56 +1,31 @@
 //! The client's own failures, and the one function that turns them into
 //! [`writethrough_core::Error`].
 
-use std::fmt;
 use std::time::Duration;
 
 use writethrough_core::{Error, ErrorKind, Status};
 
 /// What went wrong talking to a memcached server.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum ClientError {
     /// Could not connect, or the socket failed.
-    Io(std::io::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
     /// The connection closed while the request was in flight or queued.
+    #[error("the connection closed")]
     Closed,
     /// No answer within the timeout.
+    #[error("no answer within {0:?}")]
     Timeout(Duration),
     /// The server answered `ERROR`, `CLIENT_ERROR ...` or `SERVER_ERROR ...`.
+    #[error("the server answered {0:?}")]
     Server(String),
     /// Bytes that do not follow the protocol; the connection is dropped.
+    #[error("protocol error: {0}")]
     Protocol(String),
     /// A fenced write lost the race this many times in a row.
+    #[error("the compare-and-swap lost {0} races in a row")]
     Contention(u32),
-}
-
-impl fmt::Display for ClientError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ClientError::Io(e) => write!(f, "I/O error: {e}"),
-            ClientError::Closed => f.write_str("the connection closed"),
-            ClientError::Timeout(t) => write!(f, "no answer within {t:?}"),
-            ClientError::Server(line) => write!(f, "the server answered {line:?}"),
-            ClientError::Protocol(why) => write!(f, "protocol error: {why}"),
-            ClientError::Contention(n) => {
-                write!(f, "the compare-and-swap lost {n} races in a row")
-            }
-        }
-    }
-}
-
-impl std::error::Error for ClientError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ClientError::Io(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<std::io::Error> for ClientError {
-    fn from(e: std::io::Error) -> Self {
-        ClientError::Io(e)
-    }
 }
 
 /// The one mapping from client failures to writethrough errors.

@@ -115,6 +115,21 @@ impl<R: Record> Handle<R> {
     /// between its commit and its cache write is not a divergence), and
     /// with `repair` the confirmed ones are rewritten from the database.
     /// Confirmed divergences count in `writethrough_consistency_violations_total`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use std::time::Duration;
+    /// let report = products.audit(1000, Duration::from_millis(100), true).await?;
+    /// println!("{report:?}");
+    /// # Ok(()) }
+    /// ```
     pub async fn audit(&self, limit: usize, settle: Duration, repair: bool) -> Result<AuditReport> {
         let inner = &self.inner;
         let st = &self.st;
@@ -182,6 +197,20 @@ impl<R: Record> Handle<R> {
 
     /// Loads up to `limit` rows (in key order) into the cache, fenced like
     /// any read; returns how many were written.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let loaded = products.warm(10_000).await?;
+    /// println!("{loaded} rows preloaded");
+    /// # Ok(()) }
+    /// ```
     pub async fn warm(&self, limit: usize) -> Result<usize> {
         let inner = &self.inner;
         let st = &self.st;

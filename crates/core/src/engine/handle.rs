@@ -64,11 +64,38 @@ impl<R: Record> Handle<R> {
     }
 
     /// The table's schema.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// assert_eq!(products.table().name().as_str(), "products");
+    /// # Ok(()) }
+    /// ```
     pub fn table(&self) -> &Table {
         &self.st.table
     }
 
     /// The cache key of `key`, as the cache backend sees it.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let ck = products.cache_key(1)?; // "<namespace>:products:1"
+    /// println!("{ck}");
+    /// # Ok(()) }
+    /// ```
     pub fn cache_key(&self, key: impl KeyArg<R::Key>) -> Result<String> {
         self.inner.key_for(&self.st, &key.into_key()?)
     }
@@ -79,11 +106,42 @@ impl<R: Record> Handle<R> {
     /// Bad input (a key the cache cannot hold, a value of the wrong type, a
     /// non-finite float, a value over the cache's item limit, a failed
     /// validation) fails before anything is written.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let version = products.put(&product(1, 1.5)).await?;
+    /// assert!(version > 0);
+    /// # Ok(()) }
+    /// ```
     pub async fn put(&self, record: &R) -> Result<u64> {
         self.put_with(record, WriteOptions::default()).await
     }
 
     /// [`Handle::put`] with per-call options (TTL, skip the cache).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use std::time::Duration;
+    /// use writethrough_core::WriteOptions;
+    /// products
+    ///     .put_with(&product(1, 1.5), WriteOptions::new().ttl(Duration::from_secs(60)))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn put_with(&self, record: &R, opts: WriteOptions) -> Result<u64> {
         self.observed(OpKind::Put, async {
             let p = self
@@ -104,11 +162,41 @@ impl<R: Record> Handle<R> {
     /// Writes many records: one database transaction, then one pipelined
     /// cache round trip. All are checked before anything is written; a key
     /// may appear only once.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let versions = products.put_many(&[product(1, 1.5), product(2, 3.0)]).await?;
+    /// assert_eq!(versions.len(), 2);
+    /// # Ok(()) }
+    /// ```
     pub async fn put_many(&self, records: &[R]) -> Result<Vec<u64>> {
         self.put_many_with(records, WriteOptions::default()).await
     }
 
     /// [`Handle::put_many`] with options applied to every record.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use writethrough_core::WriteOptions;
+    /// products
+    ///     .put_many_with(&[product(1, 1.5)], WriteOptions::new().skip_cache())
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn put_many_with(&self, records: &[R], opts: WriteOptions) -> Result<Vec<u64>> {
         self.observed(OpKind::PutMany, async {
             if records.is_empty() {
@@ -143,6 +231,21 @@ impl<R: Record> Handle<R> {
 
     /// Reads `key`: from the cache, else from the database (one load shared
     /// by every concurrent miss on the key), which then fills the cache.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// if let Some(p) = products.get(1).await? {
+    ///     println!("{} costs {}", p.name, p.price);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn get(&self, key: impl KeyArg<R::Key>) -> Result<Option<R>> {
         let key = key.into_key().map_err(|e| e.with_operation("get"))?;
         let shown = key.clone();
@@ -155,6 +258,20 @@ impl<R: Record> Handle<R> {
 
     /// [`Handle::get`] that also says where the row came from: for tests
     /// and logs, without diffing the engine's global stats.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let r = products.read(1).await?;
+    /// println!("hit: {}, row: {:?}", r.hit, r.value);
+    /// # Ok(()) }
+    /// ```
     pub async fn read(&self, key: impl KeyArg<R::Key>) -> Result<Read<R>> {
         let key = key.into_key().map_err(|e| e.with_operation("read"))?;
         let shown = key.clone();
@@ -168,6 +285,20 @@ impl<R: Record> Handle<R> {
     /// Reads many keys: one cache round trip for all of them, then one
     /// database query for the misses, whose rows fill the cache in one
     /// fenced batch. One answer per key, in the order given.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let found = products.get_many([1, 2, 3]).await?;
+    /// assert_eq!(found.len(), 3); // None where no row
+    /// # Ok(()) }
+    /// ```
     pub async fn get_many<K: KeyArg<R::Key>>(
         &self,
         keys: impl IntoIterator<Item = K>,
@@ -181,6 +312,20 @@ impl<R: Record> Handle<R> {
     }
 
     /// [`Handle::get_many`] that says of each answer where it came from.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let hits = products.read_many([1, 2]).await?.iter().filter(|r| r.hit).count();
+    /// println!("{hits} of 2 from the cache");
+    /// # Ok(()) }
+    /// ```
     pub async fn read_many<K: KeyArg<R::Key>>(
         &self,
         keys: impl IntoIterator<Item = K>,
@@ -208,6 +353,22 @@ impl<R: Record> Handle<R> {
     /// What the loader returns is cached (not written to the database) at
     /// version 0, below every database version: it never replaces an entry
     /// a write or a database load put there, and any later write replaces it.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let p = products
+    ///     .get_or_load(7, |_key| async { Ok(Some(product(7, 9.0))) })
+    ///     .await?;
+    /// assert_eq!(p.map(|p| p.id), Some(7));
+    /// # Ok(()) }
+    /// ```
     pub async fn get_or_load<F, Fut>(
         &self,
         key: impl KeyArg<R::Key>,
@@ -303,6 +464,21 @@ impl<R: Record> Handle<R> {
     ///
     /// With a validator, the new row is validated inside the transaction,
     /// which is rolled back if it fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use writethrough_core::Patch;
+    /// let new = products.update(1, Patch::new().set("price", 1.25)).await?;
+    /// assert_eq!(new.map(|p| p.price), Some(1.25));
+    /// # Ok(()) }
+    /// ```
     pub async fn update(&self, key: impl KeyArg<R::Key>, patch: Patch) -> Result<Option<R>> {
         self.observed(OpKind::Update, async {
             let op = |e: Error| e.with_operation("update");
@@ -360,6 +536,21 @@ impl<R: Record> Handle<R> {
     /// Deletes the row at `key` and leaves a tombstone in the cache that a
     /// read which loaded the old row cannot overwrite. Returns whether a row
     /// was deleted.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let existed = products.delete(1).await?;
+    /// assert!(products.get(1).await?.is_none());
+    /// println!("deleted: {existed}");
+    /// # Ok(()) }
+    /// ```
     pub async fn delete(&self, key: impl KeyArg<R::Key>) -> Result<bool> {
         self.observed(OpKind::Delete, async {
             let op = |e: Error| e.with_operation("delete");
@@ -384,6 +575,22 @@ impl<R: Record> Handle<R> {
     /// already there fails with [`ErrorKind::Conflict`] and nothing is
     /// written. Returns the new row's version. Checked like
     /// [`Handle::put`] before anything is written.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use writethrough_core::ErrorKind;
+    /// products.insert(&product(5, 2.0)).await?;
+    /// let again = products.insert(&product(5, 2.5)).await;
+    /// assert_eq!(again.unwrap_err().kind(), ErrorKind::Conflict);
+    /// # Ok(()) }
+    /// ```
     pub async fn insert(&self, record: &R) -> Result<u64> {
         self.observed(OpKind::Insert, async {
             let p = self
@@ -410,6 +617,20 @@ impl<R: Record> Handle<R> {
     /// tombstones in one cache round trip. Returns, per key in the order
     /// given, whether a row was deleted. All keys are checked first; a key
     /// may appear only once.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let existed = products.delete_many([1, 2]).await?;
+    /// println!("{existed:?}"); // e.g. [true, false]
+    /// # Ok(()) }
+    /// ```
     pub async fn delete_many<K: KeyArg<R::Key>>(
         &self,
         keys: impl IntoIterator<Item = K>,
@@ -460,6 +681,21 @@ impl<R: Record> Handle<R> {
     /// cache should not serve (changed outside the engine, say); writes
     /// through the engine never need it. Returns whether an entry was
     /// invalidated (`false`: nothing readable was cached).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// // The row was changed outside the engine: make the next read load it.
+    /// products.invalidate(1).await?;
+    /// assert!(!products.read(1).await?.hit);
+    /// # Ok(()) }
+    /// ```
     pub async fn invalidate(&self, key: impl KeyArg<R::Key>) -> Result<bool> {
         self.observed(OpKind::Invalidate, async {
             let op = |e: Error| e.with_operation("invalidate");
@@ -506,6 +742,22 @@ impl<E: Entity> Handle<E> {
     /// An untyped view of the same table: reads and writes [`Row`]s and
     /// takes any [`Key`], checked at run time. For tooling that works on
     /// rows; the entity's validator still applies to every write.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use writethrough_core::Row;
+    /// let rows: writethrough_core::Handle<Row> = products.rows();
+    /// let row = rows.get(1).await?; // a Row, not a Product
+    /// println!("{row:?}");
+    /// # Ok(()) }
+    /// ```
     pub fn rows(&self) -> Handle<Row> {
         let validate = self.validate.clone().map(|v| {
             let table = self.st.table.clone();

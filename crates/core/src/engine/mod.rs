@@ -86,6 +86,19 @@ pub struct EngineBuilder {
 
 impl EngineBuilder {
     /// Replaces every setting.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// println!("cache timeout {:?}", engine.config().cache_timeout);
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn config(mut self, cfg: Config) -> Self {
         self.cfg = cfg;
@@ -247,12 +260,43 @@ impl Engine {
 
     /// Registers the table of entity `E` (creating it in the database unless
     /// told not to) and returns a typed handle to it.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use writethrough_core::TableOptions;
+    /// let products = engine.register::<Product>(TableOptions::new()).await?;
+    /// products.put(&product(1, 1.5)).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn register<E: Entity>(&self, opts: TableOptions<E>) -> Result<Handle<E>> {
         self.register_as(E::table(), opts).await
     }
 
     /// Registers entity `E` in `table` instead of `E::table()`: for one
     /// entity stored in several tables (see [`Table::renamed`]).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use writethrough_core::{Entity, TableOptions};
+    /// let table = Product::table().renamed("products_eu")?;
+    /// let eu = engine.register_in::<Product>(table, TableOptions::new()).await?;
+    /// eu.put(&product(1, 1.4)).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn register_in<E: Entity>(
         &self,
         table: Table,
@@ -262,6 +306,25 @@ impl Engine {
     }
 
     /// Registers `table` for plain [`Row`]s.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use writethrough_core::{ColumnType, Row, Table, TableOptions};
+    /// let notes = Table::builder("notes")
+    ///     .key("id", ColumnType::Int)
+    ///     .column("text", ColumnType::Text)
+    ///     .build()?;
+    /// let notes = engine.register_table(notes, TableOptions::new()).await?;
+    /// notes.put(&Row::new().set("id", 1).set("text", "hello")).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn register_table(
         &self,
         table: Table,
@@ -308,6 +371,22 @@ impl Engine {
 
     /// Opens a transaction scope: several writes in one database
     /// transaction, whose cache effects apply only after it commits.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let mut tx = engine.begin().await?;
+    /// tx.put(&products, &product(1, 1.5)).await?;
+    /// tx.put(&products, &product(2, 3.0)).await?;
+    /// tx.commit().await?; // both or neither; the cache changes after the commit
+    /// # Ok(()) }
+    /// ```
     pub async fn begin(&self) -> Result<Tx> {
         self.inner.epoch_for_write().await;
         let opts = self.inner.tx_options();
@@ -319,11 +398,38 @@ impl Engine {
     }
 
     /// What the engine did so far.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let s = engine.stats();
+    /// println!("hits {} misses {}", s.hits, s.misses);
+    /// # Ok(()) }
+    /// ```
     pub fn stats(&self) -> Stats {
         self.inner.stats.snapshot()
     }
 
     /// The cache circuit breaker's state.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// println!("breaker: {:?}", engine.breaker_state());
+    /// # Ok(()) }
+    /// ```
     pub fn breaker_state(&self) -> BreakerState {
         self.inner.breaker.state()
     }
@@ -345,6 +451,21 @@ impl Engine {
     }
 
     /// A health window of its own, for one reader of the health report.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let mut monitor = engine.health_monitor();
+    /// // ... some time later: what happened since the monitor was made
+    /// println!("{:?}", monitor.report());
+    /// # Ok(()) }
+    /// ```
     pub fn health_monitor(&self) -> HealthMonitor {
         let mut mark = metrics::HealthMark::new();
         // Its window starts now.
@@ -377,23 +498,79 @@ impl Engine {
     }
 
     /// How many times the breaker has opened.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// println!("the breaker opened {} times", engine.breaker_trips());
+    /// # Ok(()) }
+    /// ```
     pub fn breaker_trips(&self) -> u64 {
         self.inner.breaker.times_opened()
     }
 
     /// Keys waiting to be resynced into the cache.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// if engine.pending_resync() > 0 {
+    ///     println!("some keys are read from the database until they are resynced");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn pending_resync(&self) -> usize {
         self.inner.resync.len()
     }
 
     /// Replays outbox records older than the grace period now, as the
     /// background reconciler does every `reconcile_interval`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let report = engine.reconcile().await?;
+    /// println!("replayed {} outbox records", report.replayed);
+    /// # Ok(()) }
+    /// ```
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
         self.inner.reconcile(self.inner.cfg.outbox_grace).await
     }
 
     /// Replays every outbox record now, however young: what an engine does
     /// when it starts, to repair what a crashed process left behind.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let report = engine.reconcile_all().await?;
+    /// println!("replayed {} outbox records", report.replayed);
+    /// # Ok(()) }
+    /// ```
     pub async fn reconcile_all(&self) -> Result<ReconcileReport> {
         self.inner.reconcile(Duration::ZERO).await
     }
@@ -402,6 +579,20 @@ impl Engine {
     /// outbox records of writes whose cache effects applied, and resyncs
     /// the keys waiting for it. Call it before a short-lived program exits,
     /// so that it leaves no outbox records for others to replay.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// products.put(&product(1, 1.5)).await?;
+    /// engine.flush().await?; // a short-lived program leaves no outbox records behind
+    /// # Ok(()) }
+    /// ```
     pub async fn flush(&self) -> Result<()> {
         self.inner.resync_pass().await;
         self.inner.flush_acks(true).await
@@ -430,6 +621,20 @@ impl Engine {
     }
 
     /// Resyncs every key waiting for it, if the cache answers; returns how many are left.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let left = engine.resync_now().await;
+    /// println!("{left} keys still waiting for the cache");
+    /// # Ok(()) }
+    /// ```
     pub async fn resync_now(&self) -> usize {
         self.inner.resync_pass().await;
         self.inner.resync.len()
@@ -438,12 +643,39 @@ impl Engine {
     /// The cache epoch this engine prepares entries in (0 for an
     /// in-process cache, or before the first check). See
     /// [`Consistency::epochs`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// println!("epoch {}", engine.cache_epoch());
+    /// # Ok(()) }
+    /// ```
     pub fn cache_epoch(&self) -> u64 {
         self.inner.epochs.current()
     }
 
     /// Checks the cache's epoch record and identity now, as the background
     /// task does every `epoch_check_interval`, and returns the epoch.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let epoch = engine.check_cache_epoch().await?;
+    /// println!("epoch {epoch}");
+    /// # Ok(()) }
+    /// ```
     pub async fn check_cache_epoch(&self) -> Result<u64> {
         if self.inner.epochs.watched {
             self.inner.check_epoch().await?;
@@ -452,16 +684,55 @@ impl Engine {
     }
 
     /// The settings.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// println!("cache timeout {:?}", engine.config().cache_timeout);
+    /// # Ok(()) }
+    /// ```
     pub fn config(&self) -> &Config {
         &self.inner.cfg
     }
 
     /// The cache backend's name (`"redis"`, `"moka"`, ...).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// println!("{} over {}", engine.cache_name(), engine.db_name());
+    /// # Ok(()) }
+    /// ```
     pub fn cache_name(&self) -> &'static str {
         (*self.inner.cache).name()
     }
 
     /// The database backend's name (`"postgres"`, `"sqlite"`).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// println!("{} over {}", engine.cache_name(), engine.db_name());
+    /// # Ok(()) }
+    /// ```
     pub fn db_name(&self) -> &'static str {
         (*self.inner.db).name()
     }
@@ -470,12 +741,40 @@ impl Engine {
     /// no epoch, no breaker — so an application that writes through it can
     /// break every guarantee; it is for tests and tools that inspect or
     /// damage the cache on purpose.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// // A test that damages the cache behind the engine's back:
+    /// let ck = products.cache_key(1)?;
+    /// engine.raw_cache().delete(&ck).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn raw_cache(&self) -> &Arc<dyn CacheStore> {
         &self.inner.cache
     }
 
     /// The database backend itself; see [`Engine::raw_cache`] for why an
     /// application does not write through it.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// println!("database: {}", engine.raw_db().name());
+    /// # Ok(()) }
+    /// ```
     pub fn raw_db(&self) -> &Arc<dyn DbStore> {
         &self.inner.db
     }

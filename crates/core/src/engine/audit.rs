@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::handle::Handle;
 use super::stats::Counters;
-use super::{CacheCall, DbCall, Inner, TableState};
+use super::{Inner, TableState};
 use crate::codec::{self, Decoded};
 use crate::entity::Record;
 use crate::error::Result;
@@ -55,12 +55,7 @@ impl Inner {
             return Ok(Vec::new());
         }
         let page = pages.left.min(PAGE);
-        let rows = self
-            .db_call(
-                DbCall::Scan,
-                (*self.db).scan(&st.table, pages.after.clone(), page),
-            )
-            .await?;
+        let rows = self.db().scan(&st.table, pages.after.clone(), page).await?;
         // A short page is the last one.
         pages.left = if rows.len() < page {
             0
@@ -145,9 +140,7 @@ impl<R: Record> Handle<R> {
                 break;
             }
             let cks: Vec<String> = rows.iter().map(|(key, _)| st.cache_key(key)).collect();
-            let cached = inner
-                .cache_call(CacheCall::GetMany, (*inner.cache).get_many(&cks))
-                .await?;
+            let cached = inner.cache().get_many(&cks).await?;
             for ((key, vr), c) in rows.iter().zip(&cached) {
                 report.checked += 1;
                 match inner.verdict(st, vr, c.as_deref()) {
@@ -164,12 +157,8 @@ impl<R: Record> Handle<R> {
         for key in suspects {
             let ck = st.cache_key(&key);
             let epoch = inner.epoch_for_write().await;
-            let row = inner
-                .db_call(DbCall::Get, (*inner.db).get(&st.table, &key))
-                .await?;
-            let cached = inner
-                .cache_call(CacheCall::Get, (*inner.cache).get(&ck))
-                .await?;
+            let row = inner.db().get(&st.table, &key).await?;
+            let cached = inner.cache().get(&ck).await?;
             let confirmed = match &row {
                 Some(vr) => matches!(inner.verdict(st, vr, cached.as_deref()), Verdict::Divergent),
                 None => cached.as_deref().is_some_and(|b| {
@@ -184,9 +173,7 @@ impl<R: Record> Handle<R> {
             if repair {
                 // Delete first: the fence would keep an entry at the same
                 // version with other content.
-                inner
-                    .cache_call(CacheCall::Delete, (*inner.cache).delete(&ck))
-                    .await?;
+                inner.cache().delete(&ck).await?;
                 inner.repair(st, &ck, row, 0, epoch).await?;
                 Counters::add(&inner.stats.resynced, 1);
                 report.repaired += 1;

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::Inner;
 use super::stats::Counters;
 use super::table::TableState;
-use super::{CacheCall, Inner};
 use crate::cache::CacheItem;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
@@ -206,13 +206,8 @@ impl Inner {
 
     async fn check_epoch_locked(&self, force: bool) -> Result<()> {
         let ep = &self.epochs;
-        let identity = self
-            .cache_call(CacheCall::Identity, (*self.cache).identity())
-            .await?
-            .unwrap_or_default();
-        let record = self
-            .cache_call(CacheCall::Get, (*self.cache).get(&ep.key))
-            .await?;
+        let identity = self.cache().identity().await?.unwrap_or_default();
+        let record = self.cache().get(&ep.key).await?;
         let own = ep.current();
         let found = record.as_deref().and_then(codec::read_epoch_record);
         let adopt = match &found {
@@ -232,11 +227,8 @@ impl Inner {
                     version: proposal,
                     ttl: None,
                 };
-                self.cache_call(CacheCall::SetIfNewer, (*self.cache).set_if_newer(item))
-                    .await?;
-                let again = self
-                    .cache_call(CacheCall::Get, (*self.cache).get(&ep.key))
-                    .await?;
+                self.cache().set_if_newer(item).await?;
+                let again = self.cache().get(&ep.key).await?;
                 match again.as_deref().and_then(codec::read_epoch_record) {
                     Some((e, id)) if id == identity && e >= proposal => e,
                     _ => {

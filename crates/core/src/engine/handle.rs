@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::metrics::{OpKind, OpOutcome};
 use super::stats::Counters;
 use super::table::{TableState, Validator, WriteOptions};
-use super::{DbCall, Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
+use super::{Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
 use crate::db::{Write, WriteOp, WriteOutcome};
 use crate::entity::{Entity, Record};
 use crate::error::{Error, ErrorKind, Result};
@@ -518,18 +518,16 @@ impl<R: Record> Handle<R> {
     ) -> Result<WriteOutcome> {
         let inner = &self.inner;
         let opts = inner.tx_options();
-        let mut tx = inner
-            .db_call(DbCall::Begin, (*inner.db).begin(opts))
-            .await?;
-        let o = inner.db_call(DbCall::Apply, tx.apply(&write)).await?;
+        let mut tx = inner.db().begin(opts).await?;
+        let o = inner.db().apply(&mut tx, &write).await?;
         if let Some(row) = &o.row {
             let r = R::from_row(&self.st.table, row.clone())?;
             if let Err(m) = validate(&r) {
-                inner.db_call(DbCall::Rollback, tx.rollback()).await?;
+                inner.db().rollback(tx).await?;
                 return Err(Error::new(ErrorKind::Validation, m));
             }
         }
-        inner.db_call(DbCall::Commit, tx.commit()).await?;
+        inner.db().commit(tx).await?;
         Ok(o)
     }
 
@@ -662,9 +660,7 @@ impl<R: Record> Handle<R> {
                 })
                 .collect();
             let opts = self.inner.tx_options();
-            let commit = self
-                .inner
-                .db_call(DbCall::Execute, (*self.inner.db).execute(writes, opts));
+            let commit = self.inner.db().execute(writes, opts);
             let out = self
                 .inner
                 .commit_many(&self.st, keyed, commit)
@@ -819,9 +815,7 @@ impl<R> Observed for (Option<R>, bool) {
 impl Inner {
     pub(crate) async fn execute_one(&self, write: Write) -> Result<WriteOutcome> {
         let opts = self.tx_options();
-        let mut out = self
-            .db_call(DbCall::Execute, (*self.db).execute(vec![write], opts))
-            .await?;
+        let mut out = self.db().execute(vec![write], opts).await?;
         out.pop()
             .ok_or_else(|| Error::new(ErrorKind::Backend, "the database returned no outcome"))
     }

@@ -5,8 +5,8 @@
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
+use super::Inner;
 use super::stats::Counters;
-use super::{CacheCall, DbCall, Inner};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How often the background task wakes up.
@@ -75,11 +75,7 @@ impl Inner {
             return;
         }
         self.metrics.breaker_state.set(1.0);
-        let ok = self
-            .cache_call(CacheCall::Ping, (*self.cache).ping())
-            .await
-            .is_ok()
-            && self.resync_all().await;
+        let ok = self.cache().ping().await.is_ok() && self.resync_all().await;
         if ok {
             self.breaker.close();
             self.metrics.breaker_state.set(0.0);
@@ -103,11 +99,7 @@ impl Inner {
         if self.resync.overflowed() {
             let generation = self.resync.current_generation();
             let prefix = format!("{}:", self.cfg.namespace);
-            if self
-                .cache_call(CacheCall::Clear, (*self.cache).clear(&prefix))
-                .await
-                .is_err()
-            {
+            if self.cache().clear(&prefix).await.is_err() {
                 return false;
             }
             self.resync.cleared(generation);
@@ -115,10 +107,7 @@ impl Inner {
         for d in self.resync.batch(usize::MAX) {
             let epoch = self.epoch_for_write().await;
             let read_at = Instant::now();
-            let Ok(row) = self
-                .db_call(DbCall::Get, (*self.db).get(&d.table.table, &d.key))
-                .await
-            else {
+            let Ok(row) = self.db().get(&d.table.table, &d.key).await else {
                 return false;
             };
             if !self.timely(read_at) {
@@ -166,8 +155,7 @@ impl Inner {
         }
         // On failure the records stay; a reconciler replays them
         // (harmlessly) and removes them.
-        self.db_call(DbCall::OutboxRemove, (*self.db).outbox_remove(ids))
-            .await
+        self.db().outbox_remove(ids).await
     }
 
     /// Re-applies the cache effect of every outbox record at least `min_age`
@@ -189,10 +177,8 @@ impl Inner {
         let tables: Vec<String> = self.tables.read().keys().cloned().collect();
         loop {
             let entries = self
-                .db_call(
-                    DbCall::OutboxPending,
-                    (*self.db).outbox_pending(Some(&tables), min_age, REPLAY_BATCH),
-                )
+                .db()
+                .outbox_pending(Some(&tables), min_age, REPLAY_BATCH)
                 .await?;
             let n = entries.len();
             let mut ids = Vec::with_capacity(n);
@@ -201,9 +187,7 @@ impl Inner {
                     let ck = st.cache_key(&e.key);
                     let epoch = self.epoch_for_write().await;
                     let read_at = Instant::now();
-                    let row = self
-                        .db_call(DbCall::Get, (*self.db).get(&st.table, &e.key))
-                        .await?;
+                    let row = self.db().get(&st.table, &e.key).await?;
                     if !self.timely(read_at) {
                         return Err(Error::new(
                             ErrorKind::Timeout,
@@ -215,8 +199,7 @@ impl Inner {
                 ids.push(e.id);
             }
             if !ids.is_empty() {
-                self.db_call(DbCall::OutboxRemove, (*self.db).outbox_remove(ids))
-                    .await?;
+                self.db().outbox_remove(ids).await?;
             }
             report.replayed += n;
             Counters::add(&self.stats.replayed, n as u64);

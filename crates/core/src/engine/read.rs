@@ -13,9 +13,7 @@ use futures::future::BoxFuture;
 
 use super::stats::Counters;
 use super::table::TableState;
-use super::{
-    CacheCall, DbCall, HookPoint, Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS,
-};
+use super::{HookPoint, Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
 use crate::cache::{CacheItem, Fence};
 use crate::codec::{self, Decoded};
 use crate::entity::Record;
@@ -95,7 +93,7 @@ impl Inner {
             None
         };
         if let Some(trusted) = trusted
-            && let Ok(Some(bytes)) = self.cache_call(CacheCall::Get, (*self.cache).get(ck)).await
+            && let Ok(Some(bytes)) = self.cache().get(ck).await
         {
             match self.classify::<R>(st, ck, bytes, trusted) {
                 hit @ Lookup::Hit(_) => return hit,
@@ -195,12 +193,7 @@ impl Inner {
                 }
             }
         };
-        let r = self
-            .cache_call(
-                CacheCall::ReplaceIfUnchanged,
-                (*self.cache).replace_if_unchanged(found, item),
-            )
-            .await;
+        let r = self.cache().replace_if_unchanged(found, item).await;
         if let Ok(Fence::Applied) = r {
             Counters::add(&self.stats.populates, 1);
         }
@@ -233,9 +226,7 @@ impl Inner {
                 let epoch = self.epochs.current();
                 Counters::add(&self.stats.loads, 1);
                 issue.now();
-                let row = self
-                    .db_call(DbCall::Get, (*self.db).get(&st.table, &key))
-                    .await?;
+                let row = self.db().get(&st.table, &key).await?;
                 self.hook(HookPoint::AfterLoad, &ck).await;
                 if let Some(vr) = &row {
                     self.populate(&st, &ck, vr, started, epoch).await;
@@ -274,10 +265,10 @@ impl Inner {
                 version: vr.version,
                 ttl,
             };
-            self.cache_call(CacheCall::SetIfNewer, (*self.cache).set_if_newer(item))
-                .await
+            self.cache().set_if_newer(item).await
         } else {
-            self.cache_call(CacheCall::Set, (*self.cache).set(ck, entry, ttl))
+            self.cache()
+                .set(ck, entry, ttl)
                 .await
                 .map(|()| Fence::Applied)
         };
@@ -326,9 +317,7 @@ impl Inner {
             let asked: Vec<usize> = (0..n).filter(|&i| !self.resync.contains(&cks[i])).collect();
             let asked_keys: Vec<String> = asked.iter().map(|&i| cks[i].clone()).collect();
             if !asked.is_empty()
-                && let Ok(entries) = self
-                    .cache_call(CacheCall::GetMany, (*self.cache).get_many(&asked_keys))
-                    .await
+                && let Ok(entries) = self.cache().get_many(&asked_keys).await
             {
                 for (&i, bytes) in asked.iter().zip(entries) {
                     let Some(bytes) = bytes else { continue };
@@ -359,9 +348,7 @@ impl Inner {
             }
             let (started, epoch) = (Instant::now(), self.epochs.current());
             Counters::add(&self.stats.loads, load_keys.len() as u64);
-            let rows = self
-                .db_call(DbCall::GetMany, (*self.db).get_many(&st.table, &load_keys))
-                .await?;
+            let rows = self.db().get_many(&st.table, &load_keys).await?;
             self.populate_many(st, &load_cks, &rows, started, epoch)
                 .await;
             for &i in &missed {
@@ -417,23 +404,13 @@ impl Inner {
             let chunk = chunk.to_vec();
             let len = chunk.len() as u64;
             if self.cfg.consistency.fence {
-                if let Ok(fences) = self
-                    .cache_call(
-                        CacheCall::SetManyIfNewer,
-                        (*self.cache).set_many_if_newer(chunk),
-                    )
-                    .await
-                {
+                if let Ok(fences) = self.cache().set_many_if_newer(chunk).await {
                     let applied = fences.iter().filter(|f| **f == Fence::Applied).count() as u64;
                     Counters::add(&self.stats.populates, applied);
                     Counters::add(&self.stats.stale_refused, len - applied);
                     self.metrics.stale_refused.increment(len - applied);
                 }
-            } else if self
-                .cache_call(CacheCall::SetMany, (*self.cache).set_many(chunk))
-                .await
-                .is_ok()
-            {
+            } else if self.cache().set_many(chunk).await.is_ok() {
                 Counters::add(&self.stats.populates, len);
             }
         }

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use super::handle::Handle;
 use super::stats::Counters;
 use super::table::WriteOptions;
-use super::{DbCall, Effect, EffectKind, Engine, Inner};
+use super::{Effect, EffectKind, Engine, Inner};
 use crate::db::{Transaction, Write, WriteOp, WriteOutcome};
 use crate::entity::Record;
 use crate::error::{Error, ErrorKind, Result};
@@ -136,7 +136,7 @@ impl Tx {
 
     async fn apply(&mut self, operation: &'static str, write: Write) -> Result<WriteOutcome> {
         let inner = self.inner.clone();
-        let r = inner.db_call(DbCall::Apply, self.db().apply(&write)).await;
+        let r = inner.db().apply(self.db(), &write).await;
         self.checked(operation, r)
     }
 
@@ -315,9 +315,9 @@ impl Tx {
         let t = &table.st.table;
         let tx = self.db();
         let row = if for_update {
-            inner.db_call(DbCall::Get, tx.get_for_update(t, &key)).await
+            inner.db().tx_get(tx, t, &key, true).await
         } else {
-            inner.db_call(DbCall::Get, tx.get(t, &key)).await
+            inner.db().tx_get(tx, t, &key, false).await
         };
         let record = row.and_then(|row| row.map(|vr| R::from_row(t, vr.row)).transpose());
         self.checked(op, record)
@@ -333,7 +333,7 @@ impl Tx {
             .take()
             .expect("a scope has its transaction until commit or rollback consume it");
         if let Some(first) = self.poisoned.take() {
-            let _ = self.inner.db_call(DbCall::Rollback, tx.rollback()).await;
+            let _ = self.inner.db().rollback(tx).await;
             return Err(poisoned(
                 &first,
                 "the transaction scope was rolled back, nothing written: an operation in it failed",
@@ -352,7 +352,7 @@ impl Tx {
                 .map(|e| (e.cache_key.clone(), e.table.clone(), e.key.clone()))
                 .collect(),
         );
-        if let Err(e) = inner.db_call(DbCall::Commit, tx.commit()).await {
+        if let Err(e) = inner.db().commit(tx).await {
             return Err(guard.failed(e).with_operation("tx.commit"));
         }
         Counters::add(&inner.stats.writes, effects.len() as u64);
@@ -367,7 +367,8 @@ impl Tx {
             .take()
             .expect("a scope has its transaction until commit or rollback consume it");
         self.inner
-            .db_call(DbCall::Rollback, tx.rollback())
+            .db()
+            .rollback(tx)
             .await
             .map_err(|e| e.with_operation("tx.rollback"))
     }

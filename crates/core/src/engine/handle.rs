@@ -11,9 +11,10 @@ use futures::future::BoxFuture;
 use tracing::Instrument;
 
 use super::metrics::{OpKind, OpOutcome};
+use super::read::Missed;
 use super::stats::Counters;
 use super::table::{TableState, Validator, WriteOptions};
-use super::{Inner, Issue, Joined, LoadResult, Lookup, MAX_LATE_JOINS};
+use super::{Inner, Issue, LoadResult, Lookup};
 use crate::db::{Write, WriteOp, WriteOutcome};
 use crate::entity::{Entity, Record};
 use crate::error::{Error, ErrorKind, Result};
@@ -385,36 +386,22 @@ impl<R: Record> Handle<R> {
             .inner
             .key_for(&self.st, &key)
             .map_err(|e| e.with_operation("get_or_load"))?;
-        let mut arrival = self.inner.flights.arrive();
+        let arrival = self.inner.flights.arrive();
         if let Lookup::Hit(hit) = self.inner.lookup::<R>(&self.st, &ck, true).await {
             return Ok(Some(hit));
         }
-        // As in `Inner::read`: a load that queried before we arrived may
-        // predate a write we must see; then the cache, refilled, answers.
-        for attempt in 0..=MAX_LATE_JOINS {
-            let make = || self.loader_load(&loader, &key, &ck);
-            let joined = if attempt == MAX_LATE_JOINS {
-                Joined::Fresh(make()(Issue::unshared()).await)
-            } else {
-                self.inner.load(&ck, arrival, make).await
-            };
-            match joined {
-                Joined::Fresh(loaded) => {
-                    let loaded =
-                        loaded.map_err(|e| e.with_operation("get_or_load").with_key(&ck))?;
-                    return loaded
-                        .map(|vr| R::from_row(&self.st.table, vr.row))
-                        .transpose();
-                }
-                Joined::Late => {
-                    if let Lookup::Hit(hit) = self.inner.lookup::<R>(&self.st, &ck, false).await {
-                        return Ok(Some(hit));
-                    }
-                    arrival = self.inner.flights.arrive();
-                }
-            }
+        let make = || self.loader_load(&loader, &key, &ck);
+        match self
+            .inner
+            .load_or_join::<R, _>(&self.st, &ck, arrival, make)
+            .await
+            .map_err(|e| e.with_operation("get_or_load").with_key(&ck))?
+        {
+            Missed::Hit(hit) => Ok(Some(hit)),
+            Missed::Loaded(loaded) => loaded
+                .map(|vr| R::from_row(&self.st.table, vr.row))
+                .transpose(),
         }
-        unreachable!("the last attempt loads alone")
     }
 
     /// The load of one row through a caller's loader, for `Inner::load`.

@@ -20,6 +20,13 @@ use crate::entity::Record;
 use crate::error::Result;
 use crate::value::{Key, VersionedRow};
 
+/// What a reader's miss came to: the cache answered after all (a load it
+/// joined late refilled it), or a load's row.
+pub(crate) enum Missed<R> {
+    Hit(R),
+    Loaded(Option<VersionedRow>),
+}
+
 impl Inner {
     /// Reads one key: the cache, else the database through single flight.
     pub(crate) async fn read<R: Record>(
@@ -32,40 +39,20 @@ impl Inner {
         // missed just before a load filled the cache then still joins that
         // load (it finished after the reader arrived) instead of starting
         // a second one.
-        let mut arrival = self.flights.arrive();
+        let arrival = self.flights.arrive();
         let epoch = self.epochs.current();
         let unreadable = match self.lookup::<R>(st, &ck, true).await {
             Lookup::Hit(hit) => return Ok((Some(hit), true)),
             Lookup::Miss(unreadable) => unreadable,
         };
         self.hook(HookPoint::Miss, &ck).await;
-        let mut loaded = None;
-        for _ in 0..MAX_LATE_JOINS {
-            let load = || {
-                self.clone()
-                    .load_from_db(st.clone(), key.clone(), ck.clone())
-            };
-            match self.load(&ck, arrival, load).await {
-                Joined::Fresh(r) => {
-                    loaded = Some(r?);
-                    break;
-                }
-                Joined::Late => {
-                    // The load we joined had queried before we arrived; it has
-                    // filled the cache since, with anything written before us.
-                    if let Lookup::Hit(hit) = self.lookup::<R>(st, &ck, false).await {
-                        return Ok((Some(hit), true));
-                    }
-                    arrival = self.flights.arrive();
-                }
-            }
-        }
-        let loaded = match loaded {
-            Some(l) => l,
-            // Joined late every time (a hot, uncacheable key): read alone.
-            None => {
-                self.clone().load_from_db(st.clone(), key, ck.clone())(Issue::unshared()).await?
-            }
+        let make = || {
+            self.clone()
+                .load_from_db(st.clone(), key.clone(), ck.clone())
+        };
+        let loaded = match self.load_or_join::<R, _>(st, &ck, arrival, make).await? {
+            Missed::Hit(hit) => return Ok((Some(hit), true)),
+            Missed::Loaded(l) => l,
         };
         if let Some(found) = unreadable {
             self.replace_unreadable(st, &ck, found, loaded.as_ref(), epoch)
@@ -75,6 +62,36 @@ impl Inner {
             .map(|vr| R::from_row(&st.table, vr.row))
             .transpose()?;
         Ok((found, false))
+    }
+
+    /// The misses' side of a read: joins the load of `ck` in flight, or
+    /// runs `make`'s. A load that queried before this reader arrived may
+    /// predate a write it must see: then the cache, which that load has
+    /// refilled since, answers instead, and failing that the reader tries
+    /// again; after [`MAX_LATE_JOINS`] late joins (a hot key that will not
+    /// stay cached) it loads alone. Shared by `get` and `get_or_load`.
+    pub(crate) async fn load_or_join<R: Record, F>(
+        &self,
+        st: &TableState,
+        ck: &str,
+        mut arrival: u64,
+        make: impl Fn() -> F,
+    ) -> Result<Missed<R>>
+    where
+        F: FnOnce(Issue) -> BoxFuture<'static, LoadResult>,
+    {
+        for _ in 0..MAX_LATE_JOINS {
+            match self.load(ck, arrival, &make).await {
+                Joined::Fresh(r) => return Ok(Missed::Loaded(r?)),
+                Joined::Late => {
+                    if let Lookup::Hit(hit) = self.lookup::<R>(st, ck, false).await {
+                        return Ok(Missed::Hit(hit));
+                    }
+                    arrival = self.flights.arrive();
+                }
+            }
+        }
+        Ok(Missed::Loaded(make()(Issue::unshared()).await?))
     }
 
     /// Looks `ck` up in the cache. On a miss, returns the bytes found if

@@ -1,15 +1,25 @@
 //! The fault suite on every pair, each case on servers of its own, with a
 //! summary of the faults survived and the operations lost per pair.
-//! `cargo test --test faults -- <filter>` runs the cases or pairs whose
-//! name contains the filter.
+//! `cargo test --test faults -- <term>...` runs the cases whose pair or
+//! name contains every term; `-- --list` lists them (see `suite::Filter`).
 
 use std::process::ExitCode;
 
-use writethrough_testkit::suite::Outcome;
 use writethrough_testkit::suite::faults;
+use writethrough_testkit::suite::{Filter, Outcome};
 
 fn main() -> ExitCode {
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let filter = Filter::from_args();
+    if filter.list {
+        for (pair, _) in writethrough_tests::rigs::all() {
+            for c in faults::cases() {
+                if filter.matches("fault suite", &pair, c.name) {
+                    println!("fault suite on {pair}: {}", c.name);
+                }
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -22,21 +32,19 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(filter: Option<String>) -> bool {
+async fn run(filter: Filter) -> bool {
     let pairs = writethrough_tests::rigs::all();
     let tasks: Vec<_> = pairs
         .into_iter()
         .filter(|(name, _)| {
-            filter.as_deref().is_none_or(|f| {
-                name.contains(f) || faults::cases().iter().any(|c| c.name.contains(f))
-            })
+            faults::cases()
+                .iter()
+                .any(|c| filter.matches("fault suite", name, c.name))
         })
         .map(|(name, factory)| {
-            let case_filter = filter
-                .clone()
-                .filter(|f| faults::cases().iter().any(|c| c.name.contains(f.as_str())));
+            let filter = filter.clone();
             tokio::spawn(async move {
-                let reports = faults::run_all(factory, case_filter.as_deref()).await;
+                let reports = faults::run_all(&name, factory, &filter).await;
                 (name, reports)
             })
         })

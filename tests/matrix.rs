@@ -1,21 +1,22 @@
 //! The conformance matrix: the engine and race suites over every cache ×
 //! database pair, the cache suite over every cache adapter and the
 //! database suite over every database adapter, with a summary table.
-//! `cargo test --test matrix -- <filter>` runs the cases (or pairs) whose
-//! name contains the filter.
+//! `cargo test --test matrix -- <term>...` runs the cases whose run, pair
+//! or name contains every term (`-- redis+postgres put_many`); `-- --list`
+//! lists them (see `suite::Filter`).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use writethrough_testkit::suite::{self, Case, CaseReport, Outcome, Pair};
+use writethrough_testkit::suite::{self, Case, CaseReport, Filter, Outcome, Pair};
 
 fn main() -> ExitCode {
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let filter = Filter::from_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a Tokio runtime");
-    let ok = rt.block_on(run(filter.as_deref()));
+    let ok = rt.block_on(run(filter));
     if ok {
         ExitCode::SUCCESS
     } else {
@@ -30,7 +31,7 @@ struct Run {
     cases: Vec<Case>,
 }
 
-async fn run(filter: Option<&str>) -> bool {
+async fn run(filter: Filter) -> bool {
     let servers = writethrough_tests::Servers::start().await;
     let pairs: Vec<Pair> = servers.pairs().await;
     let mut runs = Vec::new();
@@ -64,20 +65,31 @@ async fn run(filter: Option<&str>) -> bool {
             cases,
         });
     }
+    if filter.list {
+        for r in &runs {
+            for c in &r.cases {
+                if filter.matches(&r.label, &r.pair.name, c.name) {
+                    println!("{}: {}", r.label, c.name);
+                }
+            }
+        }
+        return true;
+    }
     // A few suites at a time: two cores cannot run eleven at once without
     // starving them into timeouts.
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
     let tasks: Vec<_> = runs
         .into_iter()
         .map(|r| {
-            let filter = filter.map(str::to_owned);
+            let filter = filter.clone();
             let slots = slots.clone();
             tokio::spawn(async move {
                 let _slot = slots.acquire_owned().await.expect("open");
                 let reports = suite::run_cases(
+                    &r.label,
                     &r.pair,
                     &r.cases,
-                    filter.as_deref(),
+                    &filter,
                     Duration::from_secs(180),
                 )
                 .await;

@@ -512,12 +512,13 @@ pub async fn db_locked_past_its_busy_timeout_is_a_typed_error(factory: RigFactor
 
 /// Runs every case on rigs from `factory`, one after another.
 pub async fn run_all(
+    pair: &str,
     factory: RigFactory,
-    filter: Option<&str>,
+    filter: &super::Filter,
 ) -> Vec<(&'static str, Result<FaultReport, String>)> {
     let mut out = Vec::new();
     for case in cases() {
-        if filter.is_some_and(|f| !case.name.contains(f)) {
+        if !filter.matches("fault suite", pair, case.name) {
             continue;
         }
         let task = tokio::spawn((case.run)(factory.clone()));

@@ -138,18 +138,65 @@ pub struct CaseReport {
     pub elapsed: Duration,
 }
 
+/// What the matrix and fault runners take from their command line, the
+/// way libtest does: every free argument is a term, and a case runs only if
+/// each term occurs in its run's label, its pair's name or its own name —
+/// so `cargo test --test matrix -- redis+postgres put_many` runs the
+/// `put_many` cases on that pair. `--list` prints what would run, one
+/// `<run>: <case>` per line, and runs nothing; libtest's other flags
+/// (`--nocapture`, `--test-threads`, ...) are accepted and ignored.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    terms: Vec<String>,
+    /// Print the matching cases instead of running them.
+    pub list: bool,
+}
+
+impl Filter {
+    /// From this process's arguments.
+    pub fn from_args() -> Self {
+        Self::parse(std::env::args().skip(1))
+    }
+
+    /// From the given arguments (flags start with `-`).
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Self {
+        let mut f = Filter::default();
+        let mut args = args.into_iter();
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--list" => f.list = true,
+                // libtest flags that take a value.
+                "--test-threads" | "--format" | "--color" | "--skip" | "-Z" => {
+                    args.next();
+                }
+                _ if a.starts_with('-') => {}
+                _ => f.terms.push(a),
+            }
+        }
+        f
+    }
+
+    /// Whether the case `case` of the run `run` over `pair` is selected.
+    pub fn matches(&self, run: &str, pair: &str, case: &str) -> bool {
+        self.terms.iter().all(|t| {
+            run.contains(t.as_str()) || pair.contains(t.as_str()) || case.contains(t.as_str())
+        })
+    }
+}
+
 /// Runs `cases` on `pair` one after another, each in its own task (a panic
 /// fails that case only) under `timeout`. `filter` keeps the cases whose
 /// name contains it.
 pub async fn run_cases(
+    run: &str,
     pair: &Pair,
     cases: &[Case],
-    filter: Option<&str>,
+    filter: &Filter,
     timeout: Duration,
 ) -> Vec<CaseReport> {
     let mut out = Vec::new();
     for case in cases {
-        if filter.is_some_and(|f| !case.name.contains(f) && !pair.name.contains(f)) {
+        if !filter.matches(run, &pair.name, case.name) {
             continue;
         }
         let started = Instant::now();
@@ -195,5 +242,36 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::Filter;
+
+    #[test]
+    fn every_term_must_match_and_libtest_flags_are_ignored() {
+        let args = [
+            "--nocapture",
+            "--test-threads",
+            "2",
+            "redis+postgres",
+            "put_many",
+        ];
+        let f = Filter::parse(args.iter().map(|s| s.to_string()));
+        assert!(!f.list);
+        assert!(f.matches(
+            "engine: redis+postgres",
+            "redis+postgres",
+            "put_many_refuses_a_key_twice"
+        ));
+        assert!(!f.matches(
+            "engine: moka+sqlite",
+            "moka+sqlite",
+            "put_many_refuses_a_key_twice"
+        ));
+        assert!(!f.matches("engine: redis+postgres", "redis+postgres", "delete_many"));
+        let all = Filter::parse(["--list".to_string()]);
+        assert!(all.list && all.matches("any", "pair", "case"));
     }
 }

@@ -1,6 +1,6 @@
 //! The conformance matrix: the engine and race suites over every cache ×
-//! database pair, the cache suite over every cache adapter and the
-//! database suite over every database adapter, with a summary table.
+//! database pair, with a summary table. The cache and database suites run
+//! in each adapter's own tests (`cargo test -p writethrough-redis`).
 //! `cargo test --test matrix -- <term>...` runs the cases whose run, pair
 //! or name contains every term (`-- redis+postgres put_many`); `-- --list`
 //! lists them (see `suite::Filter`).
@@ -35,27 +35,6 @@ async fn run(filter: Filter) -> bool {
     let servers = writethrough_tests::Servers::start().await;
     let pairs: Vec<Pair> = servers.pairs().await;
     let mut runs = Vec::new();
-    let mut caches_seen = Vec::new();
-    let mut dbs_seen = Vec::new();
-    for pair in &pairs {
-        let (cache, db) = (pair.cache.name(), pair.db.name());
-        if !caches_seen.contains(&cache) {
-            caches_seen.push(cache);
-            runs.push(Run {
-                label: format!("cache suite: {cache}"),
-                pair: pair.clone(),
-                cases: suite::cache::cases(),
-            });
-        }
-        if !dbs_seen.contains(&db) {
-            dbs_seen.push(db);
-            runs.push(Run {
-                label: format!("db suite: {db}"),
-                pair: pair.clone(),
-                cases: suite::db::cases(),
-            });
-        }
-    }
     for pair in pairs {
         let mut cases = suite::engine::cases();
         cases.extend(suite::races::cases());

@@ -2,7 +2,7 @@
 //! its key type, read from the struct's fields, so that the struct and its
 //! table cannot drift apart.
 //!
-//! ```ignore
+//! ```text
 //! #[derive(Entity, Serialize, Deserialize)]
 //! #[writethrough(table = "users")]      // default: the struct's name in snake_case
 //! struct User {

@@ -88,29 +88,6 @@ async fn get_set_delete_round_trip() {
 }
 
 #[tokio::test]
-async fn get_many_answers_in_order_with_one_slot_per_key() {
-    let s = server().await;
-    let c = cache(&s).await;
-    for i in 0..50u32 {
-        if !i.is_multiple_of(3) {
-            c.set(&format!("k{i}"), Bytes::from(format!("v{i}")), None)
-                .await
-                .unwrap();
-        }
-    }
-    let mut keys: Vec<String> = (0..50).rev().map(|i| format!("k{i}")).collect();
-    keys.push("k1".into());
-    let got = c.get_many(&keys).await.unwrap();
-    assert_eq!(got.len(), keys.len());
-    for (k, v) in keys.iter().zip(&got) {
-        let i: usize = k[1..].parse().unwrap();
-        let want = (!i.is_multiple_of(3)).then(|| Bytes::from(format!("v{i}")));
-        assert_eq!(v, &want, "{k}");
-    }
-    assert!(c.get_many(&[]).await.unwrap().is_empty());
-}
-
-#[tokio::test]
 async fn set_many_stores_every_item_with_its_own_ttl() {
     let s = server().await;
     let c = cache(&s).await;
@@ -236,138 +213,6 @@ async fn fenced_writes_keep_their_ttl() {
         .unwrap();
     let t = remaining_ttl(&s, "t").await.unwrap();
     assert!((499..=501).contains(&t), "after cas: {t}");
-}
-
-#[tokio::test]
-async fn set_many_if_newer_answers_per_item_in_order() {
-    let s = server().await;
-    let c = cache(&s).await;
-    c.set("older", row(1, "x"), None).await.unwrap();
-    c.set("newer", row(9, "x"), None).await.unwrap();
-    c.set("junk", Bytes::from_static(b"junk"), None)
-        .await
-        .unwrap();
-    let got = c
-        .set_many_if_newer(vec![
-            item("absent", row(3, "a"), None),
-            item("older", row(3, "b"), None),
-            item("newer", row(3, "c"), None),
-            item("junk", row(3, "d"), None),
-            // The same key twice in one batch: the second, newer one wins.
-            item("twice", row(3, "e"), None),
-            item("twice", row(4, "f"), None),
-            // And an older one after a newer one is refused.
-            item("dup", row(5, "g"), None),
-            item("dup", row(2, "h"), None),
-        ])
-        .await
-        .unwrap();
-    use Fence::{Applied, Stale};
-    assert_eq!(
-        got,
-        [
-            Applied, Applied, Stale, Applied, Applied, Applied, Applied, Stale
-        ]
-    );
-    let keys: Vec<String> = ["absent", "older", "newer", "junk", "twice", "dup"]
-        .map(String::from)
-        .to_vec();
-    let versions: Vec<_> = c
-        .get_many(&keys)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(version_of)
-        .collect();
-    assert_eq!(
-        versions,
-        [Some(3), Some(3), Some(9), Some(3), Some(4), Some(5)]
-    );
-    assert!(c.set_many_if_newer(Vec::new()).await.unwrap().is_empty());
-}
-
-#[tokio::test]
-async fn replace_if_unchanged_swaps_only_the_exact_bytes_expected() {
-    let s = server().await;
-    let c = cache(&s).await;
-    // A valid header over a damaged payload: the version fence would keep it.
-    let mut damaged = row(5, "payload").to_vec();
-    let last = damaged.len() - 1;
-    damaged[last] ^= 0x20;
-    let damaged = Bytes::from(damaged);
-    c.set("r", damaged.clone(), None).await.unwrap();
-    assert_eq!(
-        c.set_if_newer(item("r", row(5, "payload"), None))
-            .await
-            .unwrap(),
-        Fence::Stale
-    );
-    let fixed = item("r", row(5, "payload"), Some(Duration::from_secs(60)));
-    // Other bytes than those stored: nothing happens.
-    assert_eq!(
-        c.replace_if_unchanged(row(5, "other"), fixed.clone())
-            .await
-            .unwrap(),
-        Fence::Stale
-    );
-    assert_eq!(c.get("r").await.unwrap(), Some(damaged.clone()));
-    assert_eq!(
-        c.replace_if_unchanged(damaged.clone(), fixed.clone())
-            .await
-            .unwrap(),
-        Fence::Applied
-    );
-    assert_eq!(c.get("r").await.unwrap(), Some(row(5, "payload")));
-    assert!(remaining_ttl(&s, "r").await.unwrap() > 50);
-    // Done once, the expected bytes are gone: a second replace is refused.
-    assert_eq!(
-        c.replace_if_unchanged(damaged, fixed.clone())
-            .await
-            .unwrap(),
-        Fence::Stale
-    );
-    // Nothing stored: nothing to replace.
-    assert_eq!(
-        c.replace_if_unchanged(Bytes::from_static(b"x"), item("absent", row(1, "a"), None))
-            .await
-            .unwrap(),
-        Fence::Stale
-    );
-    assert_eq!(c.get("absent").await.unwrap(), None);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_fenced_writers_end_with_the_highest_version() {
-    let s = server().await;
-    // Two clients with connections of their own, as two processes would have.
-    let clients = [cache(&s).await, cache(&s).await];
-    for round in 0..5 {
-        let key = format!("race{round}");
-        let mut versions: Vec<u64> = (1..=64).collect();
-        // A fixed shuffle per round, so that the highest version is not last.
-        versions.sort_by_key(|v| (v * 7919 + round * 31) % 64);
-        let tasks: Vec<_> = versions
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let c = clients[i % 2].clone();
-                let key = key.clone();
-                tokio::spawn(async move { c.set_if_newer(item(&key, row(v, "r"), None)).await })
-            })
-            .collect();
-        let mut applied = 0;
-        for t in tasks {
-            if t.await.unwrap().expect("no contention failure") == Fence::Applied {
-                applied += 1;
-            }
-        }
-        assert!(applied >= 1);
-        assert_eq!(
-            version_of(clients[0].get(&key).await.unwrap()),
-            Some(64),
-            "round {round}"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -989,4 +834,19 @@ fn a_cache_outlives_the_runtime_that_first_used_it() {
         assert_eq!(version_of(c.get("k").await.unwrap()), Some(1));
         drop(s);
     });
+}
+
+/// The shared cache suite (crates/testkit/src/suite/cache.rs) on Memcached.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_cache_suite_passes_on_memcached() {
+    let s = server().await;
+    let cache = cache(&s).await;
+    let db = writethrough_sqlite::SqliteStore::open_temporary().unwrap();
+    let pair = writethrough_testkit::suite::Pair::new(Arc::new(cache), Arc::new(db));
+    writethrough_testkit::suite::assert_conformance(
+        "cache suite: memcached",
+        pair,
+        writethrough_testkit::suite::cache::cases(),
+    )
+    .await;
 }

@@ -1367,3 +1367,20 @@ async fn transactions_of_any_size_stay_within_the_lock_table() {
         .await
         .expect("the general path locks slots too");
 }
+
+/// The shared database suite (crates/testkit/src/suite/db.rs) on PostgreSQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_db_suite_passes_on_postgres() {
+    let pg = pg().await;
+    let cache = writethrough_moka::MokaCache::default();
+    let pair = writethrough_testkit::suite::Pair::new(
+        std::sync::Arc::new(cache),
+        std::sync::Arc::new(pg.store.clone()),
+    );
+    writethrough_testkit::suite::assert_conformance(
+        "db suite: postgres",
+        pair,
+        writethrough_testkit::suite::db::cases(),
+    )
+    .await;
+}

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,43 +15,6 @@ use writethrough_core::backend::{CacheItem, CacheStore, Fence, KeyRule};
 use writethrough_redis::{DEFAULT_MAX_VALUE_LEN, MAX_KEY_LEN, RedisCache};
 
 use common::*;
-
-#[tokio::test]
-async fn get_returns_exactly_the_stored_bytes_and_none_when_absent() {
-    let srv = server().await;
-    let cache = cache(&srv).await;
-    assert_eq!(cache.get("missing").await.unwrap(), None);
-    let binary = Bytes::from_static(b"\x00\xff\r\n$-1\r\nnot utf-8 \xc3\x28");
-    for (key, value) in [
-        ("k", Bytes::from_static(b"hello")),
-        ("empty", Bytes::new()),
-        ("binary", binary),
-        ("ünïcode key with spaces\n", Bytes::from_static(b"v")),
-    ] {
-        cache.set(key, value.clone(), None).await.unwrap();
-        assert_eq!(cache.get(key).await.unwrap(), Some(value), "{key:?}");
-    }
-}
-
-#[tokio::test]
-async fn get_many_answers_in_key_order_one_slot_per_key() {
-    let srv = server().await;
-    let cache = cache(&srv).await;
-    assert!(cache.get_many(&[]).await.unwrap().is_empty());
-    cache.set("a", "A".into(), None).await.unwrap();
-    cache.set("c", "C".into(), None).await.unwrap();
-    let keys: Vec<String> = ["c", "b", "a", "c"].map(String::from).to_vec();
-    let got = cache.get_many(&keys).await.unwrap();
-    assert_eq!(
-        got,
-        vec![
-            Some(Bytes::from("C")),
-            None,
-            Some(Bytes::from("A")),
-            Some(Bytes::from("C"))
-        ]
-    );
-}
 
 #[tokio::test]
 async fn set_and_set_many_store_unconditionally_with_their_ttls() {
@@ -85,16 +47,6 @@ async fn set_and_set_many_store_unconditionally_with_their_ttls() {
     assert!(m1 > 0 && m1 <= 600_000, "PTTL {m1}");
     let m2: i64 = raw.pttl("m2").await.unwrap();
     assert_eq!(m2, -1);
-}
-
-#[tokio::test]
-async fn delete_removes_the_key_and_tells_whether_it_was_there() {
-    let srv = server().await;
-    let cache = cache(&srv).await;
-    cache.set("k", "v".into(), None).await.unwrap();
-    assert!(cache.delete("k").await.unwrap());
-    assert_eq!(cache.get("k").await.unwrap(), None);
-    assert!(!cache.delete("k").await.unwrap());
 }
 
 #[tokio::test]
@@ -406,98 +358,6 @@ async fn the_script_decides_exactly_like_codec_replaces() {
 }
 
 #[tokio::test]
-async fn set_many_if_newer_answers_in_order_with_mixed_outcomes() {
-    let srv = server().await;
-    let cache = cache(&srv).await;
-    cache.set_if_newer(row_item("a", 10)).await.unwrap();
-    cache.set_if_newer(tomb_item("b", 10)).await.unwrap();
-    cache.set("c", "junk".into(), None).await.unwrap();
-    let fences = cache
-        .set_many_if_newer(vec![
-            row_item("a", 9),   // older: stale
-            row_item("b", 11),  // newer than the tombstone: applied
-            row_item("c", 1),   // over junk: applied
-            row_item("d", 1),   // absent: applied
-            tomb_item("a", 10), // equal: stale
-            row_item("d", 1),   // equal to the write just above: stale
-            row_item("d", 2),   // newer than it: applied
-        ])
-        .await
-        .unwrap();
-    use Fence::{Applied, Stale};
-    assert_eq!(
-        fences,
-        vec![Stale, Applied, Applied, Applied, Stale, Stale, Applied]
-    );
-    let got = cache
-        .get_many(&["a", "b", "c", "d"].map(String::from))
-        .await
-        .unwrap();
-    let versions: Vec<_> = got.iter().map(|b| version_of(b.as_ref())).collect();
-    assert_eq!(versions, vec![Some(10), Some(11), Some(1), Some(2)]);
-    assert!(
-        cache
-            .set_many_if_newer(Vec::new())
-            .await
-            .unwrap()
-            .is_empty()
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_fenced_writers_leave_the_highest_version() {
-    let srv = server().await;
-    // Several caches, so the race also crosses connections, as between processes.
-    let mut caches = Vec::new();
-    for _ in 0..3 {
-        caches.push(cache(&srv).await);
-    }
-    let tasks = 24;
-    let per_task = 40;
-    let mut handles = Vec::new();
-    for t in 0..tasks {
-        let cache = caches[t % caches.len()].clone();
-        handles.push(tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(t as u64);
-            let mut mine = Vec::new();
-            for _ in 0..per_task {
-                let v: u64 = rng.random_range(1..1_000_000) * 10_000 + rng.random_range(0..10_000);
-                let it = if rng.random_bool(0.2) {
-                    tomb_item("hot", v)
-                } else {
-                    row_item("hot", v)
-                };
-                let fence = cache.set_if_newer(it).await.unwrap();
-                mine.push((v, fence));
-                if rng.random_bool(0.1) {
-                    let batch = vec![row_item("hot", v / 2), row_item("hot", v + 1)];
-                    let f = cache.set_many_if_newer(batch).await.unwrap();
-                    mine.push((v / 2, f[0]));
-                    mine.push((v + 1, f[1]));
-                }
-            }
-            mine
-        }));
-    }
-    let mut all = Vec::new();
-    for h in handles {
-        all.extend(h.await.unwrap());
-    }
-    let max = all.iter().map(|(v, _)| *v).max().unwrap();
-    let stored = caches[0].get("hot").await.unwrap();
-    assert_eq!(version_of(stored.as_ref()), Some(max));
-    // Each version was applied at most once: a version applied twice would
-    // mean the check and the write were not one step.
-    let mut applied = HashSet::new();
-    for (v, f) in &all {
-        if *f == Fence::Applied {
-            assert!(applied.insert(*v), "version {v} applied twice");
-        }
-    }
-    assert!(applied.contains(&max));
-}
-
-#[tokio::test]
 async fn fenced_writes_recover_after_script_flush() {
     let srv = server().await;
     let cache = cache(&srv).await;
@@ -669,88 +529,18 @@ async fn large_entries_are_fenced_without_reading_them_whole() {
     assert_eq!(cache.get("big").await.unwrap(), Some(big));
 }
 
-#[tokio::test]
-async fn replace_if_unchanged_swaps_only_the_exact_bytes_expected() {
-    let srv = server().await;
-    let cache = cache(&srv).await;
-    let mut raw = raw(&srv).await;
-    // A valid header over a damaged payload: the version fence keeps it.
-    let mut damaged = entry(5, "payload").to_vec();
-    *damaged.last_mut().unwrap() ^= 0x20;
-    let damaged = Bytes::from(damaged);
-    cache.set("r", damaged.clone(), None).await.unwrap();
-    assert_eq!(
-        cache
-            .set_if_newer(item("r", entry(5, "payload"), None))
-            .await
-            .unwrap(),
-        Fence::Stale
-    );
-    let fixed = item("r", entry(5, "payload"), Some(Duration::from_secs(60)));
-    // Other bytes, or a prefix of the stored ones: nothing happens.
-    for other in [
-        entry(5, "other"),
-        damaged.slice(..damaged.len() - 1),
-        Bytes::new(),
-    ] {
-        assert_eq!(
-            cache
-                .replace_if_unchanged(other, fixed.clone())
-                .await
-                .unwrap(),
-            Fence::Stale
-        );
-        assert_eq!(cache.get("r").await.unwrap(), Some(damaged.clone()));
-    }
-    assert_eq!(
-        cache
-            .replace_if_unchanged(damaged.clone(), fixed.clone())
-            .await
-            .unwrap(),
-        Fence::Applied
-    );
-    assert_eq!(cache.get("r").await.unwrap(), Some(entry(5, "payload")));
-    let pttl: i64 = raw.pttl("r").await.unwrap();
-    assert!(pttl > 0 && pttl <= 60_000, "PTTL {pttl}");
-    // Done once, the expected bytes are gone: a second replace is refused.
-    assert_eq!(
-        cache
-            .replace_if_unchanged(damaged, fixed.clone())
-            .await
-            .unwrap(),
-        Fence::Stale
-    );
-    // Nothing stored, or a key of another type: nothing to replace.
-    assert_eq!(
-        cache
-            .replace_if_unchanged(Bytes::new(), row_item("absent", 1))
-            .await
-            .unwrap(),
-        Fence::Stale
-    );
-    assert_eq!(cache.get("absent").await.unwrap(), None);
-    let _: i64 = raw.rpush("list", "x").await.unwrap();
-    assert_eq!(
-        cache
-            .replace_if_unchanged(Bytes::from_static(b"x"), row_item("list", 1))
-            .await
-            .unwrap(),
-        Fence::Stale
-    );
-
-    // After SCRIPT FLUSH the script is loaded again and the call goes through.
-    cache.set("s", "junk".into(), None).await.unwrap();
-    let () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    assert_eq!(
-        cache
-            .replace_if_unchanged("junk".into(), row_item("s", 1))
-            .await
-            .unwrap(),
-        Fence::Applied
-    );
-    assert_eq!(version_of(cache.get("s").await.unwrap().as_ref()), Some(1));
+/// The shared cache suite (crates/testkit/src/suite/cache.rs) on Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_cache_suite_passes_on_redis() {
+    let s = server().await;
+    let cache = cache(&s).await;
+    let db = writethrough_sqlite::SqliteStore::open_temporary().unwrap();
+    let pair =
+        writethrough_testkit::suite::Pair::new(std::sync::Arc::new(cache), std::sync::Arc::new(db));
+    writethrough_testkit::suite::assert_conformance(
+        "cache suite: redis",
+        pair,
+        writethrough_testkit::suite::cache::cases(),
+    )
+    .await;
 }

@@ -225,3 +225,18 @@ mod scopes_and_schemas {
         assert_eq!(e.kind(), ErrorKind::SchemaMismatch, "{e}");
     }
 }
+
+/// The shared database suite (crates/testkit/src/suite/db.rs) on SQLite.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_db_suite_passes_on_sqlite() {
+    let db = SqliteStore::open_temporary().unwrap();
+    let cache = writethrough_moka::MokaCache::default();
+    let pair =
+        writethrough_testkit::suite::Pair::new(std::sync::Arc::new(cache), std::sync::Arc::new(db));
+    writethrough_testkit::suite::assert_conformance(
+        "db suite: sqlite",
+        pair,
+        writethrough_testkit::suite::db::cases(),
+    )
+    .await;
+}

@@ -245,6 +245,43 @@ where
     }
 }
 
+/// Runs a shared suite on one adapter, from that adapter's own tests
+/// (`cargo test -p writethrough-redis` runs the cache suite on Redis),
+/// printing each case, and panics naming every case that failed. A case
+/// that does not apply prints why.
+pub async fn assert_conformance(run: &str, pair: Pair, cases: Vec<Case>) {
+    let reports = run_cases(
+        run,
+        &pair,
+        &cases,
+        &Filter::default(),
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(reports.len(), cases.len(), "every case ran");
+    let mut failed = Vec::new();
+    for r in &reports {
+        match &r.result {
+            Ok(Outcome::Passed) => println!("{run}: ok    {}", r.name),
+            Ok(Outcome::NotApplicable(why)) => println!("{run}: n/a   {} ({why})", r.name),
+            Err(msg) => {
+                println!(
+                    "{run}: FAIL  {}
+        {msg}",
+                    r.name
+                );
+                failed.push(format!("{}: {msg}", r.name));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{run}: {} failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
 #[cfg(test)]
 mod filter_tests {
     use super::Filter;

@@ -27,8 +27,8 @@ mod db;
 pub use codec::Codec;
 pub use engine::{
     AuditReport, BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder, Handle,
-    Health, HealthMonitor, Read, ReconcileReport, RetryPolicy, Stats, TableOptions, Tx,
-    WriteOptions,
+    Health, HealthMonitor, Read, ReconcileReport, RetryPolicy, Stats, TableOptions, TableWrites,
+    Tx, TxTable, WriteOptions,
 };
 #[cfg(feature = "test-hooks")]
 pub use engine::{HookPoint, Hooks};

@@ -81,7 +81,7 @@ mod sealed {
     label = "a key is an integer (i8..i64, u8..u64) or a String",
     note = "a key is never NULL: the key field cannot be an Option"
 )]
-pub trait KeyType: sealed::Sealed + Clone + Send + Sync + 'static {
+pub trait KeyType: sealed::Sealed + KeyArg<Self> + Clone + Send + Sync + 'static {
     /// The key as the engine stores it; `u64` keys above `i64::MAX` are
     /// refused with [`ErrorKind::InvalidKey`].
     fn to_key(&self) -> Result<Key>;

@@ -21,7 +21,7 @@ mod stats;
 mod table;
 mod tx;
 mod write;
-pub(crate) use write::{CACHE_CHUNK_ITEMS, Effect, EffectKind};
+pub(crate) use write::{CACHE_CHUNK_ITEMS, Effect};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,7 +42,7 @@ pub use maintenance::ReconcileReport;
 pub use metrics::{Health, HealthMonitor};
 pub use stats::Stats;
 pub use table::{TableOptions, WriteOptions};
-pub use tx::Tx;
+pub use tx::{TableWrites, Tx, TxTable};
 
 use crate::cache::{CacheCapabilities, CacheItem, CacheStore, Fence};
 use crate::codec::{self, Payload};

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use super::handle::Handle;
 use super::stats::Counters;
 use super::table::WriteOptions;
-use super::{Effect, EffectKind, Engine, Inner};
+use super::{Effect, Engine, Inner};
 use crate::db::{Transaction, Write, WriteOp, WriteOutcome};
 use crate::entity::Record;
 use crate::error::{Error, ErrorKind, Result};
@@ -156,31 +156,16 @@ impl Tx {
         let p = self
             .inner
             .prepare(&table.st, table.validate.as_ref(), record, &opts);
-        let p = self.checked("tx.put", p)?;
-        let o = self
-            .apply(
-                "tx.put",
-                Write {
-                    table: table.st.table.clone(),
-                    op: WriteOp::Upsert(p.row),
-                },
-            )
-            .await?;
-        self.effects.push(Effect {
-            cache_key: p.cache_key,
-            key: p.key,
-            table: table.st.clone(),
-            version: o.version,
-            epoch: self.epoch,
-            kind: match p.payload {
-                Some(payload) => {
-                    EffectKind::Put(payload.into_entry_at(o.version, self.epoch), p.ttl)
-                }
-                None => EffectKind::Invalidate,
-            },
-            outbox_id: o.outbox_id,
-        });
-        Ok(o.version)
+        let mut p = self.checked("tx.put", p)?;
+        let write = Write {
+            table: table.st.table.clone(),
+            op: WriteOp::Upsert(std::mem::take(&mut p.row)),
+        };
+        let o = self.apply("tx.put", write).await?;
+        let version = o.version;
+        self.effects
+            .push(Inner::effect_of_prepared(&table.st, p, &o, self.epoch));
+        Ok(version)
     }
 
     /// Updates some columns in the transaction and returns the new row.
@@ -465,5 +450,133 @@ impl Engine {
                 r => return r.map_err(|e| e.with_operation("transaction")),
             }
         }
+    }
+}
+
+/// A table seen through an open scope: the calls of its [`Handle`], inside
+/// the scope's transaction (their cache effects wait for the commit, as
+/// every write of a scope does). From [`Tx::on`].
+///
+/// ```no_run
+/// # use writethrough_core::__doc::{Product, product};
+/// # async fn demo(
+/// #     engine: writethrough_core::Engine,
+/// #     products: writethrough_core::Handle<Product>,
+/// # ) -> writethrough_core::Result<()> {
+/// let mut tx = engine.begin().await?;
+/// let mut p = tx.on(&products);
+/// let pen = p.get_for_update(1).await?;
+/// p.put(&product(1, pen.map_or(1.0, |x| x.price) + 0.5)).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+pub struct TxTable<'a, R> {
+    tx: &'a mut Tx,
+    table: &'a Handle<R>,
+}
+
+impl Tx {
+    /// `table` through this scope: the same calls as on the handle.
+    pub fn on<'a, R: Record>(&'a mut self, table: &'a Handle<R>) -> TxTable<'a, R> {
+        TxTable { tx: self, table }
+    }
+}
+
+impl<R: Record> TxTable<'_, R> {
+    /// [`Handle::put`] in the scope.
+    pub async fn put(&mut self, record: &R) -> Result<u64> {
+        self.tx.put(self.table, record).await
+    }
+
+    /// [`Handle::put_with`] in the scope.
+    pub async fn put_with(&mut self, record: &R, opts: WriteOptions) -> Result<u64> {
+        self.tx.put_with(self.table, record, opts).await
+    }
+
+    /// [`Handle::update`] in the scope.
+    pub async fn update(&mut self, key: impl KeyArg<R::Key>, patch: Patch) -> Result<Option<R>> {
+        self.tx.update(self.table, key, patch).await
+    }
+
+    /// [`Handle::delete`] in the scope.
+    pub async fn delete(&mut self, key: impl KeyArg<R::Key>) -> Result<bool> {
+        self.tx.delete(self.table, key).await
+    }
+
+    /// [`Tx::get`]: a plain read in the scope.
+    pub async fn get(&mut self, key: impl KeyArg<R::Key>) -> Result<Option<R>> {
+        self.tx.get(self.table, key).await
+    }
+
+    /// [`Tx::get_for_update`]: a locking read in the scope.
+    pub async fn get_for_update(&mut self, key: impl KeyArg<R::Key>) -> Result<Option<R>> {
+        self.tx.get_for_update(self.table, key).await
+    }
+}
+
+/// The writes a table handle and a scope's view of it ([`Tx::on`]) share,
+/// so that code can write a table either way: on its own, each write its
+/// own transaction, or as part of a caller's scope.
+///
+/// ```no_run
+/// # use writethrough_core::__doc::{Product, product};
+/// # async fn demo(
+/// #     engine: writethrough_core::Engine,
+/// #     products: writethrough_core::Handle<Product>,
+/// # ) -> writethrough_core::Result<()> {
+/// use writethrough_core::{Patch, Result, TableWrites};
+///
+/// async fn reprice(w: &mut impl TableWrites<Product>, id: i64, price: f64) -> Result<()> {
+///     w.update(id, Patch::new().set("price", price)).await?;
+///     Ok(())
+/// }
+///
+/// reprice(&mut products.clone(), 1, 2.0).await?; // its own transaction
+/// let mut tx = engine.begin().await?;
+/// reprice(&mut tx.on(&products), 1, 2.5).await?; // part of the scope
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+#[async_trait::async_trait]
+pub trait TableWrites<R: Record>: Send {
+    /// Upserts `record`; returns its version.
+    async fn put(&mut self, record: &R) -> Result<u64>;
+    /// Sets some columns of the row at `key`; returns the new row.
+    async fn update(&mut self, key: R::Key, patch: Patch) -> Result<Option<R>>;
+    /// Deletes the row at `key`; returns whether there was one.
+    async fn delete(&mut self, key: R::Key) -> Result<bool>;
+    /// Reads the row at `key` (from a scope: a plain read in it).
+    async fn get(&mut self, key: R::Key) -> Result<Option<R>>;
+}
+
+#[async_trait::async_trait]
+impl<R: Record> TableWrites<R> for Handle<R> {
+    async fn put(&mut self, record: &R) -> Result<u64> {
+        Handle::put(self, record).await
+    }
+    async fn update(&mut self, key: R::Key, patch: Patch) -> Result<Option<R>> {
+        Handle::update(self, key, patch).await
+    }
+    async fn delete(&mut self, key: R::Key) -> Result<bool> {
+        Handle::delete(self, key).await
+    }
+    async fn get(&mut self, key: R::Key) -> Result<Option<R>> {
+        Handle::get(self, key).await
+    }
+}
+
+#[async_trait::async_trait]
+impl<R: Record> TableWrites<R> for TxTable<'_, R> {
+    async fn put(&mut self, record: &R) -> Result<u64> {
+        TxTable::put(self, record).await
+    }
+    async fn update(&mut self, key: R::Key, patch: Patch) -> Result<Option<R>> {
+        TxTable::update(self, key, patch).await
+    }
+    async fn delete(&mut self, key: R::Key) -> Result<bool> {
+        TxTable::delete(self, key).await
+    }
+    async fn get(&mut self, key: R::Key) -> Result<Option<R>> {
+        TxTable::get(self, key).await
     }
 }

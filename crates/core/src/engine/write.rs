@@ -265,23 +265,7 @@ impl Inner {
         let effects = prepared
             .into_iter()
             .zip(&outcomes)
-            .map(|(p, o)| {
-                let kind = match p.payload {
-                    Some(payload) => {
-                        EffectKind::Put(payload.into_entry_at(o.version, epoch), p.ttl)
-                    }
-                    None => EffectKind::Invalidate,
-                };
-                Effect {
-                    cache_key: p.cache_key,
-                    key: p.key,
-                    table: st.clone(),
-                    version: o.version,
-                    epoch,
-                    kind,
-                    outbox_id: o.outbox_id,
-                }
-            })
+            .map(|(p, o)| Self::effect_of_prepared(st, p, o, epoch))
             .collect();
         self.apply_effects(effects, guard).await;
         Ok(outcomes)
@@ -337,6 +321,30 @@ impl Inner {
             .collect();
         self.apply_effects(effects, guard).await;
         Ok(outcomes)
+    }
+
+    /// The cache effect of a committed upsert, from what `prepare` encoded
+    /// and the version the database gave it. With [`Inner::effect_of`],
+    /// the one place effects are built (plain writes, batches and scopes).
+    pub(crate) fn effect_of_prepared(
+        st: &Arc<TableState>,
+        p: Prepared,
+        o: &WriteOutcome,
+        epoch: u64,
+    ) -> Effect {
+        let kind = match p.payload {
+            Some(payload) => EffectKind::Put(payload.into_entry_at(o.version, epoch), p.ttl),
+            None => EffectKind::Invalidate,
+        };
+        Effect {
+            cache_key: p.cache_key,
+            key: p.key,
+            table: st.clone(),
+            version: o.version,
+            epoch,
+            kind,
+            outbox_id: o.outbox_id,
+        }
     }
 
     /// The cache effect of an update or delete, from its outcome.

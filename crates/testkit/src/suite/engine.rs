@@ -63,6 +63,7 @@ pub fn cases() -> Vec<Case> {
         insert_creates_only_and_one_of_racing_inserts_wins,
         invalidate_makes_the_next_read_load_and_fences_older_rows,
         shutdown_flushes_the_outbox_and_stops_the_background_work,
+        a_handle_and_a_scope_share_one_write_api,
     ]
 }
 
@@ -2152,6 +2153,59 @@ pub async fn shutdown_flushes_the_outbox_and_stops_the_background_work(pair: Pai
         items.get(2).await.unwrap(),
         Some(item(2, 2.0)),
         "reads still work"
+    );
+    Outcome::Passed
+}
+
+/// The same generic code writes through a handle (each write its own
+/// transaction, cached at once) and through a scope's view of the table
+/// (cached only after the commit; nothing if the scope rolls back).
+pub async fn a_handle_and_a_scope_share_one_write_api(pair: Pair) -> Outcome {
+    use writethrough_core::TableWrites;
+    async fn restock(
+        w: &mut impl TableWrites<Item>,
+        id: i64,
+        qty: i64,
+    ) -> writethrough_core::Result<()> {
+        let mut it = w.get(id).await?.unwrap_or_else(|| item(id, 1.0));
+        it.qty = qty;
+        w.put(&it).await?;
+        w.update(id, Patch::new().set("price", qty as f64)).await?;
+        Ok(())
+    }
+    let (engine, items) = setup(&pair, TableOptions::new()).await;
+    restock(&mut items.clone(), 1, 5).await.unwrap();
+    let want = Item {
+        qty: 5,
+        price: 5.0,
+        ..item(1, 1.0)
+    };
+    assert_eq!(items.get(1).await.unwrap(), Some(want.clone()));
+
+    let mut tx = engine.begin().await.unwrap();
+    restock(&mut tx.on(&items), 1, 7).await.unwrap();
+    restock(&mut tx.on(&items), 2, 3).await.unwrap();
+    let (_, v_before) = in_db(&pair, &items, 1).await.unwrap();
+    assert_eq!(
+        cached(&pair, &items, 1).await,
+        Some((true, v_before)),
+        "not before the commit"
+    );
+    assert_eq!(cached(&pair, &items, 2).await, None);
+    tx.commit().await.unwrap();
+    assert_eq!(items.get(1).await.unwrap().map(|i| i.qty), Some(7));
+    assert_eq!(
+        items.get(2).await.unwrap().map(|i| (i.qty, i.price)),
+        Some((3, 3.0))
+    );
+
+    let mut tx = engine.begin().await.unwrap();
+    let mut view = tx.on(&items);
+    assert!(TableWrites::delete(&mut view, 2).await.unwrap());
+    tx.rollback().await.unwrap();
+    assert!(
+        items.get(2).await.unwrap().is_some(),
+        "a rolled back scope deletes nothing"
     );
     Outcome::Passed
 }

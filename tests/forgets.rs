@@ -533,7 +533,7 @@ async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
             .env("WT_FIRST_VALUE", ((p + 1) * 10_000_000).to_string())
             .env("WT_FIRST_CLIENT", (p * 100).to_string())
             .env("WT_OUT", &out)
-            // WT_NEMESIS_EPOCHS=0 shows the checker failing with epochs off.
+            // WT_NEMESIS_EPOCHS=0 runs the engines with epochs off (the README says what that shows).
             .env(
                 "WT_EPOCHS",
                 std::env::var("WT_NEMESIS_EPOCHS").unwrap_or_else(|_| "1".into()),

@@ -145,6 +145,28 @@ impl Tx {
         self.put_with(table, record, WriteOptions::default()).await
     }
 
+    /// Creates `record` in the transaction: takes its key's lock and reads
+    /// it first, so that a row already there (or one another scope commits
+    /// meanwhile) fails with [`ErrorKind::Conflict`], which poisons the
+    /// scope like any failure in it. Returns the new row's version.
+    pub async fn insert<R: Record>(&mut self, table: &Handle<R>, record: &R) -> Result<u64> {
+        self.check_open("tx.insert")?;
+        let key = record
+            .to_row()
+            .and_then(|row| table.st.table.normalize_row(row))
+            .map(|(key, _)| key);
+        let key = self.checked("tx.insert", key)?;
+        let existing = self.read(table, Ok(key.clone()), true).await?;
+        if existing.is_some() {
+            let e = Error::new(
+                ErrorKind::Conflict,
+                format!("a row with key {key} already exists"),
+            );
+            return Err(self.fail(e.with_operation("tx.insert")));
+        }
+        self.put_with(table, record, WriteOptions::default()).await
+    }
+
     /// [`Tx::put`] with per-call options.
     pub async fn put_with<R: Record>(
         &mut self,
@@ -488,6 +510,11 @@ impl<R: Record> TxTable<'_, R> {
         self.tx.put(self.table, record).await
     }
 
+    /// [`Handle::insert`] in the scope (see [`Tx::insert`]).
+    pub async fn insert(&mut self, record: &R) -> Result<u64> {
+        self.tx.insert(self.table, record).await
+    }
+
     /// [`Handle::put_with`] in the scope.
     pub async fn put_with(&mut self, record: &R, opts: WriteOptions) -> Result<u64> {
         self.tx.put_with(self.table, record, opts).await
@@ -541,6 +568,8 @@ impl<R: Record> TxTable<'_, R> {
 pub trait TableWrites<R: Record>: Send {
     /// Upserts `record`; returns its version.
     async fn put(&mut self, record: &R) -> Result<u64>;
+    /// Creates `record`; a row already there is `ErrorKind::Conflict`.
+    async fn insert(&mut self, record: &R) -> Result<u64>;
     /// Sets some columns of the row at `key`; returns the new row.
     async fn update(&mut self, key: R::Key, patch: Patch) -> Result<Option<R>>;
     /// Deletes the row at `key`; returns whether there was one.
@@ -553,6 +582,9 @@ pub trait TableWrites<R: Record>: Send {
 impl<R: Record> TableWrites<R> for Handle<R> {
     async fn put(&mut self, record: &R) -> Result<u64> {
         Handle::put(self, record).await
+    }
+    async fn insert(&mut self, record: &R) -> Result<u64> {
+        Handle::insert(self, record).await
     }
     async fn update(&mut self, key: R::Key, patch: Patch) -> Result<Option<R>> {
         Handle::update(self, key, patch).await
@@ -569,6 +601,9 @@ impl<R: Record> TableWrites<R> for Handle<R> {
 impl<R: Record> TableWrites<R> for TxTable<'_, R> {
     async fn put(&mut self, record: &R) -> Result<u64> {
         TxTable::put(self, record).await
+    }
+    async fn insert(&mut self, record: &R) -> Result<u64> {
+        TxTable::insert(self, record).await
     }
     async fn update(&mut self, key: R::Key, patch: Patch) -> Result<Option<R>> {
         TxTable::update(self, key, patch).await

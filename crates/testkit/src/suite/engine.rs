@@ -2207,5 +2207,22 @@ pub async fn a_handle_and_a_scope_share_one_write_api(pair: Pair) -> Outcome {
         items.get(2).await.unwrap().is_some(),
         "a rolled back scope deletes nothing"
     );
+
+    // insert through either: a new key is created, an existing one is a
+    // Conflict, which poisons the scope (its other writes are not committed).
+    TableWrites::insert(&mut items.clone(), &item(3, 1.0))
+        .await
+        .unwrap();
+    let mut tx = engine.begin().await.unwrap();
+    tx.on(&items).insert(&item(4, 1.0)).await.unwrap();
+    let e = tx.on(&items).insert(&item(3, 9.0)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert_eq!(tx.commit().await.unwrap_err().kind(), ErrorKind::Conflict);
+    assert_eq!(
+        in_db(&pair, &items, 4).await,
+        None,
+        "the poisoned scope wrote nothing"
+    );
+    assert_eq!(items.get(3).await.unwrap(), Some(item(3, 1.0)));
     Outcome::Passed
 }

@@ -133,6 +133,30 @@ pub async fn setup_with(
     (engine, items)
 }
 
+/// What a writer that crashed right after its commit leaves: `it` upserted
+/// in the database with its outbox record, straight through the database
+/// (no engine, so no cache write). Returns the committed version.
+pub async fn commit_without_cache_write(pair: &Pair, h: &Handle<Item>, it: &Item) -> u64 {
+    let (_, row) = h
+        .table()
+        .normalize_row(it.to_row().expect("an item is a row"))
+        .expect("an item fits its table");
+    let write = Write {
+        table: h.table().clone(),
+        op: WriteOp::Upsert(row),
+    };
+    let out = pair
+        .db
+        .execute(vec![write], TxOptions::with_outbox(true))
+        .await
+        .expect("the database commits");
+    assert!(
+        out[0].outbox_id.is_some(),
+        "the write left its outbox record"
+    );
+    out[0].version
+}
+
 /// What the cache holds for `key`: `Some((is_row, version))`, or `None`.
 pub async fn cached<R: writethrough_core::Record>(
     pair: &Pair,
@@ -989,23 +1013,7 @@ pub async fn reconcile_replays_what_a_crashed_writer_left(pair: Pair) -> Outcome
         setup_with(&pair, |c| c.reconcile_interval = None, TableOptions::new()).await;
     let v1 = items.put(&item(1, 1.0)).await.unwrap();
     // What a crash right after the commit leaves: the row, its outbox record, the old entry.
-    let (_, row) = items
-        .table()
-        .normalize_row(writethrough_core::Record::to_row(&item(1, 2.0)).unwrap())
-        .unwrap();
-    let out = pair
-        .db
-        .execute(
-            vec![Write {
-                table: items.table().clone(),
-                op: WriteOp::Upsert(row),
-            }],
-            TxOptions::with_outbox(true),
-        )
-        .await
-        .unwrap();
-    let v2 = out[0].version;
-    assert!(out[0].outbox_id.is_some());
+    let v2 = commit_without_cache_write(&pair, &items, &item(1, 2.0)).await;
     assert_eq!(
         cached(&pair, &items, 1).await,
         Some((true, v1)),
@@ -2134,18 +2142,7 @@ pub async fn shutdown_flushes_the_outbox_and_stops_the_background_work(pair: Pai
         "shutdown removed the applied write's record"
     );
     // What a crashed writer leaves: a row and its outbox record, no cache write.
-    let (_, row) = items
-        .table()
-        .normalize_row(item(2, 2.0).to_row().unwrap())
-        .unwrap();
-    let write = Write {
-        table: items.table().clone(),
-        op: WriteOp::Upsert(row),
-    };
-    pair.db
-        .execute(vec![write], TxOptions::with_outbox(true))
-        .await
-        .unwrap();
+    commit_without_cache_write(&pair, &items, &item(2, 2.0)).await;
     // Past the grace period and several reconcile intervals.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(pending().await, 1, "no background replay after shutdown");

@@ -333,6 +333,27 @@ impl FaultyDb {
     pub fn faults(&self) -> &Arc<DbFaults> {
         &self.faults
     }
+
+    /// A committing call (`execute`, `insert`) under the write fault: not
+    /// run at all, or run and then reported lost, or run as is.
+    async fn faulty_commit<T>(
+        &self,
+        op: &'static str,
+        commit: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.faults.calls.hit(op);
+        match self.faults.write_fault() {
+            Some(false) => Err(injected(op)),
+            Some(true) => {
+                commit.await?;
+                Err(
+                    injected(&format!("{op} (connection lost after the commit was sent)"))
+                        .in_doubt(),
+                )
+            }
+            None => commit.await,
+        }
+    }
 }
 
 struct FaultyTx {
@@ -392,30 +413,16 @@ impl DbStore for FaultyDb {
         }))
     }
     async fn execute(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
-        self.faults.calls.hit("execute");
-        match self.faults.write_fault() {
-            Some(false) => Err(injected("execute")),
-            Some(true) => {
-                self.inner.execute(writes, opts).await?;
-                Err(injected("execute (connection lost after the commit was sent)").in_doubt())
-            }
-            None => self.inner.execute(writes, opts).await,
-        }
+        self.faulty_commit("execute", self.inner.execute(writes, opts))
+            .await
     }
     async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {
         self.faults.read("get").await?;
         self.inner.get(table, key).await
     }
     async fn insert(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
-        self.faults.calls.hit("insert");
-        match self.faults.write_fault() {
-            Some(false) => Err(injected("insert")),
-            Some(true) => {
-                self.inner.insert(writes, opts).await?;
-                Err(injected("insert (connection lost after the commit was sent)").in_doubt())
-            }
-            None => self.inner.insert(writes, opts).await,
-        }
+        self.faulty_commit("insert", self.inner.insert(writes, opts))
+            .await
     }
     async fn get_many(&self, table: &Table, keys: &[Key]) -> Result<Vec<Option<VersionedRow>>> {
         self.faults.read("get_many").await?;

@@ -248,13 +248,7 @@ impl<R: Record> Handle<R> {
     /// # Ok(()) }
     /// ```
     pub async fn get(&self, key: impl KeyArg<R::Key>) -> Result<Option<R>> {
-        let key = key.into_key().map_err(|e| e.with_operation("get"))?;
-        let shown = key.clone();
-        let (found, _) = self
-            .observed(OpKind::Get, self.inner.read(&self.st, key))
-            .await
-            .map_err(|e| e.with_operation("get").with_key(shown))?;
-        Ok(found)
+        Ok(self.read_as("get", key).await?.value)
     }
 
     /// [`Handle::get`] that also says where the row came from: for tests
@@ -274,12 +268,17 @@ impl<R: Record> Handle<R> {
     /// # Ok(()) }
     /// ```
     pub async fn read(&self, key: impl KeyArg<R::Key>) -> Result<Read<R>> {
-        let key = key.into_key().map_err(|e| e.with_operation("read"))?;
+        self.read_as("read", key).await
+    }
+
+    /// `get` and `read`, named `operation` in errors.
+    async fn read_as(&self, operation: &'static str, key: impl KeyArg<R::Key>) -> Result<Read<R>> {
+        let key = key.into_key().map_err(|e| e.with_operation(operation))?;
         let shown = key.clone();
         let (value, hit) = self
             .observed(OpKind::Get, self.inner.read(&self.st, key))
             .await
-            .map_err(|e| e.with_operation("read").with_key(shown))?;
+            .map_err(|e| e.with_operation(operation).with_key(shown))?;
         Ok(Read::new(value, hit))
     }
 

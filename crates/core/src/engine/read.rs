@@ -265,11 +265,7 @@ impl Inner {
         started: Instant,
         epoch: u64,
     ) -> bool {
-        if !self.breaker.allows() || self.resync.overflowed() || !st.caches(&vr.row) {
-            return false;
-        }
-        if started.elapsed() >= self.cfg.load_deadline {
-            Counters::add(&self.stats.late_loads, 1);
+        if !st.caches(&vr.row) || !self.may_populate(started) {
             return false;
         }
         let Some((entry, ttl)) = self.entry_for(st, &vr.row, vr.version, epoch) else {
@@ -383,6 +379,20 @@ impl Inner {
         Ok(found.into_iter().zip(hit).collect())
     }
 
+    /// Whether rows loaded by a read that started at `started` may go in
+    /// the cache: the cache is being called, resync has not overflowed, and
+    /// the load beat its deadline (a late one is counted and dropped).
+    fn may_populate(&self, started: Instant) -> bool {
+        if !self.breaker.allows() || self.resync.overflowed() {
+            return false;
+        }
+        if started.elapsed() >= self.cfg.load_deadline {
+            Counters::add(&self.stats.late_loads, 1);
+            return false;
+        }
+        true
+    }
+
     /// [`Inner::populate`] for a batch of loaded rows: one fenced cache
     /// call per chunk instead of one per row.
     async fn populate_many(
@@ -393,11 +403,7 @@ impl Inner {
         started: Instant,
         epoch: u64,
     ) {
-        if !self.breaker.allows() || self.resync.overflowed() {
-            return;
-        }
-        if started.elapsed() >= self.cfg.load_deadline {
-            Counters::add(&self.stats.late_loads, 1);
+        if !self.may_populate(started) {
             return;
         }
         let items: Vec<CacheItem> = cks

@@ -26,6 +26,7 @@
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::{quote, quote_spanned};
+use syn::ext::IdentExt as _;
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Fields, LitStr, Meta, Token, Type, parse_macro_input};
@@ -172,11 +173,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     let mut columns: Vec<Column<'_>> = Vec::new();
     for field in &fields.named {
         let ident = field.ident.as_ref().expect("named fields have names");
-        let mut name = ident.to_string();
-        let name = name
-            .strip_prefix("r#")
-            .map(str::to_owned)
-            .unwrap_or_else(|| std::mem::take(&mut name));
+        let name = ident.unraw().to_string();
         let mut col = Column {
             name,
             ty: &field.ty,

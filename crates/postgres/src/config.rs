@@ -23,6 +23,8 @@ use writethrough_core::{Error, ErrorKind, Result};
 /// | `ping_idle_after` | ping a pooled connection idle this long before using it (`off` never) | `5s` |
 /// | `statement_timeout` | server-side limit per statement, lock waits included (`off`) | off |
 /// | `idle_in_transaction_timeout` | the server ends a session idle inside a transaction this long (`off`) | `30s` |
+/// | `coalesce_lanes` | single fenced upserts running at once before later ones queue and share one statement (`off` or `0` never coalesces) | 4 |
+/// | `coalesce_max` | most writes one coalesced statement carries | 128 |
 ///
 /// Durations are written `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
 ///
@@ -66,6 +68,13 @@ pub struct PostgresConfig {
     /// The server's `idle_in_transaction_session_timeout`: a transaction left
     /// open and idle this long is ended by the server, releasing its locks.
     pub idle_in_transaction_timeout: Option<Duration>,
+    /// Write coalescing: while this many single fenced upserts are running,
+    /// later ones queue and the next to finish carries the queue in one
+    /// statement and one commit (one WAL flush for many writers). `0`
+    /// turns it off. An uncontended write never waits for it.
+    pub coalesce_lanes: usize,
+    /// Most writes one coalesced statement carries.
+    pub coalesce_max: usize,
 }
 
 const POOL_PARAMS: &[&str] = &[
@@ -77,6 +86,8 @@ const POOL_PARAMS: &[&str] = &[
     "ping_idle_after",
     "statement_timeout",
     "idle_in_transaction_timeout",
+    "coalesce_lanes",
+    "coalesce_max",
 ];
 
 fn config_err(msg: impl Into<String>) -> Error {
@@ -97,6 +108,8 @@ impl PostgresConfig {
             ping_idle_after: Some(Duration::from_secs(5)),
             statement_timeout: None,
             idle_in_transaction_timeout: Some(Duration::from_secs(30)),
+            coalesce_lanes: 4,
+            coalesce_max: 128,
         }
     }
 
@@ -148,6 +161,19 @@ impl PostgresConfig {
                     } else {
                         cfg.min_connections = n;
                     }
+                }
+                "coalesce_lanes" => {
+                    cfg.coalesce_lanes = match v {
+                        "off" => 0,
+                        _ => v.parse().map_err(|_| bad("not a whole number or off"))?,
+                    }
+                }
+                "coalesce_max" => {
+                    let n: usize = v.parse().map_err(|_| bad("not a whole number"))?;
+                    if n < 2 {
+                        return Err(bad("must be at least 2"));
+                    }
+                    cfg.coalesce_max = n;
                 }
                 "acquire_timeout" => {
                     cfg.acquire_timeout =
@@ -252,6 +278,21 @@ impl PostgresConfig {
         self
     }
 
+    /// Sets how many single fenced upserts run at once before later ones are
+    /// coalesced (`0`: never).
+    #[must_use]
+    pub fn coalesce_lanes(mut self, n: usize) -> Self {
+        self.coalesce_lanes = n;
+        self
+    }
+
+    /// Sets the most writes one coalesced statement carries (at least 2).
+    #[must_use]
+    pub fn coalesce_max(mut self, n: usize) -> Self {
+        self.coalesce_max = n.max(2);
+        self
+    }
+
     /// The connection options with the session settings the store relies on.
     pub(crate) fn session_options(&self) -> PgConnectOptions {
         let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
@@ -299,6 +340,8 @@ impl fmt::Debug for PostgresConfig {
                 "idle_in_transaction_timeout",
                 &self.idle_in_transaction_timeout,
             )
+            .field("coalesce_lanes", &self.coalesce_lanes)
+            .field("coalesce_max", &self.coalesce_max)
             .finish()
     }
 }
@@ -379,6 +422,10 @@ mod tests {
         assert_eq!(cfg.acquire_timeout, Duration::from_millis(250));
         assert_eq!(cfg.statement_timeout, None);
         assert_eq!(cfg.ping_idle_after, Some(Duration::from_secs(120)));
+        assert_eq!(cfg.coalesce_lanes, 4);
+        let off =
+            PostgresConfig::from_url("postgres://h/db?coalesce_lanes=off&coalesce_max=9").unwrap();
+        assert_eq!((off.coalesce_lanes, off.coalesce_max), (0, 9));
         assert_eq!(cfg.connect_options().get_host(), "h");
         assert_eq!(cfg.connect_options().get_port(), 6543);
         assert_eq!(cfg.connect_options().get_database(), Some("db"));
@@ -410,6 +457,8 @@ mod tests {
             "postgres://h/db?max_connections=0",
             "postgres://h/db?acquire_timeout=soon",
             "postgres://h/db?idle_timeout=5x",
+            "postgres://h/db?coalesce_lanes=many",
+            "postgres://h/db?coalesce_max=1",
         ] {
             assert_eq!(
                 PostgresConfig::from_url(url).unwrap_err().kind(),

@@ -46,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+mod coalesce;
 mod config;
 mod error;
 mod sql;
@@ -63,7 +64,10 @@ use writethrough_core::backend::{
 };
 use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table, VersionedRow};
 
+pub use coalesce::CoalesceStats;
 pub use config::PostgresConfig;
+
+use coalesce::Coalescer;
 
 use error::{Phase, map_err};
 use sql::{TableSql, bind_key, query};
@@ -89,6 +93,7 @@ pub(crate) struct Shared {
     config: PostgresConfig,
     tables: RwLock<HashMap<String, Arc<TableSql>>>,
     lock_many: Arc<str>,
+    coalescer: Option<Arc<Coalescer>>,
 }
 
 impl Shared {
@@ -158,6 +163,8 @@ impl PostgresStore {
     /// A store whose pool connects on first use; no I/O here.
     pub fn lazy(cfg: PostgresConfig) -> Self {
         let ping_after = cfg.ping_idle_after;
+        let (cfg_lanes, cfg_max) = (cfg.coalesce_lanes, cfg.coalesce_max);
+        let cfg_pool = cfg.max_connections.max(1) as usize;
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections.max(1))
             .min_connections(cfg.min_connections)
@@ -184,6 +191,8 @@ impl PostgresStore {
                 config: cfg,
                 tables: RwLock::new(HashMap::new()),
                 lock_many: Arc::from(sql::lock_many_sql()),
+                coalescer: (cfg_lanes > 0)
+                    .then(|| Arc::new(Coalescer::new(cfg_lanes, cfg_max, cfg_pool))),
             }),
         }
     }
@@ -197,6 +206,42 @@ impl PostgresStore {
     /// The settings the store was opened with.
     pub fn config(&self) -> &PostgresConfig {
         &self.shared.config
+    }
+
+    /// What write coalescing has done so far: statements that carried
+    /// several callers' writes, and how many writes they carried.
+    pub fn coalesce_stats(&self) -> CoalesceStats {
+        self.shared
+            .coalescer
+            .as_ref()
+            .map(|c| c.stats())
+            .unwrap_or_default()
+    }
+
+    /// Runs prepared writes, again when the database aborted them to break
+    /// a deadlock (they committed nothing).
+    pub(crate) async fn run_retrying(
+        &self,
+        ps: &[Prepared],
+        opts: TxOptions,
+    ) -> Result<Vec<WriteOutcome>> {
+        let mut attempt = 1;
+        loop {
+            match self.execute_prepared(ps, opts).await {
+                // A scope locked its keys' slots in another order than
+                // this write's sorted order.
+                Err(e)
+                    if e.kind() == ErrorKind::Deadlock
+                        && !e.is_in_doubt()
+                        && attempt < DEADLOCK_TRIES =>
+                {
+                    tracing::debug!(attempt, error = %e, "write aborted by a deadlock; running it again");
+                    tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
@@ -439,30 +484,27 @@ impl DbStore for PostgresStore {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let ps = writes
+        let mut ps = writes
             .iter()
             .map(|w| prepare(&self.shared, w))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| e.with_operation("db.execute"))?;
-        let mut attempt = 1;
-        loop {
-            let result = self.execute_prepared(&ps, opts).await;
-            match result {
-                // Aborted to break a deadlock (a scope locked its keys' slots
-                // in another order than this write's sorted order): nothing
-                // was committed, so the same writes can run again.
-                Err(e)
-                    if e.kind() == ErrorKind::Deadlock
-                        && !e.is_in_doubt()
-                        && attempt < DEADLOCK_TRIES =>
-                {
-                    tracing::debug!(attempt, error = %e, "write aborted by a deadlock; running it again");
-                    tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
-                    attempt += 1;
-                }
-                r => return r.map_err(|e| e.with_operation("db.execute")),
-            }
+        // A lone fenced upsert may share its statement and commit with
+        // concurrent ones (see `coalesce`).
+        if let Some(c) = &self.shared.coalescer
+            && opts.fence
+            && ps.len() == 1
+            && matches!(ps[0].op, PreparedOp::Upsert(_))
+            && let Some(p) = ps.pop()
+        {
+            return Coalescer::submit(self, c, p, opts)
+                .await
+                .map(|o| vec![o])
+                .map_err(|e| e.with_operation("db.execute"));
         }
+        self.run_retrying(&ps, opts)
+            .await
+            .map_err(|e| e.with_operation("db.execute"))
     }
 
     async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {

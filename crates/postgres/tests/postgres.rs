@@ -1384,3 +1384,171 @@ async fn the_shared_db_suite_passes_on_postgres() {
     )
     .await;
 }
+
+/// Writes to `keys` (with `name`s) started one after another on `store`,
+/// each queued behind the blocked leader before the next starts.
+async fn queue_writes(
+    store: &writethrough_postgres::PostgresStore,
+    t: &Table,
+    writes: &[(i64, &str)],
+) -> Vec<tokio::task::JoinHandle<writethrough_core::Result<Vec<WriteOutcome>>>> {
+    let mut handles = Vec::new();
+    for (n, &(id, name)) in writes.iter().enumerate() {
+        let (s, w) = (store.clone(), upsert(t, item(id, name)));
+        handles.push(tokio::spawn(async move {
+            s.execute(vec![w], TxOptions::with_outbox(true)).await
+        }));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while store.coalesce_stats().queued < n as u64 + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "write {n} never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    handles
+}
+
+/// Concurrent single writes share one statement and one commit: while the
+/// only lane waits for a key lock, fifteen writes queue, and they commit in
+/// one batch once it is free, each with its own version; a key queued twice
+/// keeps its order.
+#[tokio::test]
+async fn queued_single_writes_commit_together_and_keep_their_order_per_key() {
+    let pg = pg().await;
+    let t = items(&unique("coalesce"));
+    pg.store.ensure_table(&t).await.unwrap();
+    // One connection: no extra lane can open, so the queue waits for the
+    // leader, deterministically.
+    let writer = pg
+        .other_store(|c| c.max_connections(1).coalesce_lanes(1))
+        .await;
+    let (holder, _) = hold_key(&pg, &t, upsert(&t, item(1, "held"))).await;
+    let leader = {
+        let (s, w) = (writer.clone(), upsert(&t, item(1, "leader")));
+        tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
+    };
+    wait_for_lock_waiters(pg.store.pool(), 1).await;
+    let mut writes: Vec<(i64, String)> = (2..=14).map(|id| (id, format!("v{id}"))).collect();
+    writes.push((2, "second".into()));
+    writes.push((15, "v15".into()));
+    let refs: Vec<(i64, &str)> = writes.iter().map(|(i, n)| (*i, n.as_str())).collect();
+    let queued = queue_writes(&writer, &t, &refs).await;
+    assert_eq!(writer.coalesce_stats().batches, 0);
+    holder.commit().await.unwrap();
+    let leader = leader.await.unwrap().unwrap();
+    let mut outs = Vec::new();
+    for h in queued {
+        outs.push(h.await.unwrap().unwrap().remove(0));
+    }
+    let stats = writer.coalesce_stats();
+    assert!(
+        stats.batches >= 1 && stats.writes >= 14,
+        "fifteen queued writes of fourteen keys: {stats:?}"
+    );
+    assert_eq!(stats.queued, 0);
+    let mut versions: Vec<u64> = outs.iter().map(|o| o.version).collect();
+    versions.push(leader[0].version);
+    versions.sort_unstable();
+    versions.dedup();
+    assert_eq!(versions.len(), 16, "every write its own version");
+    // Key 2: "v2" queued before "second", so committed before it.
+    assert!(outs[13].version > outs[0].version, "{outs:?}");
+    for (id, name) in [(1, "leader"), (2, "second"), (7, "v7"), (15, "v15")] {
+        let row = pg.store.get(&t, &Key::from(id)).await.unwrap().unwrap();
+        assert_eq!(row.row.get("name"), Some(&Value::from(name)), "key {id}");
+    }
+    // Every write recorded in the outbox, coalesced or not.
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM \"_wt_outbox\"")
+        .fetch_one(pg.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(pending, 16, "one outbox record per write");
+}
+
+/// A batch the database refuses as a whole commits nothing; its writes run
+/// again one by one, so only the bad row's writer fails.
+#[tokio::test]
+async fn one_bad_row_in_a_coalesced_batch_fails_only_its_writer() {
+    let pg = pg().await;
+    let t = items(&unique("coalbad"));
+    pg.store.ensure_table(&t).await.unwrap();
+    pg.exec(&format!(
+        "ALTER TABLE \"{}\" ADD CONSTRAINT \"{}_name\" CHECK (name <> 'bad')",
+        t.name(),
+        t.name()
+    ))
+    .await;
+    let writer = pg
+        .other_store(|c| c.max_connections(1).coalesce_lanes(1))
+        .await;
+    let (holder, _) = hold_key(&pg, &t, upsert(&t, item(1, "held"))).await;
+    let leader = {
+        let (s, w) = (writer.clone(), upsert(&t, item(1, "leader")));
+        tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
+    };
+    wait_for_lock_waiters(pg.store.pool(), 1).await;
+    let queued = queue_writes(&writer, &t, &[(2, "ok"), (3, "bad"), (4, "ok")]).await;
+    holder.commit().await.unwrap();
+    leader.await.unwrap().unwrap();
+    let results: Vec<_> = futures_join(queued).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    let e = results[1].as_ref().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConstraintViolation, "{e}");
+    assert!(!e.is_in_doubt());
+    assert_eq!(writer.coalesce_stats().batches, 1);
+    assert!(pg.store.get(&t, &Key::from(3)).await.unwrap().is_none());
+    for id in [2, 4] {
+        let row = pg.store.get(&t, &Key::from(id)).await.unwrap().unwrap();
+        assert_eq!(row.row.get("name"), Some(&Value::from("ok")));
+    }
+}
+
+async fn futures_join(
+    hs: Vec<tokio::task::JoinHandle<writethrough_core::Result<Vec<WriteOutcome>>>>,
+) -> Vec<writethrough_core::Result<Vec<WriteOutcome>>> {
+    let mut out = Vec::new();
+    for h in hs {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// A lane stalled behind a long transaction does not hold the queue: a
+/// queued write to another key opens one more lane and commits while the
+/// lock is still held. With coalescing off nothing is ever batched.
+#[tokio::test]
+async fn a_stalled_lane_does_not_hold_the_queue_and_off_means_off() {
+    let pg = pg().await;
+    let t = items(&unique("coalstall"));
+    pg.store.ensure_table(&t).await.unwrap();
+    for lanes in [1, 0] {
+        let writer = pg.other_store(|c| c.coalesce_lanes(lanes)).await;
+        let (holder, _) = hold_key(&pg, &t, upsert(&t, item(1, "held"))).await;
+        let leader = {
+            let (s, w) = (writer.clone(), upsert(&t, item(1, "leader")));
+            tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
+        };
+        wait_for_lock_waiters(pg.store.pool(), 1).await;
+        // Commits while key 1 is still held.
+        let others: Vec<_> = (2..6)
+            .map(|id| {
+                let (s, w) = (writer.clone(), upsert(&t, item(id, "other")));
+                tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
+            })
+            .collect();
+        for r in futures_join(others).await {
+            r.unwrap();
+        }
+        assert!(!leader.is_finished());
+        let stats = writer.coalesce_stats();
+        if lanes == 0 {
+            assert_eq!(stats, writethrough_postgres::CoalesceStats::default());
+        } else {
+            assert!(stats.extra_lanes >= 1, "{stats:?}");
+        }
+        holder.commit().await.unwrap();
+        leader.await.unwrap().unwrap();
+    }
+}

@@ -6,17 +6,16 @@
 #
 # Starts redis-server, memcached and a PostgreSQL cluster on free loopback
 # ports in a temporary directory (configured as the testkit starts them,
-# memcached with 1 GiB so the 16 KiB tables fit), runs
+# memcached with 1 GiB so the 16 KiB tables fit; PostgreSQL with its shipped
+# durability, fsync and synchronous_commit on, as users run it; set
+# WT_BENCH_FSYNC=off for the second view without WAL flushes), runs
 # `writethrough-bench --pairs all`, writes the Markdown tables to
 # target/bench.md, and stops the servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for bin in redis-server memcached; do
-    command -v "$bin" >/dev/null || { echo "missing $bin: sudo apt-get install -y ${bin/-server/-server}" >&2; exit 1; }
-done
+scripts/install-servers.sh
 pgbin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1)")
-[[ -x "$pgbin/initdb" ]] || { echo "missing PostgreSQL: sudo apt-get install -y postgresql" >&2; exit 1; }
 
 dir=$(mktemp -d /tmp/wt-bench.XXXXXX)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -44,9 +43,12 @@ run_pg() {
 mkdir -p "$dir/pg"
 [[ $(id -u) -eq 0 ]] && chown -R postgres "$dir"
 run_pg "$pgbin/initdb" -D "$dir/pg" -U postgres --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1
-run_pg "$pgbin/pg_ctl" -D "$dir/pg" -l "$dir/postgres.log" -w \
-    -o "-p $pport -c listen_addresses=127.0.0.1 -k $dir -c fsync=off -c full_page_writes=off -c max_connections=200" \
-    start >/dev/null
+pgopts="-p $pport -c listen_addresses=127.0.0.1 -k $dir -c max_connections=200"
+if [[ "${WT_BENCH_FSYNC:-on}" == off ]]; then
+    pgopts+=" -c fsync=off -c full_page_writes=off"
+fi
+run_pg "$pgbin/pg_ctl" -D "$dir/pg" -l "$dir/postgres.log" -w -o "$pgopts" start >/dev/null
+echo "PostgreSQL fsync=${WT_BENCH_FSYNC:-on}" >&2
 pg_started=1
 
 cargo build --release -p writethrough-bench

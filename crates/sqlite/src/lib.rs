@@ -28,7 +28,7 @@
 mod sql;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,6 +71,12 @@ pub struct SqliteConfig {
     /// An interactive transaction left idle this long is rolled back, so a
     /// forgotten one cannot hold SQLite's single write lock forever.
     pub idle_transaction_timeout: Duration,
+    /// A write that finds the writer idle (nothing queued, no transaction
+    /// open) runs at once on the calling thread, as a direct rusqlite call
+    /// would, instead of hopping to the writer thread and back. It never
+    /// waits there for another process's write lock: a busy database sends
+    /// it to the writer thread. Off, every write goes through the thread.
+    pub inline_writes: bool,
 }
 
 impl SqliteConfig {
@@ -83,6 +89,7 @@ impl SqliteConfig {
             group_commit_max: 256,
             synchronous: Synchronous::Normal,
             idle_transaction_timeout: Duration::from_secs(30),
+            inline_writes: true,
         }
     }
 
@@ -107,6 +114,14 @@ impl SqliteConfig {
         self
     }
 
+    /// Sets whether a write that finds the writer idle runs on the calling
+    /// thread (see [`SqliteConfig::inline_writes`]).
+    #[must_use]
+    pub fn inline_writes(mut self, on: bool) -> Self {
+        self.inline_writes = on;
+        self
+    }
+
     /// Sets the largest group of transactions committed together (1 turns group commit off).
     #[must_use]
     pub fn group_commit_max(mut self, n: usize) -> Self {
@@ -124,6 +139,14 @@ pub struct SqliteStore {
 
 struct Shared {
     writer: Sender<WriterJob>,
+    /// The write connection: the writer thread's, lent to a caller that
+    /// finds it idle (`inline_writes`).
+    conn: Arc<Mutex<Writer>>,
+    inline: bool,
+    busy_timeout: Duration,
+    inlined: AtomicU64,
+    /// Writes in flight (queued, running, or waiting for their reply).
+    active: AtomicUsize,
     readers: Sender<ReadJob>,
     path: PathBuf,
     /// The open scope, if any, and who holds it.
@@ -295,12 +318,22 @@ impl SqliteStore {
             })?;
         }
         let (max, idle) = (cfg.group_commit_max.max(1), cfg.idle_transaction_timeout);
+        let conn = Arc::new(Mutex::new(Writer {
+            conn: writer_conn,
+            cache: SqlCache::default(),
+        }));
+        let theirs = conn.clone();
         spawn("wt-sqlite-write".into(), move || {
-            writer_loop(writer_conn, wrx, max, idle)
+            writer_loop(&theirs, wrx, max, idle)
         })?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
                 writer: wtx,
+                conn,
+                inline: cfg.inline_writes,
+                busy_timeout: cfg.busy_timeout,
+                inlined: AtomicU64::new(0),
+                active: AtomicUsize::new(0),
                 readers: rtx,
                 path: cfg.path,
                 scope: Arc::default(),
@@ -308,6 +341,12 @@ impl SqliteStore {
                 _temp: None,
             }),
         })
+    }
+
+    /// Write transactions that found the writer idle and ran on the
+    /// caller's thread (see [`SqliteConfig::inline_writes`]).
+    pub fn writes_inline(&self) -> u64 {
+        self.shared.inlined.load(Ordering::Relaxed)
     }
 
     /// The database file.
@@ -327,9 +366,81 @@ impl SqliteStore {
         ask(rx).await
     }
 
+    /// A write transaction: on the calling thread when it is the only one
+    /// in flight and the writer is idle, else through the writer thread
+    /// (where concurrent ones commit together).
+    async fn write_txn(
+        &self,
+        writes: Vec<Write>,
+        opts: TxOptions,
+        create_only: bool,
+    ) -> Result<Vec<WriteOutcome>> {
+        self.shared.scope.check("a write")?;
+        let active = &self.shared.active;
+        let alone = active.fetch_add(1, Ordering::AcqRel) == 0;
+        let _done = Decrement(active);
+        if alone && let Some(r) = self.try_inline(&writes, opts, create_only) {
+            return r;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.write(
+            WriterJob::Group(GroupItem::Writes(writes, opts, create_only, tx)),
+            rx,
+        )
+        .await
+    }
+
+    /// Runs `writes` on the calling thread if the writer is idle: nothing
+    /// queued for it and its connection free. `None` sends them to the
+    /// writer thread: it was busy, or another process holds the write lock
+    /// (this thread does not wait for it).
+    fn try_inline(
+        &self,
+        writes: &[Write],
+        opts: TxOptions,
+        create_only: bool,
+    ) -> Option<Result<Vec<WriteOutcome>>> {
+        let sh = &self.shared;
+        if !sh.inline || !sh.writer.is_empty() {
+            return None;
+        }
+        let mut guard = sh.conn.try_lock().ok()?;
+        let w = &mut *guard;
+        if !w.conn.is_autocommit() || w.conn.busy_timeout(Duration::ZERO).is_err() {
+            return None;
+        }
+        let r = match exec(&w.conn, "BEGIN IMMEDIATE") {
+            Err(e) if e.kind() == ErrorKind::Busy => None,
+            Err(e) => Some(Err(e)),
+            Ok(()) => {
+                sh.inlined.fetch_add(1, Ordering::Relaxed);
+                Some(commit_alone(
+                    &w.conn,
+                    &mut w.cache,
+                    writes,
+                    opts,
+                    create_only,
+                ))
+            }
+        };
+        if let Err(e) = w.conn.busy_timeout(sh.busy_timeout) {
+            tracing::warn!(error = %e, "cannot restore the SQLite busy timeout");
+        }
+        r
+    }
+
     async fn read<T>(&self, job: ReadJob, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
         self.shared.readers.send(job).map_err(|_| gone())?;
         ask(rx).await
+    }
+}
+
+/// Counts a write out when it ends, however it ends.
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -465,8 +576,18 @@ fn exec(conn: &Connection, sql: &str) -> Result<()> {
         .map_err(map_err)
 }
 
-fn writer_loop(conn: Connection, jobs: Receiver<WriterJob>, group_max: usize, idle: Duration) {
-    let mut cache = SqlCache::default();
+/// The write connection and its statements.
+struct Writer {
+    conn: Connection,
+    cache: SqlCache,
+}
+
+fn writer_loop(
+    shared: &Mutex<Writer>,
+    jobs: Receiver<WriterJob>,
+    group_max: usize,
+    idle: Duration,
+) {
     let mut carry = None;
     loop {
         let job = match carry.take() {
@@ -476,6 +597,9 @@ fn writer_loop(conn: Connection, jobs: Receiver<WriterJob>, group_max: usize, id
                 Err(_) => return,
             },
         };
+        let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let Writer { conn, cache } = &mut *guard;
+        let (conn, cache) = (&*conn, cache);
         match job {
             WriterJob::Group(first) => {
                 let mut group = vec![first];
@@ -489,11 +613,11 @@ fn writer_loop(conn: Connection, jobs: Receiver<WriterJob>, group_max: usize, id
                         Err(_) => break,
                     }
                 }
-                run_group(&conn, &mut cache, group);
+                run_group(conn, cache, group);
             }
-            WriterJob::Begin(it) => run_interactive(&conn, &mut cache, it, idle),
+            WriterJob::Begin(it) => run_interactive(conn, cache, it, idle),
             WriterJob::Ensure(t, reply) => {
-                let _ = reply.send(sql::ensure_table(&conn, &mut cache, &t));
+                let _ = reply.send(sql::ensure_table(conn, cache, &t));
             }
         }
     }
@@ -506,22 +630,7 @@ fn run_item(
 ) -> Result<Option<Vec<WriteOutcome>>> {
     match item {
         GroupItem::Writes(writes, opts, create_only, _) => {
-            if *create_only {
-                // The writer thread is the only writer: nothing can insert
-                // the key between this check and the write.
-                for w in writes {
-                    if let writethrough_core::backend::WriteOp::Upsert(row) = &w.op
-                        && let Some(key) = w.table.key_of(row)
-                        && sql::get(conn, cache, &w.table, &key)?.is_some()
-                    {
-                        return Err(Error::new(
-                            ErrorKind::Conflict,
-                            format!("a row with key {key} already exists"),
-                        ));
-                    }
-                }
-            }
-            sql::apply_all(conn, cache, writes, opts.outbox).map(Some)
+            run_writes(conn, cache, writes, *opts, *create_only).map(Some)
         }
         GroupItem::OutboxRemove(ids, _) => {
             // Ids come in runs (a batch's records are consecutive): one
@@ -546,6 +655,50 @@ fn run_item(
             Ok(None)
         }
     }
+}
+
+/// One write transaction's statements; with `create_only`, every upsert
+/// must create its row.
+fn run_writes(
+    conn: &Connection,
+    cache: &mut SqlCache,
+    writes: &[Write],
+    opts: TxOptions,
+    create_only: bool,
+) -> Result<Vec<WriteOutcome>> {
+    if create_only {
+        // The holder of the write connection is the only writer: nothing
+        // can insert the key between this check and the write.
+        for w in writes {
+            if let writethrough_core::backend::WriteOp::Upsert(row) = &w.op
+                && let Some(key) = w.table.key_of(row)
+                && sql::get(conn, cache, &w.table, &key)?.is_some()
+            {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("a row with key {key} already exists"),
+                ));
+            }
+        }
+    }
+    sql::apply_all(conn, cache, writes, opts.outbox)
+}
+
+/// Runs one write transaction inside the `BEGIN IMMEDIATE` already issued,
+/// and commits it (or rolls it back on failure).
+fn commit_alone(
+    conn: &Connection,
+    cache: &mut SqlCache,
+    writes: &[Write],
+    opts: TxOptions,
+    create_only: bool,
+) -> Result<Vec<WriteOutcome>> {
+    let r = run_writes(conn, cache, writes, opts, create_only)
+        .and_then(|out| exec(conn, "COMMIT").map(|()| out));
+    if r.is_err() && !conn.is_autocommit() {
+        let _ = exec(conn, "ROLLBACK");
+    }
+    r
 }
 
 /// Commits a group of write transactions with one `COMMIT`; each runs in
@@ -763,21 +916,11 @@ impl DbStore for SqliteStore {
     }
 
     async fn execute(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
-        let (tx, rx) = oneshot::channel();
-        self.write(
-            WriterJob::Group(GroupItem::Writes(writes, opts, false, tx)),
-            rx,
-        )
-        .await
+        self.write_txn(writes, opts, false).await
     }
 
     async fn insert(&self, writes: Vec<Write>, opts: TxOptions) -> Result<Vec<WriteOutcome>> {
-        let (tx, rx) = oneshot::channel();
-        self.write(
-            WriterJob::Group(GroupItem::Writes(writes, opts, true, tx)),
-            rx,
-        )
-        .await
+        self.write_txn(writes, opts, true).await
     }
 
     async fn get(&self, table: &Table, key: &Key) -> Result<Option<VersionedRow>> {

@@ -240,3 +240,62 @@ async fn the_shared_db_suite_passes_on_sqlite() {
     )
     .await;
 }
+
+/// A write that finds the writer idle runs on the caller's thread; one that
+/// meets another process's write lock does not wait for it there (the
+/// caller's runtime keeps running) but queues for the writer thread, and
+/// commits once the lock is free.
+#[tokio::test]
+async fn an_idle_writer_lends_its_connection_and_a_busy_file_never_blocks_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inline.db");
+    let db = SqliteStore::with_config(writethrough_sqlite::SqliteConfig::new(&path)).unwrap();
+    let t = table("t");
+    db.ensure_table(&t).await.unwrap();
+    // The writer thread lets go of the connection just after it replies to
+    // ensure_table; one of the next writes finds it idle.
+    for _ in 0..100 {
+        db.execute(vec![upsert(&t, 1, "a")], TxOptions::with_outbox(true))
+            .await
+            .unwrap();
+        if db.writes_inline() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let inline = db.writes_inline();
+    assert!(inline >= 1, "no write ran inline");
+
+    // Another connection, as another process would, holds the write lock.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let write = {
+        let (db, w) = (db.clone(), upsert(&t, 2, "b"));
+        tokio::spawn(async move { db.execute(vec![w], TxOptions::default()).await })
+    };
+    // This single-threaded runtime still runs: the write is not blocking it.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!write.is_finished(), "the write waits for the lock");
+    other.execute_batch("COMMIT").unwrap();
+    write.await.unwrap().expect("commits once the lock is free");
+    assert_eq!(
+        db.writes_inline(),
+        1,
+        "the busy write went to the writer thread"
+    );
+    let row = db.get(&t, &Key::Int(2)).await.unwrap().unwrap();
+    assert_eq!(row.row.get("v"), Some(&writethrough_core::Value::from("b")));
+
+    // Off: every write through the writer thread.
+    drop(db);
+    let db = SqliteStore::with_config(
+        writethrough_sqlite::SqliteConfig::new(&path).inline_writes(false),
+    )
+    .unwrap();
+    db.execute(vec![upsert(&t, 3, "c")], TxOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(db.writes_inline(), 0);
+}

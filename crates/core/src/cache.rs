@@ -1,12 +1,49 @@
 //! The cache side: what a cache backend must do for the engine.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
+
+/// Where an in-process cache keeps one stored entry decoded, for as long
+/// as that entry lives: each entry it stores gets a new, empty slot (see
+/// [`CacheStore::get_slotted`]), so what a slot holds always belongs to the
+/// bytes stored with it. The engine fills it on the first shared read
+/// (`Handle::get_arc`) and serves the next ones from it without decoding.
+#[derive(Clone, Default)]
+pub struct DecodedSlot(Arc<OnceLock<(u64, Arc<dyn Any + Send + Sync>)>>);
+
+impl DecodedSlot {
+    /// An empty slot, for a new entry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The decoded value of type `T` and the entry's epoch, if the slot
+    /// holds one of that type.
+    pub(crate) fn get<T: Any + Send + Sync>(&self) -> Option<(u64, Arc<T>)> {
+        let (epoch, v) = self.0.get()?;
+        v.clone().downcast::<T>().ok().map(|v| (*epoch, v))
+    }
+
+    /// Fills the slot; the first value stays.
+    pub(crate) fn fill<T: Any + Send + Sync>(&self, epoch: u64, v: Arc<T>) {
+        let _ = self.0.set((epoch, v));
+    }
+}
+
+impl fmt::Debug for DecodedSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecodedSlot")
+            .field("filled", &self.0.get().is_some())
+            .finish()
+    }
+}
 
 /// Which keys a cache backend can hold, beyond its length limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +235,13 @@ pub trait CacheStore: Send + Sync + 'static {
     fn capabilities(&self) -> CacheCapabilities;
     /// Reads one entry.
     async fn get(&self, key: &str) -> Result<Option<Bytes>>;
+    /// [`CacheStore::get`], with the entry's [`DecodedSlot`] where the cache
+    /// keeps entries in this process. A backend that offers slots must give
+    /// every entry it stores a new one, never reuse a slot for other bytes.
+    /// The default has none: every read decodes.
+    async fn get_slotted(&self, key: &str) -> Result<Option<(Bytes, Option<DecodedSlot>)>> {
+        Ok(self.get(key).await?.map(|b| (b, None)))
+    }
     /// Reads several entries in one round trip.
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>>;
     /// Stores unconditionally.
@@ -254,6 +298,9 @@ macro_rules! forward_cache_store {
             }
             async fn get(&self, key: &str) -> Result<Option<Bytes>> {
                 (**self).get(key).await
+            }
+            async fn get_slotted(&self, key: &str) -> Result<Option<(Bytes, Option<DecodedSlot>)>> {
+                (**self).get_slotted(key).await
             }
             async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>> {
                 (**self).get_many(keys).await

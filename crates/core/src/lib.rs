@@ -45,7 +45,7 @@ pub use writethrough_derive::Entity;
 /// never call a backend directly (that would bypass the fences); adapter
 /// authors start here (see CONTRIBUTING.md, "Adding a backend").
 pub mod backend {
-    pub use crate::cache::{CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule};
+    pub use crate::cache::{CacheCapabilities, CacheItem, CacheStore, DecodedSlot, Fence, KeyRule};
     pub use crate::codec;
     pub use crate::db::{
         DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, VERSION_COLUMN,

@@ -16,14 +16,26 @@ use moka::Expiry;
 use moka::ops::compute::Op;
 use writethrough_core::Result;
 use writethrough_core::backend::{
-    CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule, async_trait, codec,
+    CacheCapabilities, CacheItem, CacheStore, DecodedSlot, Fence, KeyRule, async_trait, codec,
 };
 
-/// One stored entry with its own TTL.
+/// One stored entry with its own TTL, and the slot where the engine may
+/// keep it decoded (new with every entry, so never another entry's).
 #[derive(Clone)]
 struct Stored {
     bytes: Bytes,
     ttl: Option<Duration>,
+    slot: DecodedSlot,
+}
+
+impl Stored {
+    fn new(bytes: Bytes, ttl: Option<Duration>) -> Self {
+        Stored {
+            bytes,
+            ttl,
+            slot: DecodedSlot::new(),
+        }
+    }
 }
 
 struct PerEntryTtl;
@@ -135,7 +147,7 @@ impl MokaCache {
                     version,
                 );
                 let op = if replace {
-                    Op::Put(Stored { bytes: entry, ttl })
+                    Op::Put(Stored::new(entry, ttl))
                 } else {
                     Op::Nop
                 };
@@ -172,6 +184,10 @@ impl CacheStore for MokaCache {
         Ok(self.inner.get(key).await.map(|s| s.bytes))
     }
 
+    async fn get_slotted(&self, key: &str) -> Result<Option<(Bytes, Option<DecodedSlot>)>> {
+        Ok(self.inner.get(key).await.map(|s| (s.bytes, Some(s.slot))))
+    }
+
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>> {
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
@@ -182,7 +198,7 @@ impl CacheStore for MokaCache {
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         self.inner
-            .insert(key.to_owned(), Stored { bytes: value, ttl })
+            .insert(key.to_owned(), Stored::new(value, ttl))
             .await;
         Ok(())
     }
@@ -190,13 +206,7 @@ impl CacheStore for MokaCache {
     async fn set_many(&self, items: Vec<CacheItem>) -> Result<()> {
         for it in items {
             self.inner
-                .insert(
-                    it.key,
-                    Stored {
-                        bytes: it.entry,
-                        ttl: it.ttl,
-                    },
-                )
+                .insert(it.key, Stored::new(it.entry, it.ttl))
                 .await;
         }
         Ok(())
@@ -224,7 +234,7 @@ impl CacheStore for MokaCache {
             .and_compute_with(|current| {
                 let same = current.is_some_and(|e| e.value().bytes == expected);
                 std::future::ready(if same {
-                    Op::Put(Stored { bytes: entry, ttl })
+                    Op::Put(Stored::new(entry, ttl))
                 } else {
                     Op::Nop
                 })

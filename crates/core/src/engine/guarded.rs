@@ -16,7 +16,7 @@ use bytes::Bytes;
 use super::Inner;
 use super::metrics::{CacheCall, DbCall};
 use super::stats::Counters;
-use crate::cache::{CacheItem, Fence};
+use crate::cache::{CacheItem, DecodedSlot, Fence};
 use crate::db::{OutboxEntry, Transaction, TxOptions, Write, WriteOutcome};
 use crate::error::{Error, ErrorKind, Result};
 use crate::schema::Table;
@@ -85,6 +85,14 @@ impl GuardedCache<'_> {
 
     pub(crate) async fn get(self, key: &str) -> Result<Option<Bytes>> {
         self.call(CacheCall::Get, self.0.cache_store.get(key)).await
+    }
+
+    pub(crate) async fn get_slotted(
+        self,
+        key: &str,
+    ) -> Result<Option<(Bytes, Option<DecodedSlot>)>> {
+        self.call(CacheCall::Get, self.0.cache_store.get_slotted(key))
+            .await
     }
 
     pub(crate) async fn get_many(self, keys: &[String]) -> Result<Vec<Option<Bytes>>> {

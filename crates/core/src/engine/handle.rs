@@ -251,6 +251,39 @@ impl<R: Record> Handle<R> {
         Ok(self.read_as("get", key).await?.value)
     }
 
+    /// [`Handle::get`] into a shared value. On a cache that keeps entries in
+    /// this process (Moka), a hit whose entry was read this way before is
+    /// served without decoding it again: the decoded value lives beside the
+    /// entry's bytes for as long as the entry does (a write stores a new
+    /// entry, so it is never served after the row changed, and an entry
+    /// from before the cache forgot is not served from it either). Other
+    /// caches decode every time, as `get` does. The decoded values are not
+    /// counted in the Moka adapter's byte capacity.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// if let Some(p) = products.get_arc(1).await? {
+    ///     println!("{}", p.name); // an Arc<Product>, shared with the next hit
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_arc(&self, key: impl KeyArg<R::Key>) -> Result<Option<Arc<R>>> {
+        let key = key.into_key().map_err(|e| e.with_operation("get_arc"))?;
+        let shown = key.clone();
+        let (value, _) = self
+            .observed(OpKind::Get, self.inner.read_shared(&self.st, key))
+            .await
+            .map_err(|e| e.with_operation("get_arc").with_key(shown))?;
+        Ok(value)
+    }
+
     /// [`Handle::get`] that also says where the row came from: for tests
     /// and logs, without diffing the engine's global stats.
     ///

@@ -64,6 +64,54 @@ impl Inner {
         Ok((found, false))
     }
 
+    /// [`Inner::read`] into a shared value: on a cache that keeps entries
+    /// in this process, a hit whose entry was decoded before is served from
+    /// the entry's slot, without decoding again; any other read decodes
+    /// (and fills the slot). The slot belongs to the entry, so a write,
+    /// which stores a new entry, brings a new slot; an entry from before the
+    /// trusted epoch is not served from its slot either.
+    pub(crate) async fn read_shared<R: Record>(
+        self: &Arc<Self>,
+        st: &Arc<TableState>,
+        key: Key,
+    ) -> Result<(Option<Arc<R>>, bool)> {
+        if self.caps.in_process {
+            let ck = self.key_for(st, &key)?;
+            if let Some(hit) = self.lookup_slotted::<R>(st, &ck).await {
+                return Ok((Some(hit), true));
+            }
+        }
+        let (found, hit) = self.read::<R>(st, key).await?;
+        Ok((found.map(Arc::new), hit))
+    }
+
+    /// A hit from the entry's slot, or decoded into it; `None` for anything
+    /// else (the full read path then looks again and counts the miss).
+    async fn lookup_slotted<R: Record>(&self, st: &TableState, ck: &str) -> Option<Arc<R>> {
+        if !self.breaker.allows() || self.resync.contains(ck) {
+            return None;
+        }
+        let trusted = self.trusted_epoch().await?;
+        let (bytes, slot) = self.cache().get_slotted(ck).await.ok()??;
+        let slot = slot?;
+        if let Some((epoch, hit)) = slot.get::<R>()
+            && epoch >= trusted
+        {
+            Counters::add(&self.stats.hits, 1);
+            st.metrics.hits.increment(1);
+            return Some(hit);
+        }
+        let epoch = codec::entry_epoch(&bytes)?;
+        match self.classify::<R>(st, ck, bytes, trusted) {
+            Lookup::Hit(r) => {
+                let r = Arc::new(r);
+                slot.fill(epoch, r.clone());
+                Some(r)
+            }
+            Lookup::Miss(_) => None,
+        }
+    }
+
     /// The misses' side of a read: joins the load of `ck` in flight, or
     /// runs `make`'s. A load that queried before this reader arrived may
     /// predate a write it must see: then the cache, which that load has
@@ -394,17 +442,17 @@ impl Inner {
     }
 
     /// [`Inner::populate`] for a batch of loaded rows: one fenced cache
-    /// call per chunk instead of one per row.
-    async fn populate_many(
+    /// call per chunk instead of one per row. Returns the entries written.
+    pub(crate) async fn populate_many(
         &self,
         st: &TableState,
         cks: &[String],
         rows: &[Option<VersionedRow>],
         started: Instant,
         epoch: u64,
-    ) {
+    ) -> usize {
         if !self.may_populate(started) {
-            return;
+            return 0;
         }
         let items: Vec<CacheItem> = cks
             .iter()
@@ -423,6 +471,7 @@ impl Inner {
                 })
             })
             .collect();
+        let mut written = 0;
         for chunk in items.chunks(super::CACHE_CHUNK_ITEMS) {
             let chunk = chunk.to_vec();
             let len = chunk.len() as u64;
@@ -432,10 +481,13 @@ impl Inner {
                     Counters::add(&self.stats.populates, applied);
                     Counters::add(&self.stats.stale_refused, len - applied);
                     self.metrics.stale_refused.increment(len - applied);
+                    written += applied as usize;
                 }
             } else if self.cache().set_many(chunk).await.is_ok() {
                 Counters::add(&self.stats.populates, len);
+                written += len as usize;
             }
         }
+        written
     }
 }

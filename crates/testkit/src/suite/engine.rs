@@ -20,6 +20,7 @@ use crate::faults::{FaultyCache, FaultyDb};
 pub fn cases() -> Vec<Case> {
     crate::cases![
         put_then_get_is_a_cache_hit,
+        get_arc_shares_a_decoded_hit_and_never_serves_it_after_a_write,
         cold_read_misses_loads_once_then_hits,
         missing_key_reads_none,
         update_reads_back_the_whole_row_and_caches_it,
@@ -219,6 +220,49 @@ pub async fn put_then_get_is_a_cache_hit(pair: Pair) -> Outcome {
     let after = engine.stats();
     assert_eq!(after.hits - before.hits, 1);
     assert_eq!(after.loads, before.loads, "a hit does not load");
+    Outcome::Passed
+}
+
+/// `get_arc` reads what `get` reads. On an in-process cache the second hit
+/// on an entry is the same shared value (decoded once); after a write, or
+/// a delete, the next read is the new row or none, never the value kept
+/// for the entry the write replaced. Misses and hits count as for `get`.
+pub async fn get_arc_shares_a_decoded_hit_and_never_serves_it_after_a_write(pair: Pair) -> Outcome {
+    let (engine, items) = setup(&pair, TableOptions::new()).await;
+    let in_process = pair.cache.capabilities().in_process;
+    assert_eq!(items.get_arc(1).await.unwrap(), None);
+    items.put(&item(1, 1.5)).await.unwrap();
+    let before = engine.stats();
+    let a = items.get_arc(1).await.unwrap().expect("a row");
+    let b = items.get_arc(1).await.unwrap().expect("a row");
+    assert_eq!(*a, item(1, 1.5));
+    assert_eq!(a, b);
+    assert_eq!(
+        Arc::ptr_eq(&a, &b),
+        in_process,
+        "an in-process cache shares the decoded entry; others decode each hit"
+    );
+    let after = engine.stats();
+    assert_eq!((after.hits - before.hits, after.loads), (2, before.loads));
+    for round in 0..3 {
+        let price = 2.0 + f64::from(round);
+        items.put(&item(1, price)).await.unwrap();
+        let c = items.get_arc(1).await.unwrap().expect("a row");
+        assert_eq!(
+            *c,
+            item(1, price),
+            "the write's row, not the entry it replaced"
+        );
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(items.get(1).await.unwrap().as_ref(), Some(&*c));
+    }
+    items
+        .update(1, Patch::new().set("price", 9.0))
+        .await
+        .unwrap();
+    assert_eq!(items.get_arc(1).await.unwrap().expect("a row").price, 9.0);
+    items.delete(1).await.unwrap();
+    assert_eq!(items.get_arc(1).await.unwrap(), None);
     Outcome::Passed
 }
 

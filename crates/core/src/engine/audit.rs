@@ -183,7 +183,8 @@ impl<R: Record> Handle<R> {
     }
 
     /// Loads up to `limit` rows (in key order) into the cache, fenced like
-    /// any read; returns how many were written.
+    /// any read, one batched cache call per page of 500; returns how many
+    /// were written (rows already cached at their version are not).
     ///
     /// # Example
     ///
@@ -213,12 +214,12 @@ impl<R: Record> Handle<R> {
             if rows.is_empty() {
                 break;
             }
-            for (key, vr) in &rows {
-                let ck = st.cache_key(key);
-                if inner.populate(st, &ck, vr, started, epoch).await {
-                    warmed += 1;
-                }
-            }
+            // One fenced batch per page, not a round trip per row.
+            let (cks, rows): (Vec<String>, Vec<Option<VersionedRow>>) = rows
+                .into_iter()
+                .map(|(key, vr)| (st.cache_key(&key), Some(vr)))
+                .unzip();
+            warmed += inner.populate_many(st, &cks, &rows, started, epoch).await;
         }
         Ok(warmed)
     }

@@ -9,8 +9,9 @@
 # memcached with 1 GiB so the 16 KiB tables fit; PostgreSQL with its shipped
 # durability, fsync and synchronous_commit on, as users run it; set
 # WT_BENCH_FSYNC=off for the second view without WAL flushes), runs
-# `writethrough-bench --pairs all`, writes the Markdown tables to
-# target/bench.md, and stops the servers.
+# `writethrough-bench --pairs all` (WT_BENCH_PAIRS to choose), writes the
+# Markdown tables to target/bench.md (WT_BENCH_OUT to choose), and stops
+# the servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,9 +53,11 @@ echo "PostgreSQL fsync=${WT_BENCH_FSYNC:-on}" >&2
 pg_started=1
 
 cargo build --release -p writethrough-bench
-target/release/writethrough-bench --pairs all \
+out=${WT_BENCH_OUT:-target/bench.md}
+mkdir -p "$(dirname "$out")"
+target/release/writethrough-bench --pairs "${WT_BENCH_PAIRS:-all}" \
     --redis "redis://127.0.0.1:$rport" \
     --memcached "memcached://127.0.0.1:$mport" \
     --postgres "postgres://postgres@127.0.0.1:$pport/postgres" \
-    --markdown target/bench.md "$@"
-echo "tables written to target/bench.md"
+    --markdown "$out" "$@"
+echo "tables written to $out"

@@ -10,7 +10,11 @@
 //! ```
 //!
 //! Options: `--duration-ms N` per phase (default 1000), `--rounds N`
-//! (default 3; ours and raw alternate, swapping who goes first),
+//! (default 3; ours and raw alternate, swapping who goes first), `--keys N`
+//! (default 1000; with 10,000 or more, the read hit's note gives the cache
+//! memory per entry, ours and raw), `--count N --side ours|raw` (exactly N
+//! operations of the first scenario on one side, one at a time, no report:
+//! `scripts/callgrind.sh` counts instructions per operation with it),
 //! `--sizes 256,16384`, `--concurrency 1,16`, `--scenarios read_hit,write,...`,
 //! `--markdown FILE` to also write the tables as Markdown.
 //!
@@ -52,6 +56,11 @@ pub(crate) struct Args {
     pub(crate) duration: Duration,
     /// Rounds of (ours, raw) phases.
     pub(crate) rounds: usize,
+    /// Keys each scenario cycles through (seeded before the runs).
+    pub(crate) keys: u64,
+    /// `--count N --side ours|raw`: run exactly N operations of the first
+    /// scenario on one side, one at a time, and no report (for callgrind).
+    pub(crate) count: Option<(u64, bool)>,
     /// Value sizes in bytes.
     pub(crate) sizes: Vec<usize>,
     /// Concurrency levels.
@@ -64,7 +73,7 @@ pub(crate) struct Args {
 
 const USAGE: &str = "usage: writethrough-bench [--embedded | --cache URL --db URL \
      | --pairs moka+sqlite,redis+postgres,...|all [--redis URL] [--memcached URL] \
-     [--postgres URL] [--sqlite URL]] [--duration-ms N] [--rounds N] [--sizes a,b] \
+     [--postgres URL] [--sqlite URL]] [--duration-ms N] [--rounds N] [--keys N] [--count N --side ours|raw] [--sizes a,b] \
      [--concurrency a,b] [--scenarios x,y] [--markdown FILE]";
 
 fn parse() -> std::result::Result<Args, String> {
@@ -78,6 +87,8 @@ fn parse() -> std::result::Result<Args, String> {
         sqlite: "sqlite::temp:".into(),
         duration: Duration::from_millis(1000),
         rounds: 3,
+        keys: 1000,
+        count: None,
         sizes: vec![256, 16 * 1024],
         concurrency: vec![1, 16],
         scenarios: Vec::new(),
@@ -125,6 +136,24 @@ fn parse() -> std::result::Result<Args, String> {
                 a.duration = Duration::from_millis(val()?.parse().map_err(|e| format!("{e}"))?)
             }
             "--rounds" => a.rounds = val()?.parse().map_err(|e| format!("{e}"))?,
+            "--keys" => {
+                a.keys = val()?.parse().map_err(|e| format!("--keys: {e}"))?;
+                if a.keys == 0 {
+                    return Err("--keys needs at least one key".into());
+                }
+            }
+            "--count" => {
+                let n = val()?.parse().map_err(|e| format!("--count: {e}"))?;
+                a.count = Some((n, a.count.is_none_or(|(_, ours)| ours)));
+            }
+            "--side" => {
+                let ours = match val()?.as_str() {
+                    "ours" => true,
+                    "raw" => false,
+                    other => return Err(format!("--side {other:?}: ours or raw")),
+                };
+                a.count = Some((a.count.map_or(0, |(n, _)| n), ours));
+            }
             "--sizes" => a.sizes = list(val()?)?,
             "--concurrency" => a.concurrency = list(val()?)?,
             "--scenarios" => {
@@ -178,6 +207,7 @@ fn pairs(a: &Args) -> std::result::Result<Vec<Pair>, String> {
                 .split_once('+')
                 .ok_or_else(|| format!("{name:?} is not cache+database"))?;
             let cache = match c {
+                "moka" if scenarios::kind(&a.cache) == "moka" => a.cache.clone(),
                 "moka" => "moka://".to_owned(),
                 "redis" => need(&a.redis, "--redis", name)?,
                 "memcached" => need(&a.memcached, "--memcached", name)?,

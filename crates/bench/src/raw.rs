@@ -37,6 +37,15 @@ pub(crate) trait RawCache: Send + Sync {
     async fn set_many(&self, items: Vec<(String, Bytes)>) -> Result<(), BoxError>;
     /// DEL.
     async fn del(&self, key: &str) -> Result<(), BoxError>;
+    /// The server's memory in use (Redis `used_memory`, Memcached `bytes`);
+    /// `None` for an in-process cache, measured by the process's RSS.
+    async fn used_memory(&self) -> Result<Option<u64>, BoxError> {
+        Ok(None)
+    }
+    /// Whether the entries live in this process (their memory is its RSS).
+    fn in_process(&self) -> bool {
+        false
+    }
 }
 
 /// A database driver used directly.
@@ -46,6 +55,8 @@ pub(crate) trait RawDb: Send + Sync {
     async fn setup(&self, table: &str) -> Result<(), BoxError>;
     /// SELECT by key.
     async fn get(&self, table: &str, id: i64) -> Result<Option<Product>, BoxError>;
+    /// One page of rows in key order, after `after`.
+    async fn scan(&self, table: &str, after: i64, limit: usize) -> Result<Vec<Product>, BoxError>;
     /// INSERT ... ON CONFLICT DO UPDATE.
     async fn upsert(&self, table: &str, p: &Product) -> Result<(), BoxError>;
     /// Many upserts in one transaction (a multi-row statement where the driver allows).
@@ -70,6 +81,9 @@ pub(crate) struct RawMoka(pub moka::future::Cache<String, Bytes>);
 
 #[async_trait]
 impl RawCache for RawMoka {
+    fn in_process(&self) -> bool {
+        true
+    }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, BoxError> {
         Ok(self.0.get(key).await)
     }
@@ -131,6 +145,18 @@ impl RawDb for RawSqlite {
             Some(r) => Some(sqlite_product(r)?),
             None => None,
         })
+    }
+    async fn scan(&self, table: &str, after: i64, limit: usize) -> Result<Vec<Product>, BoxError> {
+        let c = self.0.lock().expect("lock");
+        let mut s = c.prepare_cached(&format!(
+            "SELECT id, name, price, payload FROM \"{table}\" WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))?;
+        let mut rows = s.query(rusqlite::params![after, limit as i64])?;
+        let mut out = Vec::with_capacity(limit);
+        while let Some(r) = rows.next()? {
+            out.push(sqlite_product(r)?);
+        }
+        Ok(out)
     }
     async fn upsert(&self, table: &str, p: &Product) -> Result<(), BoxError> {
         let c = self.0.lock().expect("lock");
@@ -241,6 +267,16 @@ impl RawCache for RawRedis {
             .exec_async(&mut self.0.clone())
             .await?;
         Ok(())
+    }
+    async fn used_memory(&self) -> Result<Option<u64>, BoxError> {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut self.0.clone())
+            .await?;
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok()))
     }
 }
 
@@ -404,6 +440,18 @@ impl RawDb for RawPostgres {
                 .await?
                 .map(pg_product),
         )
+    }
+    async fn scan(&self, table: &str, after: i64, limit: usize) -> Result<Vec<Product>, BoxError> {
+        Ok(sqlx::query_as::<_, PgProduct>(sqlx::AssertSqlSafe(format!(
+            "SELECT id, name, price, payload FROM \"{table}\" WHERE id > $1 ORDER BY id LIMIT $2"
+        )))
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(pg_product)
+        .collect())
     }
     async fn upsert(&self, table: &str, p: &Product) -> Result<(), BoxError> {
         let sql = self.sql(table);

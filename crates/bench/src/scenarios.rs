@@ -15,8 +15,16 @@ use crate::raw::{
     BoxError, Product, RawCache, RawDb, RawMemcached, RawMoka, RawPostgres, RawRedis, RawSqlite,
 };
 
-/// Keys each scenario cycles through.
-const KEYS: i64 = 1000;
+/// Rows seeded per call.
+const SEED_CHUNK: usize = 5000;
+
+/// The process's resident memory in bytes (Linux), for an in-process cache.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
 
 fn product(id: i64, size: usize, price: f64) -> Product {
     Product {
@@ -126,6 +134,9 @@ struct World {
     size: usize,
     /// Read hits of the raw side that found no entry (and loaded the row).
     raw_misses: Arc<AtomicU64>,
+    keys: u64,
+    /// Cache memory per entry, ours and raw, when measured.
+    memory: Option<(f64, f64)>,
 }
 
 fn raw_key(size: usize, id: i64) -> String {
@@ -147,13 +158,26 @@ impl World {
         );
         let cache = self.cache.clone();
         let misses = self.raw_misses.clone();
-        let key = |i: u64| (i % KEYS as u64) as i64;
+        let keys = self.keys;
+        let key = move |i: u64| (i % keys) as i64;
         let s = match scenario {
-            "read_hit" => Sides {
-                ours: op(move |i| {
-                    let h = h.clone();
-                    async move { timed(async { assert!(h.get(key(i)).await.unwrap().is_some()) }).await }
-                }),
+            "read_hit" | "read_hit_shared" => Sides {
+                ours: if scenario == "read_hit" {
+                    op(move |i| {
+                        let h = h.clone();
+                        async move {
+                            timed(async { assert!(h.get(key(i)).await.unwrap().is_some()) }).await
+                        }
+                    })
+                } else {
+                    op(move |i| {
+                        let h = h.clone();
+                        async move {
+                            timed(async { assert!(h.get_arc(key(i)).await.unwrap().is_some()) })
+                                .await
+                        }
+                    })
+                },
                 raw: op(move |i| {
                     let (rc, rd, rt, misses) = (rc.clone(), rd.clone(), rt.clone(), misses.clone());
                     async move {
@@ -329,6 +353,55 @@ impl World {
     }
 
     /// 1,000 concurrent reads of one cold key: how many database loads each side makes.
+    /// Warming every row of the table into the cache: ours with
+    /// `Handle::warm` (pages of the database, fenced batches) into a
+    /// cleared table prefix, raw with the same pages and pipelined SETs
+    /// (overwriting, which costs Redis what a new key does). Items/s; the
+    /// p50 and p99 columns are the whole warm.
+    async fn warm(&self) -> Row {
+        let n = self.keys;
+        let ck = self.strict.cache_key(0).unwrap();
+        if let Some(prefix) = ck.strip_suffix('0') {
+            self.cache.clear(prefix).await.unwrap();
+        }
+        let started = Instant::now();
+        let warmed = self.strict.warm(usize::MAX).await.unwrap();
+        let ours_wall = started.elapsed();
+        let started = Instant::now();
+        let (mut after, mut done) = (-1i64, 0u64);
+        loop {
+            let page = self.raw_db.scan(&self.raw_table, after, 500).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            done += page.len() as u64;
+            self.raw_cache
+                .set_many(
+                    page.iter()
+                        .map(|p| (raw_key(self.size, p.id), encode(p)))
+                        .collect(),
+                )
+                .await
+                .unwrap();
+        }
+        let raw_wall = started.elapsed();
+        let rate = |d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
+        Row {
+            scenario: "warm",
+            size: self.size,
+            conc: 1,
+            items_per_op: 1,
+            ours_ops: rate(ours_wall),
+            raw_ops: rate(raw_wall),
+            ours_p50: ours_wall,
+            raw_p50: raw_wall,
+            ours_p99: ours_wall,
+            raw_p99: raw_wall,
+            note: format!(
+                "{n} rows; p50 and p99 are the whole warm; ours wrote {warmed}, raw set {done}"
+            ),
+        }
+    }
+
     async fn stampede(&self) -> Row {
         let id = 999_999;
         let p = product(id, self.size, 1.0);
@@ -405,8 +478,9 @@ impl World {
     }
 }
 
-const ALL: [&str; 10] = [
+const ALL: [&str; 12] = [
     "read_hit",
+    "read_hit_shared",
     "read_miss",
     "write",
     "write_fenced",
@@ -416,6 +490,7 @@ const ALL: [&str; 10] = [
     "batch100",
     "batch100_unfenced",
     "stampede",
+    "warm",
 ];
 
 /// The read hit of ours and of the raw driver on Redis and on Memcached,
@@ -542,8 +617,14 @@ async fn open(cache_url: &str, db_url: &str) -> Result<Backends> {
         "moka" => {
             // What a careful user would configure: a bounded cache with a TTL
             // (ours has per-entry TTLs, which cost Moka a little more).
+            // The same capacity as ours (`moka://?max_bytes=N`, 256 MiB by default).
+            let max_bytes = cache_url
+                .split_once('?')
+                .and_then(|(_, q)| q.split('&').find_map(|p| p.strip_prefix("max_bytes=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256 << 20);
             let raw = moka::future::Cache::builder()
-                .max_capacity(256 << 20)
+                .max_capacity(max_bytes)
                 .time_to_live(Duration::from_secs(3600))
                 .weigher(|k: &String, v: &Bytes| {
                     u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX)
@@ -602,6 +683,7 @@ async fn world(
     b: &Backends,
     (strict, relaxed, fenced): &(Engine, Engine, Engine),
     size: usize,
+    keys: u64,
 ) -> Result<World> {
     let table = |prefix: &str| Product::table().renamed(&format!("{prefix}_{size}"));
     let strict_h = strict
@@ -615,7 +697,7 @@ async fn world(
         .await?;
     let raw_table = format!("raw_{size}");
     b.raw_db.setup(&raw_table).await.map_err(backend_err)?;
-    let world = World {
+    let mut world = World {
         cache: b.cache.clone(),
         strict: strict_h,
         relaxed: relaxed_h,
@@ -626,25 +708,63 @@ async fn world(
         raw_table,
         size,
         raw_misses: Arc::new(AtomicU64::new(0)),
+        keys,
+        memory: None,
     };
-    let seed: Vec<Product> = (0..KEYS).map(|id| product(id, size, 1.0)).collect();
-    world.strict.put_many(&seed).await?;
-    world.relaxed.put_many(&seed).await?;
-    world.fenced.put_many(&seed).await?;
-    world
-        .raw_db
-        .upsert_many(&world.raw_table, &seed)
-        .await
-        .map_err(backend_err)?;
-    world
-        .raw_cache
-        .set_many(
-            seed.iter()
-                .map(|p| (raw_key(size, p.id), encode(p)))
-                .collect(),
-        )
-        .await
-        .map_err(backend_err)?;
+    // Many keys: the memory each side's entries take, from the server's
+    // count or the process's RSS around its own seeding (database rows
+    // first, so that only cache entries fall between the measurements).
+    let measure = keys >= 10_000;
+    let mem = |w: &World| {
+        let rc = w.raw_cache.clone();
+        async move {
+            Ok::<Option<u64>, writethrough::Error>(
+                match rc.used_memory().await.map_err(backend_err)? {
+                    Some(m) => Some(m),
+                    None if rc.in_process() => Some(rss()),
+                    None => None,
+                },
+            )
+        }
+    };
+    let ids: Vec<i64> = (0..keys as i64).collect();
+    for chunk in ids.chunks(SEED_CHUNK) {
+        let seed: Vec<Product> = chunk.iter().map(|&id| product(id, size, 1.0)).collect();
+        world
+            .raw_db
+            .upsert_many(&world.raw_table, &seed)
+            .await
+            .map_err(backend_err)?;
+        // The other engines' tables only serve writes: with many keys, they
+        // are seeded with the first thousand.
+        if chunk[0] < 1000 {
+            world.relaxed.put_many(&seed).await?;
+            world.fenced.put_many(&seed).await?;
+        }
+    }
+    let m0 = mem(&world).await?;
+    for chunk in ids.chunks(SEED_CHUNK) {
+        let seed: Vec<Product> = chunk.iter().map(|&id| product(id, size, 1.0)).collect();
+        world.strict.put_many(&seed).await?;
+    }
+    let m1 = mem(&world).await?;
+    for chunk in ids.chunks(SEED_CHUNK) {
+        world
+            .raw_cache
+            .set_many(
+                chunk
+                    .iter()
+                    .map(|&id| (raw_key(size, id), encode(&product(id, size, 1.0))))
+                    .collect(),
+            )
+            .await
+            .map_err(backend_err)?;
+    }
+    let m2 = mem(&world).await?;
+    if let (true, Some(m0), Some(m1), Some(m2)) = (measure, m0, m1, m2) {
+        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / keys as f64;
+        world.memory = Some((per(m0, m1), per(m1, m2)));
+    }
     Ok(world)
 }
 
@@ -675,13 +795,35 @@ pub(crate) async fn run_pair(args: &Args, pair: &Pair) -> Result<Vec<Row>> {
     let strict_engine = all.0.clone();
     let mut rows = Vec::new();
     for &size in &args.sizes {
-        let world = world(&backends, &all, size).await?;
+        let world = world(&backends, &all, size, args.keys).await?;
+        if let Some((n, ours)) = args.count {
+            let scenario = ALL.iter().find(|s| wanted(s)).expect("checked above");
+            let sides = world.sides(scenario).ok_or_else(|| {
+                writethrough::Error::new(
+                    writethrough::ErrorKind::Config,
+                    format!("--count runs a timed scenario, not {scenario}"),
+                )
+            })?;
+            let op = if ours { &sides.ours } else { &sides.raw };
+            for i in 0..n {
+                op(i).await;
+            }
+            eprintln!(
+                "ran {n} operations of {scenario} ({})",
+                if ours { "ours" } else { "raw" }
+            );
+            return Ok(Vec::new());
+        }
         for scenario in ALL {
             if !wanted(scenario) {
                 continue;
             }
-            if scenario == "stampede" {
-                let row = world.stampede().await;
+            if scenario == "stampede" || scenario == "warm" {
+                let row = if scenario == "warm" {
+                    world.warm().await
+                } else {
+                    world.stampede().await
+                };
                 eprintln!(
                     "{:<18} {:<16} {:>6} B: {}",
                     pair.label, row.scenario, size, row.note
@@ -698,11 +840,20 @@ pub(crate) async fn run_pair(args: &Args, pair: &Pair) -> Result<Vec<Row>> {
                 let mut s = alternate(args, conc, &[&sides.ours, &sides.raw]).await;
                 let (mut raw, mut ours) = (s.pop().expect("two"), s.pop().expect("two"));
                 let mut note = String::new();
-                if scenario == "read_hit" {
+                if scenario.starts_with("read_hit") {
                     let ours_misses = strict_engine.stats().misses - misses_before.0;
                     let raw_misses = world.raw_misses.load(Ordering::Relaxed) - misses_before.1;
                     if ours_misses + raw_misses > 0 {
                         note = format!("cache misses: ours {ours_misses}, raw {raw_misses}");
+                    }
+                    if let Some((o, r)) = world.memory {
+                        if !note.is_empty() {
+                            note.push_str("; ");
+                        }
+                        note.push_str(&format!(
+                            "{} keys, cache bytes per entry: ours {o:.0}, raw {r:.0}",
+                            world.keys
+                        ));
                     }
                 }
                 let row = Row {
@@ -760,8 +911,8 @@ pub(crate) async fn head_to_head(
     let m_all = engines(&m, "bench_h2h_memcached").await?;
     let mut out = Vec::new();
     for &size in &args.sizes {
-        let rw = world(&r, &r_all, size).await?;
-        let mw = world(&m, &m_all, size).await?;
+        let rw = world(&r, &r_all, size, args.keys).await?;
+        let mw = world(&m, &m_all, size, args.keys).await?;
         let (rs, ms) = (
             rw.sides("read_hit").expect("known"),
             mw.sides("read_hit").expect("known"),

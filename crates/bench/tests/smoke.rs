@@ -7,8 +7,9 @@ use std::process::Command;
 use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
 
 /// The first column of each scenario's row.
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 12] = [
     "read_hit",
+    "read_hit_shared",
     "read_miss",
     "write",
     "write_fenced",
@@ -18,6 +19,7 @@ const SCENARIOS: [&str; 10] = [
     "batch100",
     "batch100_unfenced",
     "stampede_1000",
+    "warm",
 ];
 
 const TINY: [&str; 8] = [
@@ -112,4 +114,39 @@ async fn pairs_against_servers_print_every_scenario() {
         h2h.lines().any(|l| l.starts_with("| 256 B | 1 | ")),
         "no head-to-head row:\n{h2h}"
     );
+}
+
+/// With many keys the read hit's note gives memory per entry; `--count`
+/// runs exactly that many operations of one side and prints no table.
+#[test]
+fn keys_report_memory_and_count_runs_one_side() {
+    let out = run(&[
+        "--embedded".to_owned(),
+        "--keys".to_owned(),
+        "10000".to_owned(),
+        "--scenarios".to_owned(),
+        "read_hit".to_owned(),
+    ]);
+    let table = section(&out, "moka+sqlite");
+    assert!(
+        table.contains("10000 keys, cache bytes per entry: ours "),
+        "no memory note:\n{table}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_writethrough-bench"))
+        .args(["--embedded", "--scenarios", "read_hit", "--sizes", "256"])
+        .args(["--count", "500", "--side", "raw"])
+        .output()
+        .expect("the benchmark binary starts");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ran 500 operations of read_hit (raw)"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("### "));
+    let bad = Command::new(env!("CARGO_BIN_EXE_writethrough-bench"))
+        .args(["--side", "both"])
+        .output()
+        .expect("the benchmark binary starts");
+    assert_eq!(bad.status.code(), Some(2));
 }

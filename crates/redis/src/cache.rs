@@ -180,18 +180,29 @@ impl RedisCache {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = Pipeline::with_capacity(items.len());
-        for (it, &ttl) in items.iter().zip(&ttls) {
-            pipe.add_command(script::fenced_set(it, ttl));
+        let per = script::FENCE_KEYS_PER_CALL;
+        let mut pipe = Pipeline::with_capacity(items.len().div_ceil(per));
+        for (chunk, ttls) in items.chunks(per).zip(ttls.chunks(per)) {
+            pipe.add_command(script::fenced_set(chunk, ttls));
         }
         let replies = self
             .eval_all(&pipe, script::FENCED_SET, &script::FENCE, op)
             .await?;
-        replies
-            .into_iter()
-            .zip(items)
-            .map(|(reply, it)| fence_of(op, &it.key, reply))
-            .collect()
+        let mut out = Vec::with_capacity(items.len());
+        for (reply, chunk) in replies.into_iter().zip(items.chunks(per)) {
+            match reply {
+                Value::Array(fences) if fences.len() == chunk.len() => {
+                    for (f, it) in fences.into_iter().zip(chunk) {
+                        out.push(fence_of(op, &it.key, f)?);
+                    }
+                }
+                Value::ServerError(e) => {
+                    return Err(map_err(e.into(), op).with_key(&chunk[0].key));
+                }
+                other => return Err(unexpected(op, &other).with_key(&chunk[0].key)),
+            }
+        }
+        Ok(out)
     }
 
     /// Sends a pipeline of `EVALSHA` calls of `script` and answers in order.

@@ -10,7 +10,7 @@
 //! | `get_many`             | `MGET`                                                     |
 //! | `set`, `set_many`      | `SET [PX ms]`, pipelined                                   |
 //! | `set_if_newer`         | `EVALSHA` of the fencing script                            |
-//! | `set_many_if_newer`    | one pipeline of `EVALSHA`, one per key                     |
+//! | `set_many_if_newer`    | one `EVALSHA` per 128 keys, pipelined                      |
 //! | `replace_if_unchanged` | `EVALSHA` of a compare-and-set on the whole value          |
 //! | `delete`               | `DEL`                                                      |
 //! | `clear(prefix)`        | `SCAN MATCH <escaped prefix>* COUNT 1000` + `UNLINK` pages |
@@ -23,9 +23,11 @@
 //! [`codec::replaces`](writethrough_core::backend::codec::replaces) would: nothing
 //! stored, bytes that are not an entry (another type, wrong magic or kind,
 //! non-digits, too short, a version past `u64::MAX`), or a strictly lower
-//! version. Versions are compared exactly as two 10-digit halves. Each
-//! script touches one key, so a batch is a pipeline of single-key calls
-//! that a Redis Cluster client could route per slot. When the server has
+//! version. Versions are compared exactly as two 10-digit halves. One call
+//! fences up to 128 keys in order (a batch of 100 is one script run on the
+//! server instead of 100); on a Redis Cluster the
+//! keys of one call would have to share a slot, so batches would be grouped
+//! by slot first. When the server has
 //! forgotten the script (`NOSCRIPT` after a restart or `SCRIPT FLUSH`) the
 //! adapter loads it and resends the calls that failed, in the same order.
 //!
@@ -55,11 +57,13 @@ mod script;
 pub use cache::{MAX_TTL, RedisCache};
 pub use config::{DEFAULT_MAX_VALUE_LEN, MAX_KEY_LEN, REDIS_MAX_VALUE_LEN, RedisConfig};
 
-/// The Lua source of the fencing script behind `set_if_newer`, for
-/// operators who want to read what runs on their server. `KEYS[1]` the key; `ARGV[1]` the entry;
-/// `ARGV[2]`, `ARGV[3]` the new version's high and low 10 decimal digits;
-/// `ARGV[4]` the TTL in milliseconds, `0` for none. Returns 1 when it
-/// stored the entry, 0 when the stored entry is as new or newer.
+/// The Lua source of the fencing script behind `set_if_newer` and
+/// `set_many_if_newer`, for operators who want to read what runs on their
+/// server. For each key of `KEYS`, in order, five arguments: the entry; the
+/// new version's high and low 10 decimal digits; the TTL in milliseconds,
+/// `0` for none; the entry's epoch. Returns one integer per key: 1 when it
+/// stored the entry, 0 when the stored entry is as new or newer. A batch
+/// is one call per 128 keys.
 pub const FENCING_SCRIPT: &str = script::FENCED_SET;
 
 /// The Lua source of the compare-and-set behind `replace_if_unchanged`.

@@ -13,44 +13,56 @@ use std::sync::LazyLock;
 use redis::Cmd;
 use writethrough_core::backend::CacheItem;
 
-/// `KEYS[1]` the key; `ARGV[1]` the entry; `ARGV[2]`, `ARGV[3]` the new
-/// version's high and low 10 decimal digits; `ARGV[4]` the TTL in
-/// milliseconds, `0` for none; `ARGV[5]` the new entry's epoch (at most 10
-/// digits, exact as a double). Returns 1 when stored, 0 when stale.
+/// Every key of `KEYS` in order, each with five arguments at
+/// `ARGV[5(i-1)+1..=5i]`: the entry; the new version's high and low 10
+/// decimal digits; the TTL in milliseconds, `0` for none; the new entry's
+/// epoch (at most 10 digits, exact as a double). Returns one integer per
+/// key: 1 when stored, 0 when stale. One call fences a whole batch (a key
+/// given twice is fenced twice, in order), so a batch costs Redis one
+/// script run instead of one per key.
 pub(crate) const FENCED_SET: &str = r#"
-local key = KEYS[1]
-local len = redis.pcall('STRLEN', key)
--- A key of another type answers STRLEN with an error table: not an entry, replace it.
-if type(len) == 'number' and len >= 39 then
-  local h = redis.call('GETRANGE', key, 0, 38)
-  local kind = string.sub(h, 4, 4)
-  if string.sub(h, 1, 3) == 'wt2' and (kind == 'V' or kind == 'T' or kind == 'I')
-      and string.find(string.sub(h, 5, 24), '^[0-9]+$')
-      and string.find(string.sub(h, 30, 39), '^[0-9]+$') then
-    local hi = tonumber(string.sub(h, 5, 14))
-    local lo = tonumber(string.sub(h, 15, 24))
-    local epoch = tonumber(string.sub(h, 30, 39))
-    local new_epoch = tonumber(ARGV[5])
-    -- Twenty digits above u64::MAX (18446744073709551615) are not a version
-    -- the codec reads: such an entry is corrupt and gets replaced.
-    if hi < 1844674407 or (hi == 1844674407 and lo <= 3709551615) then
-      local new_hi = tonumber(ARGV[2])
-      local new_lo = tonumber(ARGV[3])
-      -- Versions first; at the same version an invalidation ('I') lets the
-      -- row of its version in, and so does an earlier epoch.
-      if hi > new_hi or (hi == new_hi and (lo > new_lo or (lo == new_lo
-          and kind ~= 'I' and epoch >= new_epoch))) then
-        return 0
+local out = {}
+for i, key in ipairs(KEYS) do
+  local a = (i - 1) * 5
+  local stale = false
+  local len = redis.pcall('STRLEN', key)
+  -- A key of another type answers STRLEN with an error table: not an entry, replace it.
+  if type(len) == 'number' and len >= 39 then
+    local h = redis.call('GETRANGE', key, 0, 38)
+    local kind = string.sub(h, 4, 4)
+    if string.sub(h, 1, 3) == 'wt2' and (kind == 'V' or kind == 'T' or kind == 'I')
+        and string.find(string.sub(h, 5, 24), '^[0-9]+$')
+        and string.find(string.sub(h, 30, 39), '^[0-9]+$') then
+      local hi = tonumber(string.sub(h, 5, 14))
+      local lo = tonumber(string.sub(h, 15, 24))
+      local epoch = tonumber(string.sub(h, 30, 39))
+      local new_epoch = tonumber(ARGV[a + 5])
+      -- Twenty digits above u64::MAX (18446744073709551615) are not a version
+      -- the codec reads: such an entry is corrupt and gets replaced.
+      if hi < 1844674407 or (hi == 1844674407 and lo <= 3709551615) then
+        local new_hi = tonumber(ARGV[a + 2])
+        local new_lo = tonumber(ARGV[a + 3])
+        -- Versions first; at the same version an invalidation ('I') lets the
+        -- row of its version in, and so does an earlier epoch.
+        if hi > new_hi or (hi == new_hi and (lo > new_lo or (lo == new_lo
+            and kind ~= 'I' and epoch >= new_epoch))) then
+          stale = true
+        end
       end
     end
   end
+  if stale then
+    out[i] = 0
+  else
+    if ARGV[a + 4] ~= '0' then
+      redis.call('SET', key, ARGV[a + 1], 'PX', ARGV[a + 4])
+    else
+      redis.call('SET', key, ARGV[a + 1])
+    end
+    out[i] = 1
+  end
 end
-if ARGV[4] ~= '0' then
-  redis.call('SET', key, ARGV[1], 'PX', ARGV[4])
-else
-  redis.call('SET', key, ARGV[1])
-end
-return 1
+return out
 "#;
 
 /// `KEYS[1]` the key; `ARGV[1]` the bytes expected; `ARGV[2]` the new
@@ -81,14 +93,30 @@ pub(crate) static REPLACE: LazyLock<redis::Script> =
 
 const HALF: u64 = 10_000_000_000;
 
-/// `EVALSHA` of the fenced write for one item. The TTL is already in milliseconds.
-pub(crate) fn fenced_set(item: &CacheItem, ttl_ms: u64) -> Cmd {
-    let mut cmd = evalsha(&FENCE, &item.key, 64 + item.entry.len());
-    cmd.arg(&item.entry[..])
-        .arg(item.version / HALF)
-        .arg(item.version % HALF)
-        .arg(ttl_ms)
-        .arg(item.epoch());
+/// Most keys one call of the fencing script carries: a bigger batch is
+/// several calls in one pipeline, so that no call holds the server long.
+pub(crate) const FENCE_KEYS_PER_CALL: usize = 128;
+
+/// One `EVALSHA` of the fenced write for `items` with their TTLs (already
+/// in milliseconds).
+pub(crate) fn fenced_set(items: &[CacheItem], ttls_ms: &[u64]) -> Cmd {
+    let sha = FENCE.get_hash();
+    let len: usize = items
+        .iter()
+        .map(|it| it.key.len() + it.entry.len() + 64)
+        .sum();
+    let mut cmd = Cmd::with_capacity(3 + 6 * items.len(), 16 + sha.len() + len);
+    cmd.arg("EVALSHA").arg(sha).arg(items.len());
+    for it in items {
+        cmd.arg(&it.key);
+    }
+    for (it, &ttl) in items.iter().zip(ttls_ms) {
+        cmd.arg(&it.entry[..])
+            .arg(it.version / HALF)
+            .arg(it.version % HALF)
+            .arg(ttl)
+            .arg(it.epoch());
+    }
     cmd
 }
 

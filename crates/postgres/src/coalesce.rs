@@ -314,15 +314,21 @@ async fn run_batch(store: &PostgresStore, c: &Coalescer, batch: Vec<Job>) {
             }
         }
         // Refused as a whole, nothing committed: each write alone, so that
-        // one bad row fails only its own writer.
+        // one bad row fails only its own writer; all at once, so that one
+        // waiting for its key lock does not hold the others.
         Err(_) => {
-            for (reply, p) in replies.into_iter().zip(&ps) {
-                let r = store
-                    .run_retrying(std::slice::from_ref(p), opts)
-                    .await
-                    .and_then(one);
-                let _ = reply.send(r);
+            let mut alone = tokio::task::JoinSet::new();
+            for (reply, p) in replies.into_iter().zip(ps) {
+                let store = store.clone();
+                alone.spawn(async move {
+                    let r = store
+                        .run_retrying(std::slice::from_ref(&p), opts)
+                        .await
+                        .and_then(one);
+                    let _ = reply.send(r);
+                });
             }
+            while alone.join_next().await.is_some() {}
         }
     }
 }

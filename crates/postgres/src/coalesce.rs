@@ -17,10 +17,13 @@
 //! less than four statements of four). A batch smaller than `lanes` widens
 //! them again: that load runs as well in parallel, without queueing.
 //!
-//! A batch waits for the slowest of its key locks, so a lane can stall
-//! behind a long transaction on one key. A queued write that has waited
-//! `STALL` opens one more lane (up to the pool's size), so the queue never
-//! waits on a stalled lane for longer than that.
+//! A batch would wait for the slowest of its key locks, so its statement
+//! waits at most `sql::BATCH_LOCK_WAIT` for each (it sets its own
+//! `lock_timeout`); past that it has committed nothing and its writes run
+//! one by one, all at once, so that only the writer of a key held by a long
+//! transaction waits for it. And a queued write that has waited `STALL`
+//! opens one more lane (up to the pool's size), so the queue never waits on
+//! a stalled lane for longer than that.
 //!
 //! Nothing is acknowledged before its commit: a queued writer learns its
 //! outcome from the batch that carried it. A batch the database refused as
@@ -67,6 +70,7 @@ pub(crate) struct Coalescer {
     batches: AtomicU64,
     coalesced: AtomicU64,
     extra_lanes: AtomicU64,
+    split: AtomicU64,
 }
 
 /// How long a queued write waits before it opens one more lane.
@@ -85,6 +89,9 @@ pub struct CoalesceStats {
     /// Lanes opened beyond the configured ones because the queue stalled
     /// (its lanes waiting for key locks held elsewhere).
     pub extra_lanes: u64,
+    /// Batches refused as a whole (a bad row, or a key lock not granted
+    /// within 50 ms) whose writes then ran one by one.
+    pub split: u64,
 }
 
 impl Coalescer {
@@ -98,6 +105,7 @@ impl Coalescer {
             batches: AtomicU64::new(0),
             coalesced: AtomicU64::new(0),
             extra_lanes: AtomicU64::new(0),
+            split: AtomicU64::new(0),
         }
     }
 
@@ -113,6 +121,7 @@ impl Coalescer {
             writes: self.coalesced.load(Ordering::Relaxed),
             queued: self.state().queue.len() as u64,
             extra_lanes: self.extra_lanes.load(Ordering::Relaxed),
+            split: self.split.load(Ordering::Relaxed),
         }
     }
 
@@ -293,7 +302,9 @@ async fn run_batch(store: &PostgresStore, c: &Coalescer, batch: Vec<Job>) {
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.coalesced.fetch_add(ps.len() as u64, Ordering::Relaxed);
     }
-    match store.run_retrying(&ps, opts).await {
+    // Bounded lock waits: a key held by a long transaction splits the
+    // batch (below) instead of making all its writers wait for it.
+    match store.run_retrying_as(&ps, opts, true).await {
         Ok(out) if out.len() == ps.len() => {
             for (reply, o) in replies.into_iter().zip(out) {
                 let _ = reply.send(Ok(o));
@@ -313,10 +324,12 @@ async fn run_batch(store: &PostgresStore, c: &Coalescer, batch: Vec<Job>) {
                 let _ = reply.send(Err(e.clone().with_key(&p.key)));
             }
         }
-        // Refused as a whole, nothing committed: each write alone, so that
-        // one bad row fails only its own writer; all at once, so that one
-        // waiting for its key lock does not hold the others.
+        // Refused as a whole, nothing committed (a bad row, or a key lock
+        // not granted within the bound): each write alone, so that one bad
+        // row fails only its own writer; all at once, so that one waiting
+        // for its key lock does not hold the others.
         Err(_) => {
+            c.split.fetch_add(1, Ordering::Relaxed);
             let mut alone = tokio::task::JoinSet::new();
             for (reply, p) in replies.into_iter().zip(ps) {
                 let store = store.clone();

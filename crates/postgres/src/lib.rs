@@ -225,9 +225,20 @@ impl PostgresStore {
         ps: &[Prepared],
         opts: TxOptions,
     ) -> Result<Vec<WriteOutcome>> {
+        self.run_retrying_as(ps, opts, false).await
+    }
+
+    /// [`PostgresStore::run_retrying`]; `bounded`: a batch upsert waits at
+    /// most [`sql::BATCH_LOCK_WAIT`] for each key lock (coalesced batches).
+    pub(crate) async fn run_retrying_as(
+        &self,
+        ps: &[Prepared],
+        opts: TxOptions,
+        bounded: bool,
+    ) -> Result<Vec<WriteOutcome>> {
         let mut attempt = 1;
         loop {
-            match self.execute_prepared(ps, opts).await {
+            match self.execute_prepared(ps, opts, bounded).await {
                 // A scope locked its keys' slots in another order than
                 // this write's sorted order.
                 Err(e)
@@ -299,6 +310,7 @@ impl PostgresStore {
         &self,
         ps: &[Prepared],
         opts: TxOptions,
+        bounded: bool,
     ) -> Result<Vec<WriteOutcome>> {
         if ps.len() == 1 && !opts.fence && !opts.outbox {
             self.execute_plain(&ps[0])
@@ -315,7 +327,7 @@ impl PostgresStore {
             .all(|p| matches!(p.op, PreparedOp::Upsert(_)) && p.table() == ps[0].table())
             && tx::distinct_keys(ps)
         {
-            self.batch_upsert(ps, opts.outbox).await
+            self.batch_upsert(ps, opts.outbox, bounded).await
         } else {
             let mut conn = self.acquire().await?;
             execute_in_tx(&self.shared, &mut conn, ps, opts.outbox).await
@@ -324,7 +336,12 @@ impl PostgresStore {
 
     /// Upserts of distinct keys of one table: one autocommit statement that
     /// locks every key in hash order, writes every row and its outbox record.
-    async fn batch_upsert(&self, ps: &[Prepared], outbox: bool) -> Result<Vec<WriteOutcome>> {
+    async fn batch_upsert(
+        &self,
+        ps: &[Prepared],
+        outbox: bool,
+        bounded: bool,
+    ) -> Result<Vec<WriteOutcome>> {
         let first = &ps[0];
         let t = first.table();
         let rows: Vec<&writethrough_core::Row> = ps
@@ -334,7 +351,7 @@ impl PostgresStore {
                 _ => None,
             })
             .collect();
-        let mut q = sql::bind_columns(query(first.sql.batch_upsert(outbox)), t, &rows)?;
+        let mut q = sql::bind_columns(query(first.sql.batch_upsert(outbox, bounded)), t, &rows)?;
         q = q.bind(ps.iter().map(Prepared::lock_text).collect::<Vec<_>>());
         if outbox {
             q = q.bind(ps.iter().map(|p| p.key.encode()).collect::<Vec<_>>());

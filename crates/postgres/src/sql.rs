@@ -94,11 +94,33 @@ pub(crate) fn slot_lock(slot: &str) -> String {
 /// once, in slot order, the same order in every transaction, so that
 /// transactions locking several keys this way cannot deadlock each other.
 fn lock_many_cte(param: &str) -> String {
+    lock_many_cte_waiting(param, None)
+}
+
+/// How long a coalesced batch waits for each key lock before it gives up
+/// (committing nothing) and its writes run one by one: a batch must not
+/// make its writers share the wait of one key held by a long transaction.
+/// Far above the time a single write holds a key (one statement and its
+/// commit), so that contention between writes rarely splits a batch.
+pub(crate) const BATCH_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// [`lock_many_cte`]; with `wait`, the statement's `lock_timeout` is set to
+/// it (transaction-local: an autocommit statement's own) before the first
+/// lock, by an uncorrelated scalar subquery that runs once, at the first
+/// lock's argument.
+fn lock_many_cte_waiting(param: &str, wait: Option<std::time::Duration>) -> String {
+    let slot = match wait {
+        None => "\"_s\".\"h\"".to_owned(),
+        Some(d) => format!(
+            "(\"_s\".\"h\" + (SELECT length(set_config('lock_timeout', '{}ms', true)) * 0))",
+            d.as_millis().max(1)
+        ),
+    };
     format!(
         "\"_k\" AS MATERIALIZED (SELECT {} FROM \
          (SELECT DISTINCT {} AS \"h\" FROM unnest({param}::text[]) AS \"x\" ORDER BY 1) AS \"_s\"), \
          \"_l\" AS MATERIALIZED (SELECT count(*) AS \"n\" FROM \"_k\")",
-        slot_lock("\"_s\".\"h\""),
+        slot_lock(&slot),
         slot_of("\"x\""),
     )
 }
@@ -160,7 +182,8 @@ pub(crate) struct TableSql {
     upsert: [Arc<str>; 2],
     /// The upsert of an unfenced write: no key lock (see `plain_upsert`).
     pub(crate) plain_upsert: Arc<str>,
-    batch_upsert: [Arc<str>; 2],
+    /// By `outbox` + 2 × `bounded` (see [`TableSql::batch_upsert`]).
+    batch_upsert: [Arc<str>; 4],
     delete: [Arc<str>; 4],
     pub(crate) select: Arc<str>,
     pub(crate) select_many: Arc<str>,
@@ -204,7 +227,12 @@ impl TableSql {
         TableSql {
             upsert: [arc(n.upsert(false)), arc(n.upsert(true))],
             plain_upsert: arc(n.plain_upsert()),
-            batch_upsert: [arc(n.batch_upsert(t, false)), arc(n.batch_upsert(t, true))],
+            batch_upsert: [
+                arc(n.batch_upsert(t, false, false)),
+                arc(n.batch_upsert(t, true, false)),
+                arc(n.batch_upsert(t, false, true)),
+                arc(n.batch_upsert(t, true, true)),
+            ],
             delete: [
                 arc(n.delete(v(false, false))),
                 arc(n.delete(v(true, false))),
@@ -226,8 +254,10 @@ impl TableSql {
         &self.upsert[usize::from(outbox)]
     }
 
-    pub(crate) fn batch_upsert(&self, outbox: bool) -> &Arc<str> {
-        &self.batch_upsert[usize::from(outbox)]
+    /// The batch upsert; `bounded` waits at most `BATCH_LOCK_WAIT` for
+    /// each key lock and fails with `55P03` past it, committing nothing.
+    pub(crate) fn batch_upsert(&self, outbox: bool, bounded: bool) -> &Arc<str> {
+        &self.batch_upsert[usize::from(outbox) + 2 * usize::from(bounded)]
     }
 
     pub(crate) fn delete(&self, v: Variant) -> &Arc<str> {
@@ -349,7 +379,7 @@ impl Names {
     /// `$1..$n` one array per column, `$n+1` the lock texts, `$n+2` the
     /// outbox keys (in the order of `$1`). Returns key, version, existed,
     /// outbox id per row.
-    fn batch_upsert(&self, t: &Table, outbox: bool) -> String {
+    fn batch_upsert(&self, t: &Table, outbox: bool, bounded: bool) -> String {
         let n = self.cols.len();
         let arrays: Vec<String> = t
             .columns()
@@ -363,7 +393,7 @@ impl Names {
              SELECT \"_r\".*, nextval('{SEQ}') FROM \"_l\", unnest({}) AS \"_r\" \
              ON CONFLICT ({}) DO UPDATE SET {} \
              RETURNING \"_t\".{}::{} AS \"k\", \"_t\".\"{VERSION_COLUMN}\"::bigint AS \"v\", NOT (\"_t\".xmax = 0) AS \"e\")",
-            lock_many_cte(&format!("${}", n + 1)),
+            lock_many_cte_waiting(&format!("${}", n + 1), bounded.then_some(BATCH_LOCK_WAIT)),
             self.table,
             self.cols.join(", "),
             arrays.join(", "),

@@ -1552,3 +1552,54 @@ async fn a_stalled_lane_does_not_hold_the_queue_and_off_means_off() {
         leader.await.unwrap().unwrap();
     }
 }
+
+/// A coalesced batch waits for each key lock only so long: with one of its
+/// keys held by a long transaction, it gives up (committing nothing) and
+/// its writes run one by one, so the others commit while that key is still
+/// held; the held key's write commits once it is free.
+#[tokio::test]
+async fn a_long_held_key_splits_a_coalesced_batch_instead_of_holding_it() {
+    let pg = pg().await;
+    let t = items(&unique("coalsplit"));
+    pg.store.ensure_table(&t).await.unwrap();
+    // One lane; three connections so that the split writes can run at once.
+    let writer = pg
+        .other_store(|c| c.max_connections(3).coalesce_lanes(1))
+        .await;
+    let (leader_lock, _) = hold_key(&pg, &t, upsert(&t, item(5, "held"))).await;
+    let (long_tx, _) = hold_key(&pg, &t, upsert(&t, item(1, "held long"))).await;
+    let leader = {
+        let (s, w) = (writer.clone(), upsert(&t, item(5, "leader")));
+        tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
+    };
+    wait_for_lock_waiters(pg.store.pool(), 1).await;
+    // Spawned together, they queue in the same turn of this runtime, so
+    // the lane opened for the stalled queue carries all three in one batch.
+    let mut queued: Vec<_> = [(1, "v1"), (2, "v2"), (3, "v3")]
+        .into_iter()
+        .map(|(id, name)| {
+            let (s, w) = (writer.clone(), upsert(&t, item(id, name)));
+            tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
+        })
+        .collect();
+    let (w2, w3) = (queued.remove(1), queued.remove(1));
+    // Both commit while keys 1 and 5 are still held (were the batch to
+    // wait for key 1, they would wait as long as the transaction lasts).
+    for w in [w2, w3] {
+        tokio::time::timeout(Duration::from_secs(20), w)
+            .await
+            .expect("a write batched with a long-held key waits for it")
+            .unwrap()
+            .unwrap();
+    }
+    let stats = writer.coalesce_stats();
+    assert!(stats.batches >= 1 && stats.split >= 1, "{stats:?}");
+    assert!(!queued[0].is_finished(), "key 1 is still held");
+    long_tx.commit().await.unwrap();
+    let w1 = queued.remove(0).await.unwrap().unwrap();
+    leader_lock.commit().await.unwrap();
+    leader.await.unwrap().unwrap();
+    let row = pg.store.get(&t, &Key::from(1)).await.unwrap().unwrap();
+    assert_eq!(row.row.get("name"), Some(&Value::from("v1")));
+    assert_eq!(row.version, w1[0].version);
+}

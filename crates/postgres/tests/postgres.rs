@@ -1385,19 +1385,29 @@ async fn the_shared_db_suite_passes_on_postgres() {
     .await;
 }
 
+type WriteTask = tokio::task::JoinHandle<writethrough_core::Result<Vec<WriteOutcome>>>;
+
+/// A single upsert of `item(id, name)` with the outbox, in a task of its own.
+fn spawn_upsert(
+    store: &writethrough_postgres::PostgresStore,
+    t: &Table,
+    id: i64,
+    name: &str,
+) -> WriteTask {
+    let (s, w) = (store.clone(), upsert(t, item(id, name)));
+    tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
+}
+
 /// Writes to `keys` (with `name`s) started one after another on `store`,
 /// each queued behind the blocked leader before the next starts.
 async fn queue_writes(
     store: &writethrough_postgres::PostgresStore,
     t: &Table,
     writes: &[(i64, &str)],
-) -> Vec<tokio::task::JoinHandle<writethrough_core::Result<Vec<WriteOutcome>>>> {
+) -> Vec<WriteTask> {
     let mut handles = Vec::new();
     for (n, &(id, name)) in writes.iter().enumerate() {
-        let (s, w) = (store.clone(), upsert(t, item(id, name)));
-        handles.push(tokio::spawn(async move {
-            s.execute(vec![w], TxOptions::with_outbox(true)).await
-        }));
+        handles.push(spawn_upsert(store, t, id, name));
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while store.coalesce_stats().queued < n as u64 + 1 {
             assert!(
@@ -1425,10 +1435,7 @@ async fn queued_single_writes_commit_together_and_keep_their_order_per_key() {
         .other_store(|c| c.max_connections(1).coalesce_lanes(1))
         .await;
     let (holder, _) = hold_key(&pg, &t, upsert(&t, item(1, "held"))).await;
-    let leader = {
-        let (s, w) = (writer.clone(), upsert(&t, item(1, "leader")));
-        tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
-    };
+    let leader = spawn_upsert(&writer, &t, 1, "leader");
     wait_for_lock_waiters(pg.store.pool(), 1).await;
     let mut writes: Vec<(i64, String)> = (2..=14).map(|id| (id, format!("v{id}"))).collect();
     writes.push((2, "second".into()));
@@ -1484,10 +1491,7 @@ async fn one_bad_row_in_a_coalesced_batch_fails_only_its_writer() {
         .other_store(|c| c.max_connections(1).coalesce_lanes(1))
         .await;
     let (holder, _) = hold_key(&pg, &t, upsert(&t, item(1, "held"))).await;
-    let leader = {
-        let (s, w) = (writer.clone(), upsert(&t, item(1, "leader")));
-        tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
-    };
+    let leader = spawn_upsert(&writer, &t, 1, "leader");
     wait_for_lock_waiters(pg.store.pool(), 1).await;
     let queued = queue_writes(&writer, &t, &[(2, "ok"), (3, "bad"), (4, "ok")]).await;
     holder.commit().await.unwrap();
@@ -1505,9 +1509,7 @@ async fn one_bad_row_in_a_coalesced_batch_fails_only_its_writer() {
     }
 }
 
-async fn futures_join(
-    hs: Vec<tokio::task::JoinHandle<writethrough_core::Result<Vec<WriteOutcome>>>>,
-) -> Vec<writethrough_core::Result<Vec<WriteOutcome>>> {
+async fn futures_join(hs: Vec<WriteTask>) -> Vec<writethrough_core::Result<Vec<WriteOutcome>>> {
     let mut out = Vec::new();
     for h in hs {
         out.push(h.await.unwrap());
@@ -1526,17 +1528,11 @@ async fn a_stalled_lane_does_not_hold_the_queue_and_off_means_off() {
     for lanes in [1, 0] {
         let writer = pg.other_store(|c| c.coalesce_lanes(lanes)).await;
         let (holder, _) = hold_key(&pg, &t, upsert(&t, item(1, "held"))).await;
-        let leader = {
-            let (s, w) = (writer.clone(), upsert(&t, item(1, "leader")));
-            tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
-        };
+        let leader = spawn_upsert(&writer, &t, 1, "leader");
         wait_for_lock_waiters(pg.store.pool(), 1).await;
         // Commits while key 1 is still held.
         let others: Vec<_> = (2..6)
-            .map(|id| {
-                let (s, w) = (writer.clone(), upsert(&t, item(id, "other")));
-                tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
-            })
+            .map(|id| spawn_upsert(&writer, &t, id, "other"))
             .collect();
         for r in futures_join(others).await {
             r.unwrap();
@@ -1568,19 +1564,13 @@ async fn a_long_held_key_splits_a_coalesced_batch_instead_of_holding_it() {
         .await;
     let (leader_lock, _) = hold_key(&pg, &t, upsert(&t, item(5, "held"))).await;
     let (long_tx, _) = hold_key(&pg, &t, upsert(&t, item(1, "held long"))).await;
-    let leader = {
-        let (s, w) = (writer.clone(), upsert(&t, item(5, "leader")));
-        tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
-    };
+    let leader = spawn_upsert(&writer, &t, 5, "leader");
     wait_for_lock_waiters(pg.store.pool(), 1).await;
     // Spawned together, they queue in the same turn of this runtime, so
     // the lane opened for the stalled queue carries all three in one batch.
     let mut queued: Vec<_> = [(1, "v1"), (2, "v2"), (3, "v3")]
         .into_iter()
-        .map(|(id, name)| {
-            let (s, w) = (writer.clone(), upsert(&t, item(id, name)));
-            tokio::spawn(async move { s.execute(vec![w], TxOptions::with_outbox(true)).await })
-        })
+        .map(|(id, name)| spawn_upsert(&writer, &t, id, name))
         .collect();
     let (w2, w3) = (queued.remove(1), queued.remove(1));
     // Both commit while keys 1 and 5 are still held (were the batch to

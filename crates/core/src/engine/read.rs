@@ -88,10 +88,7 @@ impl Inner {
     /// A hit from the entry's slot, or decoded into it; `None` for anything
     /// else (the full read path then looks again and counts the miss).
     async fn lookup_slotted<R: Record>(&self, st: &TableState, ck: &str) -> Option<Arc<R>> {
-        if !self.breaker.allows() || self.resync.contains(ck) {
-            return None;
-        }
-        let trusted = self.trusted_epoch().await?;
+        let trusted = self.trusted_for(ck).await?;
         let (bytes, slot) = self.cache().get_slotted(ck).await.ok()??;
         let slot = slot?;
         if let Some((epoch, hit)) = slot.get::<R>()
@@ -150,14 +147,8 @@ impl Inner {
         ck: &str,
         count_miss: bool,
     ) -> Lookup<R> {
-        let usable = self.breaker.allows() && !self.resync.contains(ck);
         let mut unreadable = None;
-        let trusted = if usable {
-            self.trusted_epoch().await
-        } else {
-            None
-        };
-        if let Some(trusted) = trusted
+        if let Some(trusted) = self.trusted_for(ck).await
             && let Ok(Some(bytes)) = self.cache().get(ck).await
         {
             match self.classify::<R>(st, ck, bytes, trusted) {
@@ -170,6 +161,16 @@ impl Inner {
             st.metrics.misses.increment(1);
         }
         Lookup::Miss(unreadable)
+    }
+
+    /// The epoch a cache read of `ck` may trust, or `None` when the cache
+    /// must not answer it: the breaker is open, the key awaits resync, or
+    /// the epoch is unconfirmed.
+    async fn trusted_for(&self, ck: &str) -> Option<u64> {
+        if !self.breaker.allows() || self.resync.contains(ck) {
+            return None;
+        }
+        self.trusted_epoch().await
     }
 
     /// What one cache entry's bytes are worth to a reader trusting epoch

@@ -144,7 +144,7 @@ impl Coalescer {
                 Ok(rx)
             }
         };
-        let rx = match queued {
+        let mut rx = match queued {
             Ok(rx) => rx,
             Err(p) => {
                 // This lane is ours; whatever queued meanwhile is handed on
@@ -161,7 +161,6 @@ impl Coalescer {
         // A lane held up (its key locked by a long transaction) must not
         // hold the queue for long: each `STALL` a queued writer waits, it
         // opens one more lane, up to the pool's size.
-        let mut rx = rx;
         loop {
             match tokio::time::timeout(STALL, &mut rx).await {
                 Ok(r) => {

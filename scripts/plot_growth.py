@@ -64,21 +64,18 @@ def main(src, dst):
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
 
-    rows = tables(src / "concurrency.md")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, sc in zip(axes, ("read_hit", "write")):
-        draw(ax, series(rows, sc, lambda r: int(r["conc"]), "/s"),
-             f"{sc}, 256 B", "concurrency", "items/s")
-    fig.tight_layout()
-    fig.savefig(dst / "concurrency.png", dpi=110)
+    def pair_of_panels(name, x, y, title, xlabel, ylabel):
+        rows = tables(src / f"{name}.md")
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, sc in zip(axes, ("read_hit", "write")):
+            draw(ax, series(rows, sc, x, y), title.format(sc), xlabel, ylabel)
+        fig.tight_layout()
+        fig.savefig(dst / f"{name}.png", dpi=110)
 
-    rows = tables(src / "sizes.md")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, sc in zip(axes, ("read_hit", "write")):
-        draw(ax, series(rows, sc, lambda r: num(r["value"]), "p50"),
-             f"{sc}, concurrency 1", "value size (bytes)", "p50 (µs)")
-    fig.tight_layout()
-    fig.savefig(dst / "sizes.png", dpi=110)
+    pair_of_panels("concurrency", lambda r: int(r["conc"]), "/s",
+                   "{}, 256 B", "concurrency", "items/s")
+    pair_of_panels("sizes", lambda r: num(r["value"]), "p50",
+                   "{}, concurrency 1", "value size (bytes)", "p50 (µs)")
 
     rows, mem = [], {}
     for f in sorted(src.glob("keys-*.md")):

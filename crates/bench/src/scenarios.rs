@@ -818,12 +818,13 @@ pub(crate) async fn run_pair(args: &Args, pair: &Pair) -> Result<Vec<Row>> {
             if !wanted(scenario) {
                 continue;
             }
-            if scenario == "stampede" || scenario == "warm" {
-                let row = if scenario == "warm" {
-                    world.warm().await
-                } else {
-                    world.stampede().await
-                };
+            // One-shot scenarios: a row of their own, not timed phases.
+            let once = match scenario {
+                "warm" => Some(world.warm().await),
+                "stampede" => Some(world.stampede().await),
+                _ => None,
+            };
+            if let Some(row) = once {
                 eprintln!(
                     "{:<18} {:<16} {:>6} B: {}",
                     pair.label, row.scenario, size, row.note

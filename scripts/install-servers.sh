@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the server binaries the tests and the benchmark start
-# (redis-server, memcached, PostgreSQL) from Debian's packages when they
+# (redis-server, memcached, PostgreSQL, and the psql and sqlite3 clients) from Debian's packages when they
 # are missing and we are root; otherwise prints the exact command and fails.
 # Used by scripts/test.sh and scripts/bench.sh.
 set -euo pipefail
@@ -14,6 +14,9 @@ have_pg() {
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v memcached >/dev/null 2>&1 || missing+=(memcached)
 have_pg || missing+=(postgresql)
+# The external-writer tests write with the stock clients, as an operator would.
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         step "installing ${missing[*]} (Debian packages)"

@@ -4,6 +4,11 @@
 //! event, timestamped with the machine's monotonic clock, to `WT_OUT`.
 //! Values start at `WT_FIRST_VALUE` and client ids at `WT_FIRST_CLIENT`,
 //! so that processes never write the same value.
+//!
+//! With `WT_TRACK_EXTERNAL=1` the table tracks writes made outside the
+//! engine. With `WT_ROLE=external` the process is such a writer instead: no
+//! engine, a plain connection (sqlx or rusqlite) to `WT_DB_URL`, one
+//! update, delete or upsert every `WT_EXTERNAL_PAUSE_MS`, `WT_OPS` of them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +30,9 @@ fn num<T: std::str::FromStr>(name: &str) -> T {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var("WT_ROLE").as_deref() == Ok("external") {
+        return external_writer().await;
+    }
     let engine = writethrough::open(&var("WT_CACHE_URL"), &var("WT_DB_URL"))
         .await
         .expect("opens the backends")
@@ -35,6 +43,7 @@ async fn main() {
             c.write_deadline = Duration::from_millis(500);
             c.outbox_grace = Duration::from_millis(500);
             c.reconcile_interval = Some(Duration::from_millis(250));
+            c.external_poll_interval = Duration::from_millis(200);
             c.breaker.open_for = Duration::from_millis(100);
             // WT_EPOCHS=0 runs with the mechanism off, to show what it prevents.
             let epochs = std::env::var("WT_EPOCHS").map_or(true, |e| e != "0");
@@ -46,7 +55,11 @@ async fn main() {
         .renamed(&var("WT_TABLE"))
         .expect("a table name");
     let items = engine
-        .register_in(table, TableOptions::new())
+        .register_in(
+            table,
+            TableOptions::new()
+                .track_external_writes(std::env::var("WT_TRACK_EXTERNAL").as_deref() == Ok("1")),
+        )
         .await
         .expect("registers");
     // When this engine moved to a new cache epoch: the parent counts the
@@ -105,4 +118,88 @@ async fn main() {
     std::fs::write(format!("{}.epochs", var("WT_OUT")), changes.join("\n"))
         .expect("writes the epoch changes");
     let _ = engine.flush().await;
+}
+
+/// A writer outside the engine, on its own plain connection: no engine
+/// marks, so the table's triggers version and record every write.
+async fn external_writer() {
+    use rand::Rng;
+    use writethrough_testkit::history::{Event, Op};
+
+    enum Conn {
+        Pg(sqlx::PgConnection),
+        Lite(rusqlite::Connection),
+    }
+    let url = var("WT_DB_URL");
+    let table = var("WT_TABLE");
+    let mut conn = if url.starts_with("postgres") {
+        use sqlx::Connection;
+        Conn::Pg(sqlx::PgConnection::connect(&url).await.expect("connects"))
+    } else {
+        let path = url.trim_start_matches("sqlite://");
+        let c = rusqlite::Connection::open(path).expect("opens the file");
+        c.busy_timeout(Duration::from_secs(10))
+            .expect("sets the busy timeout");
+        Conn::Lite(c)
+    };
+    let ops: usize = num("WT_OPS");
+    let keys: i64 = num("WT_KEYS");
+    let pause = Duration::from_millis(num("WT_EXTERNAL_PAUSE_MS"));
+    let client: u32 = num("WT_FIRST_CLIENT");
+    let mut value: u32 = num("WT_FIRST_VALUE");
+    let mut events = Vec::new();
+    for _ in 0..ops {
+        tokio::time::sleep(pause).await;
+        let (key, dice) = {
+            let mut rng = rand::rng();
+            (rng.random_range(1..=keys), rng.random_range(0..3u32))
+        };
+        value += 1;
+        let v = i64::from(value);
+        let (update, delete, upsert) = (
+            format!("UPDATE \"{table}\" SET qty = $1 WHERE id = $2"),
+            format!("DELETE FROM \"{table}\" WHERE id = $1"),
+            format!(
+                "INSERT INTO \"{table}\" (id, name, price, qty, active, tags) \
+                 VALUES ($1, 'external', 1.5, $2, true, '{{}}') \
+                 ON CONFLICT (id) DO UPDATE SET qty = excluded.qty, name = excluded.name"
+            ),
+        );
+        let call = monotonic_ns();
+        let affected = match &mut conn {
+            Conn::Pg(c) => {
+                let q = match dice {
+                    0 => sqlx::query(sqlx::AssertSqlSafe(update)).bind(v).bind(key),
+                    1 => sqlx::query(sqlx::AssertSqlSafe(delete)).bind(key),
+                    _ => sqlx::query(sqlx::AssertSqlSafe(upsert)).bind(key).bind(v),
+                };
+                q.execute(&mut *c).await.map(|r| r.rows_affected()).ok()
+            }
+            Conn::Lite(c) => {
+                let (sql, params): (String, Vec<i64>) = match dice {
+                    0 => (update.replace('$', "?"), vec![v, key]),
+                    1 => (delete.replace('$', "?"), vec![key]),
+                    _ => (upsert.replace('$', "?"), vec![key, v]),
+                };
+                c.execute(&sql, rusqlite::params_from_iter(params))
+                    .map(|n| n as u64)
+                    .ok()
+            }
+        };
+        let ret = monotonic_ns();
+        let op = match dice {
+            0 => Op::Update(value, affected.unwrap_or(0) > 0),
+            1 => Op::Delete(affected.unwrap_or(0) > 0),
+            _ => Op::Write(value),
+        };
+        events.push(Event {
+            key,
+            op,
+            call,
+            ret: if affected.is_some() { ret } else { u64::MAX },
+            client,
+        });
+    }
+    let lines: Vec<String> = events.iter().map(Event::to_line).collect();
+    std::fs::write(var("WT_OUT"), lines.join("\n")).expect("writes the history");
 }

@@ -13,6 +13,9 @@ use crate::value::{Key, Patch, Row, VersionedRow};
 pub const VERSION_COLUMN: &str = "_wt_version";
 /// Name of the engine's outbox table.
 pub const OUTBOX_TABLE: &str = "_wt_outbox";
+/// Name of the table where the triggers of [`DbStore::track_external`]
+/// record writes made outside the engine.
+pub const CHANGES_TABLE: &str = "_wt_changes";
 
 /// One write to apply in a transaction.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +105,39 @@ pub struct OutboxEntry {
     pub key: Key,
     /// The write's version.
     pub version: u64,
+}
+
+/// A write made outside the engine (psql, a migration, another service),
+/// recorded by the triggers that [`DbStore::track_external`] installs, in
+/// the same transaction as the write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalChange {
+    /// The record's id (increasing in the order records were made).
+    pub id: i64,
+    /// The table written.
+    pub table: String,
+    /// The key written; `None` for the whole table (a `TRUNCATE`): every
+    /// entry of the table older than `version` is gone.
+    pub key: Option<Key>,
+    /// The version the write was given, from the source the engine's
+    /// writes draw from, so that versions of a key keep increasing across
+    /// both kinds of writer.
+    pub version: u64,
+    /// The change's position in the adapter's order of visibility (see
+    /// [`ChangePage::horizon`]).
+    pub position: u64,
+}
+
+/// One page of [`ExternalChange`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChangePage {
+    /// The changes, by increasing id.
+    pub changes: Vec<ExternalChange>,
+    /// A position below which no change can become visible any more: every
+    /// change that is not yet visible (its transaction is in flight) will
+    /// have a position at least this. A follower that has seen every
+    /// change of position below `horizon` asks next time from `horizon`.
+    pub horizon: u64,
 }
 
 /// What a database backend can hold.
@@ -272,6 +308,52 @@ pub trait DbStore: Send + Sync + 'static {
     async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()>;
     /// Checks that the database answers.
     async fn ping(&self) -> Result<()>;
+    /// Installs, idempotently and all or nothing, the triggers that give
+    /// writes made outside the engine to `table` a version (from the
+    /// engine's own source) and record them as [`ExternalChange`]s in the
+    /// same transaction; the engine's own writes are recognised and not
+    /// recorded. Returns the table's floor: the version of its last
+    /// whole-table change (`TRUNCATE`), 0 if none. Fails with
+    /// [`ErrorKind::SchemaMismatch`](crate::ErrorKind::SchemaMismatch) when
+    /// a trigger of the same name exists that is not the engine's, and
+    /// with the database's error (privileges) otherwise, having installed
+    /// nothing. The default: [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
+    async fn track_external(&self, table: &Table) -> Result<u64> {
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!(
+                "the {} backend cannot track writes made outside the engine",
+                self.name()
+            ),
+        )
+        .with_operation("db.track_external")
+        .with_key(table.name().as_str()))
+    }
+    /// Recorded external changes of `tables` at position `horizon` or
+    /// later with an id above `after`, by id, at most `limit`; read in one
+    /// snapshot together with the page's [`ChangePage::horizon`].
+    async fn external_changes(
+        &self,
+        tables: &[String],
+        horizon: u64,
+        after: i64,
+        limit: usize,
+    ) -> Result<ChangePage> {
+        let _ = (tables, horizon, after, limit);
+        Ok(ChangePage::default())
+    }
+    /// Removes recorded external changes older than `age`; returns how many.
+    async fn prune_external_changes(&self, age: Duration) -> Result<u64> {
+        let _ = age;
+        Ok(0)
+    }
+    /// A doorbell rung when an external change may have committed
+    /// (PostgreSQL `LISTEN/NOTIFY`, SQLite's `data_version`), once
+    /// [`DbStore::track_external`] ran. Never the source of truth: a missed
+    /// ring is covered by the follower's periodic scan.
+    fn external_doorbell(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 #[async_trait]
@@ -321,5 +403,25 @@ impl<D: DbStore + ?Sized> DbStore for Arc<D> {
     }
     async fn ping(&self) -> Result<()> {
         (**self).ping().await
+    }
+    async fn track_external(&self, table: &Table) -> Result<u64> {
+        (**self).track_external(table).await
+    }
+    async fn external_changes(
+        &self,
+        tables: &[String],
+        horizon: u64,
+        after: i64,
+        limit: usize,
+    ) -> Result<ChangePage> {
+        (**self)
+            .external_changes(tables, horizon, after, limit)
+            .await
+    }
+    async fn prune_external_changes(&self, age: Duration) -> Result<u64> {
+        (**self).prune_external_changes(age).await
+    }
+    fn external_doorbell(&self) -> Option<Arc<tokio::sync::Notify>> {
+        (**self).external_doorbell()
     }
 }

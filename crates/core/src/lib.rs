@@ -48,8 +48,8 @@ pub mod backend {
     pub use crate::cache::{CacheCapabilities, CacheItem, CacheStore, DecodedSlot, Fence, KeyRule};
     pub use crate::codec;
     pub use crate::db::{
-        DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, VERSION_COLUMN,
-        Write, WriteOp, WriteOutcome,
+        CHANGES_TABLE, ChangePage, DbCapabilities, DbStore, ExternalChange, OUTBOX_TABLE,
+        OutboxEntry, Transaction, TxOptions, VERSION_COLUMN, Write, WriteOp, WriteOutcome,
     };
     /// Re-exported so adapters implement the traits with the same macro version.
     pub use async_trait::async_trait;

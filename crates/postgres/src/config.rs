@@ -303,6 +303,9 @@ impl PostgresConfig {
             "default_transaction_isolation".to_owned(),
             "read committed".to_owned(),
         )];
+        // Marks the engine's own sessions: the triggers that track writes
+        // made outside the engine (`external.rs`) skip what these write.
+        settings.push((crate::external::ENGINE_SETTING.into(), "on".into()));
         if let Some(d) = self.statement_timeout {
             settings.push(("statement_timeout".into(), ms(d)));
         }

@@ -95,6 +95,8 @@ pub(crate) fn map_err(e: sqlx::Error, phase: Phase) -> Error {
                     "the server refused the credentials or the role",
                 ),
                 "3F000" => (ErrorKind::Config, "the schema does not exist"),
+                // insufficient privilege: a grant is missing, no retry helps.
+                "42501" => (ErrorKind::Config, ""),
                 "22021" | "22P05" => (
                     ErrorKind::InvalidValue,
                     "PostgreSQL cannot store this text (NUL byte or invalid encoding)",

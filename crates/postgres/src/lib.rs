@@ -49,6 +49,7 @@
 mod coalesce;
 mod config;
 mod error;
+mod external;
 mod sql;
 mod tx;
 
@@ -94,6 +95,7 @@ pub(crate) struct Shared {
     tables: RwLock<HashMap<String, Arc<TableSql>>>,
     lock_many: Arc<str>,
     coalescer: Option<Arc<Coalescer>>,
+    doorbell: external::Doorbell,
 }
 
 impl Shared {
@@ -193,6 +195,7 @@ impl PostgresStore {
                 lock_many: Arc::from(sql::lock_many_sql()),
                 coalescer: (cfg_lanes > 0)
                     .then(|| Arc::new(Coalescer::new(cfg_lanes, cfg_max, cfg_pool))),
+                doorbell: external::Doorbell::default(),
             }),
         }
     }
@@ -632,6 +635,68 @@ impl DbStore for PostgresStore {
                 })
             })
             .collect()
+    }
+
+    async fn track_external(&self, t: &Table) -> Result<u64> {
+        let e = |e| map_err(e, Phase::NoCommit).with_operation("db.track_external");
+        let mut tx = self.shared.pool.begin().await.map_err(e)?;
+        sqlx::query(DDL_LOCK).execute(&mut *tx).await.map_err(e)?;
+        let oid: Option<i64> = sqlx::query_scalar("SELECT to_regclass($1)::oid::bigint")
+            .bind(t.name().quoted())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(e)?;
+        let Some(oid) = oid else {
+            return Err(Error::new(
+                ErrorKind::SchemaMismatch,
+                format!("table {} does not exist", t.name()),
+            )
+            .with_backend("postgres")
+            .with_operation("db.track_external"));
+        };
+        // All or nothing: DDL is transactional, so a refusal (a foreign
+        // trigger of the same name, a missing privilege) leaves nothing.
+        let floor = external::install(&mut tx, t, oid).await.map_err(|err| {
+            if err.kind() == ErrorKind::Config {
+                Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "cannot install the triggers that track writes made outside the engine \
+                         on table {} (creating triggers needs the table's owner or the TRIGGER \
+                         privilege, and CREATE on the schema)",
+                        t.name()
+                    ),
+                )
+                .with_backend("postgres")
+                .with_operation("db.track_external")
+                .with_source(err)
+            } else {
+                err
+            }
+        })?;
+        tx.commit()
+            .await
+            .map_err(|err| map_err(err, Phase::Commit).with_operation("db.track_external"))?;
+        self.shared.doorbell.start(&self.shared.pool);
+        Ok(floor)
+    }
+
+    async fn external_changes(
+        &self,
+        tables: &[String],
+        horizon: u64,
+        after: i64,
+        limit: usize,
+    ) -> Result<writethrough_core::backend::ChangePage> {
+        external::changes(&self.shared.pool, tables, horizon, after, limit).await
+    }
+
+    async fn prune_external_changes(&self, age: Duration) -> Result<u64> {
+        external::prune(&self.shared.pool, age).await
+    }
+
+    fn external_doorbell(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.shared.doorbell.get()
     }
 
     async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()> {

@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+mod external;
 mod sql;
 
 use std::path::{Path, PathBuf};
@@ -36,7 +37,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 use writethrough_core::backend::{
-    DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, Write,
+    ChangePage, DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, Write,
     WriteOutcome, async_trait,
 };
 use writethrough_core::{Error, ErrorKind, Key, Result, Table, VersionedRow};
@@ -149,6 +150,9 @@ struct Shared {
     active: AtomicUsize,
     readers: Sender<ReadJob>,
     path: PathBuf,
+    /// Where the `data_version` doorbell connects.
+    doorbell_cfg: SqliteConfig,
+    doorbell: external::Doorbell,
     /// The open scope, if any, and who holds it.
     scope: Arc<ScopeSlot>,
     next_scope: AtomicU64,
@@ -228,6 +232,8 @@ enum WriterJob {
     Group(GroupItem),
     Begin(Interactive),
     Ensure(Table, Reply<()>),
+    TrackExternal(Table, Reply<u64>),
+    PruneExternal(Duration, Reply<u64>),
 }
 
 enum GroupItem {
@@ -264,6 +270,7 @@ enum ReadJob {
         Reply<Vec<OutboxEntry>>,
     ),
     Ping(Reply<()>),
+    Changes(Vec<String>, u64, i64, usize, Reply<ChangePage>),
 }
 
 fn gone() -> Error {
@@ -335,7 +342,9 @@ impl SqliteStore {
                 inlined: AtomicU64::new(0),
                 active: AtomicUsize::new(0),
                 readers: rtx,
-                path: cfg.path,
+                path: cfg.path.clone(),
+                doorbell_cfg: cfg,
+                doorbell: external::Doorbell::default(),
                 scope: Arc::default(),
                 next_scope: AtomicU64::new(1),
                 _temp: None,
@@ -360,6 +369,8 @@ impl SqliteStore {
             WriterJob::Group(GroupItem::OutboxRemove(..)) => "an outbox cleanup",
             WriterJob::Begin(_) => "a second transaction scope",
             WriterJob::Ensure(..) => "ensure_table",
+            WriterJob::TrackExternal(..) => "track_external",
+            WriterJob::PruneExternal(..) => "an external change cleanup",
         };
         self.shared.scope.check(what)?;
         self.shared.writer.send(job).map_err(|_| gone())?;
@@ -476,6 +487,7 @@ fn open_conn(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
         }
     ))
     .map_err(map_err)?;
+    external::mark(&conn)?;
     Ok(conn)
 }
 
@@ -517,6 +529,9 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
             }
             ReadJob::OutboxPending(tables, min_age, limit, reply) => {
                 let _ = reply.send(outbox_pending(&conn, tables.as_deref(), min_age, limit));
+            }
+            ReadJob::Changes(tables, horizon, after, limit, reply) => {
+                let _ = reply.send(external::changes(&conn, &tables, horizon, after, limit));
             }
             ReadJob::Ping(reply) => {
                 let r = conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err);
@@ -619,6 +634,12 @@ fn writer_loop(
             WriterJob::Begin(it) => run_interactive(conn, cache, it, idle),
             WriterJob::Ensure(t, reply) => {
                 let _ = reply.send(sql::ensure_table(conn, cache, &t));
+            }
+            WriterJob::TrackExternal(t, reply) => {
+                let _ = reply.send(external::install(conn, &t));
+            }
+            WriterJob::PruneExternal(age, reply) => {
+                let _ = reply.send(external::prune(conn, age));
             }
         }
     }
@@ -968,5 +989,36 @@ impl DbStore for SqliteStore {
     async fn ping(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.read(ReadJob::Ping(tx), rx).await
+    }
+
+    async fn track_external(&self, table: &Table) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        let floor = self
+            .write(WriterJob::TrackExternal(table.clone(), tx), rx)
+            .await?;
+        let cfg = &self.shared.doorbell_cfg;
+        self.shared.doorbell.start(|| open_conn(cfg, true))?;
+        Ok(floor)
+    }
+
+    async fn external_changes(
+        &self,
+        tables: &[String],
+        horizon: u64,
+        after: i64,
+        limit: usize,
+    ) -> Result<ChangePage> {
+        let (tx, rx) = oneshot::channel();
+        let job = ReadJob::Changes(tables.to_vec(), horizon, after, limit, tx);
+        self.read(job, rx).await
+    }
+
+    async fn prune_external_changes(&self, age: Duration) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriterJob::PruneExternal(age, tx), rx).await
+    }
+
+    fn external_doorbell(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.shared.doorbell.get()
     }
 }

@@ -231,6 +231,15 @@ pub struct Config {
     /// Most keys remembered for resync after failed cache writes; past it,
     /// the engine clears its namespace in the cache when the cache is back.
     pub max_resync_keys: usize,
+    /// How often the follower of writes made outside the engine scans the
+    /// change table when no doorbell rang (a missed `NOTIFY`, a backend
+    /// without one). Tables opt in with
+    /// [`crate::TableOptions::track_external_writes`].
+    pub external_poll_interval: Duration,
+    /// How long recorded external changes are kept. An engine that starts
+    /// with a shared cache replays the ones still kept, so this covers
+    /// external writes made while no engine ran for up to this long.
+    pub external_retention: Duration,
 }
 
 impl Default for Config {
@@ -256,6 +265,8 @@ impl Default for Config {
             outbox_grace: Duration::from_secs(2),
             reconcile_interval: Some(Duration::from_secs(1)),
             max_resync_keys: 100_000,
+            external_poll_interval: Duration::from_secs(1),
+            external_retention: Duration::from_secs(3600),
         }
     }
 }
@@ -298,6 +309,8 @@ impl Config {
             ("db_timeout", self.db_timeout),
             ("write_deadline", self.write_deadline),
             ("epoch_check_interval", self.epoch_check_interval),
+            ("external_poll_interval", self.external_poll_interval),
+            ("external_retention", self.external_retention),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must not be zero"));

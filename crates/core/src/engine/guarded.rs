@@ -17,7 +17,7 @@ use super::Inner;
 use super::metrics::{CacheCall, DbCall};
 use super::stats::Counters;
 use crate::cache::{CacheItem, DecodedSlot, Fence};
-use crate::db::{OutboxEntry, Transaction, TxOptions, Write, WriteOutcome};
+use crate::db::{ChangePage, OutboxEntry, Transaction, TxOptions, Write, WriteOutcome};
 use crate::error::{Error, ErrorKind, Result};
 use crate::schema::Table;
 use crate::value::{Key, VersionedRow};
@@ -235,6 +235,27 @@ impl GuardedDb<'_> {
         self.call(
             DbCall::OutboxPending,
             self.0.db_store.outbox_pending(tables, min_age, limit),
+        )
+        .await
+    }
+
+    pub(crate) async fn track_external(self, table: &Table) -> Result<u64> {
+        self.call(DbCall::TrackExternal, self.0.db_store.track_external(table))
+            .await
+    }
+
+    pub(crate) async fn external_changes(
+        self,
+        tables: &[String],
+        horizon: u64,
+        after: i64,
+        limit: usize,
+    ) -> Result<ChangePage> {
+        self.call(
+            DbCall::ExternalChanges,
+            self.0
+                .db_store
+                .external_changes(tables, horizon, after, limit),
         )
         .await
     }

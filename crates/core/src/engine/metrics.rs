@@ -20,6 +20,7 @@
 //! | `writethrough_resync_pending` | gauge | backend |
 //! | `writethrough_stale_refused_total` | counter | backend |
 //! | `writethrough_outbox_replayed_total` | counter | db |
+//! | `writethrough_external_repaired_total` | counter | db |
 //! | `writethrough_epoch_changes_total` | counter | backend |
 //! | `writethrough_late_effects_total` | counter | backend |
 //! | `writethrough_consistency_violations_total` | counter | table |
@@ -94,10 +95,12 @@ pub(crate) enum DbCall {
     OutboxPending,
     OutboxRemove,
     Ping,
+    TrackExternal,
+    ExternalChanges,
 }
 
 impl DbCall {
-    const ALL: [DbCall; 12] = [
+    const ALL: [DbCall; 14] = [
         DbCall::Get,
         DbCall::GetMany,
         DbCall::Scan,
@@ -110,6 +113,8 @@ impl DbCall {
         DbCall::OutboxPending,
         DbCall::OutboxRemove,
         DbCall::Ping,
+        DbCall::TrackExternal,
+        DbCall::ExternalChanges,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -126,6 +131,8 @@ impl DbCall {
             DbCall::OutboxPending => "db.outbox_pending",
             DbCall::OutboxRemove => "db.outbox_remove",
             DbCall::Ping => "db.ping",
+            DbCall::TrackExternal => "db.track_external",
+            DbCall::ExternalChanges => "db.external_changes",
         }
     }
 }
@@ -224,6 +231,7 @@ pub(crate) struct EngineMetrics {
     pub(crate) resync_pending: Gauge,
     pub(crate) stale_refused: Counter,
     pub(crate) replayed: Counter,
+    pub(crate) external_repaired: Counter,
     pub(crate) epoch_changes: Counter,
     pub(crate) late_effects: Counter,
     pub(crate) cache_calls_total: Sharded,
@@ -258,6 +266,7 @@ impl EngineMetrics {
             resync_pending: gauge!("writethrough_resync_pending", "backend" => cache),
             stale_refused: counter!("writethrough_stale_refused_total", "backend" => cache),
             replayed: counter!("writethrough_outbox_replayed_total", "db" => db),
+            external_repaired: counter!("writethrough_external_repaired_total", "db" => db),
             epoch_changes: counter!("writethrough_epoch_changes_total", "backend" => cache),
             late_effects: counter!("writethrough_late_effects_total", "backend" => cache),
             cache_calls_total: Sharded::default(),

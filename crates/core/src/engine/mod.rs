@@ -9,6 +9,7 @@ mod audit;
 mod breaker;
 mod config;
 mod epoch;
+mod external;
 mod flight;
 mod guarded;
 mod handle;
@@ -187,6 +188,7 @@ impl EngineBuilder {
             #[cfg(feature = "test-hooks")]
             hooks: self.hooks,
             background: Mutex::new(None),
+            follower: Mutex::new(None),
             cfg: self.cfg,
         });
         let task = runtime.spawn(maintenance::run(Arc::downgrade(&inner)));
@@ -219,11 +221,17 @@ pub(crate) struct Inner {
     #[cfg(feature = "test-hooks")]
     hooks: Option<Arc<dyn Hooks>>,
     background: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The follower of writes made outside the engine, started with the
+    /// first table that tracks them.
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(task) = self.background.lock().take() {
+            task.abort();
+        }
+        if let Some(task) = self.follower.lock().take() {
             task.abort();
         }
     }
@@ -350,6 +358,15 @@ impl Engine {
         if opts.create {
             inner.db().ensure_table(&table).await?;
         }
+        let floor = if opts.external {
+            inner
+                .db()
+                .track_external(&table)
+                .await
+                .map_err(|e| e.with_operation("register"))?
+        } else {
+            0
+        };
         let (cache_if, ttl_fn) = opts.erase(&table);
         let st = Arc::new(TableState {
             prefix: format!("{}:{}:", inner.cfg.namespace, table.name()),
@@ -362,11 +379,16 @@ impl Engine {
             ttl,
             ttl_fn,
             cache_if,
+            external: opts.external,
+            floor: std::sync::atomic::AtomicU64::new(floor),
         });
         inner
             .tables
             .write()
             .insert(st.table.name().as_str().to_owned(), st.clone());
+        if opts.external {
+            external::start(&self.inner);
+        }
         Ok(Handle::new(self.inner.clone(), st, opts.validate))
     }
 

@@ -93,6 +93,7 @@ impl Inner {
         let slot = slot?;
         if let Some((epoch, hit)) = slot.get::<R>()
             && epoch >= trusted
+            && (st.floor() == 0 || codec::entry_version(&bytes).is_some_and(|v| v >= st.floor()))
         {
             Counters::add(&self.stats.hits, 1);
             st.metrics.hits.increment(1);
@@ -192,6 +193,14 @@ impl Inner {
                 Counters::add(&self.stats.old_epoch_entries, 1);
                 Lookup::Miss(Some(bytes))
             }
+            d @ (Decoded::Row { .. } | Decoded::Tombstone { .. })
+                if d.version().is_some_and(|v| v < st.floor()) =>
+            {
+                // From before a whole-table change made outside the engine
+                // (a TRUNCATE): the database decides.
+                Counters::add(&self.stats.below_floor_entries, 1);
+                Lookup::Miss(Some(bytes))
+            }
             Decoded::Row { codec, payload, .. } => {
                 match R::from_payload(codec, &st.table, payload) {
                     Ok(r) => {
@@ -236,7 +245,9 @@ impl Inner {
             // No row: "none as of the version found", in this epoch (the
             // database has no row, so whatever was there is gone).
             None => {
-                let version = codec::entry_version(&found).unwrap_or(0);
+                // At least the table's floor: a whole-table change at the
+                // floor's version removed whatever row there was.
+                let version = codec::entry_version(&found).unwrap_or(0).max(st.floor());
                 CacheItem {
                     key: ck.to_owned(),
                     entry: codec::tombstone_at(version, epoch),

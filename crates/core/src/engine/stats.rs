@@ -45,6 +45,14 @@ counters! {
     resynced,
     /// Outbox records replayed by the reconciler.
     replayed,
+    /// Writes made outside the engine (recorded by the triggers of tables
+    /// that track them) whose keys this engine repaired in its cache.
+    external_repaired,
+    /// Whole-table external changes (`TRUNCATE`) this engine applied.
+    external_truncates,
+    /// Entries read as misses because they predate a whole-table external
+    /// change of their table.
+    below_floor_entries,
     /// Loads that took longer than the load deadline and were not cached.
     late_loads,
     /// Cache effects of writes not applied as prepared because their write

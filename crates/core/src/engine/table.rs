@@ -35,6 +35,7 @@ pub struct TableOptions<R> {
     pub(crate) cache_if: Option<Predicate<R>>,
     pub(crate) validate: Option<Validator<R>>,
     pub(crate) create: bool,
+    pub(crate) external: bool,
 }
 
 impl<R> Default for TableOptions<R> {
@@ -45,6 +46,7 @@ impl<R> Default for TableOptions<R> {
             cache_if: None,
             validate: None,
             create: true,
+            external: false,
         }
     }
 }
@@ -57,6 +59,7 @@ impl<R> fmt::Debug for TableOptions<R> {
             .field("cache_if", &self.cache_if.is_some())
             .field("validate", &self.validate.is_some())
             .field("create", &self.create)
+            .field("external", &self.external)
             .finish()
     }
 }
@@ -106,6 +109,24 @@ impl<R: Record> TableOptions<R> {
     #[must_use]
     pub fn create_table(mut self, create: bool) -> Self {
         self.create = create;
+        self
+    }
+
+    /// Whether writes made outside the engine (psql, migrations, other
+    /// services, other languages) are tracked (default false). When on,
+    /// registering installs database triggers, idempotently and all or
+    /// nothing, that give every `INSERT`, `UPDATE` and `DELETE` not made by
+    /// an engine a version from the engine's own source and record it in
+    /// the change table `_wt_changes` in the same transaction (a
+    /// `TRUNCATE` on PostgreSQL is recorded once for the whole table).
+    /// Every engine follows that table, woken by PostgreSQL `LISTEN/NOTIFY`
+    /// or SQLite's `data_version`, and repairs its cache through the fence
+    /// exactly like a replay: it re-reads each changed row and writes it,
+    /// or a tombstone. See the README's "Writes made outside the engine"
+    /// for the bound and the costs.
+    #[must_use]
+    pub fn track_external_writes(mut self, on: bool) -> Self {
+        self.external = on;
         self
     }
 
@@ -164,6 +185,11 @@ pub(crate) struct TableState {
     pub(crate) ttl_fn: Option<RowTtl>,
     pub(crate) cache_if: Option<RowPredicate>,
     pub(crate) metrics: super::metrics::TableMetrics,
+    /// Whether writes made outside the engine are followed.
+    pub(crate) external: bool,
+    /// Entries of a version below this are from before a whole-table
+    /// external change (a `TRUNCATE`): read as misses.
+    pub(crate) floor: std::sync::atomic::AtomicU64,
 }
 
 impl TableState {
@@ -182,6 +208,12 @@ impl TableState {
                 s
             }
         }
+    }
+
+    /// The version below which this table's entries are not trusted.
+    #[inline]
+    pub(crate) fn floor(&self) -> u64 {
+        self.floor.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn caches(&self, row: &Row) -> bool {

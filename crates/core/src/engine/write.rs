@@ -586,7 +586,24 @@ impl Inner {
         gone_version: u64,
         epoch: u64,
     ) -> Result<()> {
-        let item = match &row {
+        match self.repair_plan(st, ck, row.as_ref(), gone_version, epoch) {
+            Repair::Fenced(item) => self.cache().set_if_newer(item).await.map(drop),
+            Repair::Plain(it) => self.cache().set(ck, it.entry, it.ttl).await,
+            Repair::Remove => self.cache().delete(ck).await.map(drop),
+        }
+    }
+
+    /// What [`Inner::repair`] sends, so that a batch of repairs can go out
+    /// in one fenced call.
+    pub(crate) fn repair_plan(
+        &self,
+        st: &TableState,
+        ck: &str,
+        row: Option<&VersionedRow>,
+        gone_version: u64,
+        epoch: u64,
+    ) -> Repair {
+        let item = match row {
             Some(vr) => match st
                 .caches(&vr.row)
                 .then(|| self.entry_for(st, &vr.row, vr.version, epoch))
@@ -601,14 +618,12 @@ impl Inner {
             },
             None => None,
         };
-        let version = row.as_ref().map_or(gone_version, |vr| vr.version);
+        let version = row.map_or(gone_version, |vr| vr.version);
         if !self.cfg.consistency.fence || (item.is_none() && version == 0) {
             // Nothing to fence with: remove whatever is there.
             return match item {
-                Some(it) if !self.cfg.consistency.fence => {
-                    self.cache().set(ck, it.entry, it.ttl).await
-                }
-                _ => self.cache().delete(ck).await.map(drop),
+                Some(it) if !self.cfg.consistency.fence => Repair::Plain(it),
+                _ => Repair::Remove,
             };
         }
         let kind = if row.is_some() {
@@ -616,7 +631,16 @@ impl Inner {
         } else {
             EffectKind::Tombstone
         };
-        let item = item.unwrap_or_else(|| self.item(ck, version, epoch, &kind));
-        self.cache().set_if_newer(item).await.map(drop)
+        Repair::Fenced(item.unwrap_or_else(|| self.item(ck, version, epoch, &kind)))
     }
+}
+
+/// How one repair reaches the cache (see [`Inner::repair_plan`]).
+pub(crate) enum Repair {
+    /// The row's entry, or a tombstone or invalidation, with the fence.
+    Fenced(CacheItem),
+    /// The fence is off: a plain set.
+    Plain(CacheItem),
+    /// Nothing to fence with: remove the entry.
+    Remove,
 }

@@ -1,0 +1,337 @@
+//! Writes made outside the engine: the triggers that record them, the
+//! change table the engines follow, and the `LISTEN` doorbell.
+//!
+//! # Recognising the engine's own writes
+//!
+//! Every connection of a [`PostgresStore`](crate::PostgresStore) starts with
+//! the session setting `writethrough.engine = on` (a startup parameter: no
+//! extra round trip). The row trigger returns at once on such sessions, so
+//! the engine's writes keep the versions they drew and are not recorded
+//! twice. Any other session (psql, a migration tool, another service) is an
+//! external writer.
+//!
+//! # Versions
+//!
+//! For an external `INSERT`, `UPDATE` or `DELETE` the row trigger (`BEFORE
+//! ... FOR EACH ROW`) takes the key's engine lock (the advisory slot lock of
+//! `sql.rs`), draws the version from `_wt_version_seq`, stores it in the
+//! row's `_wt_version` and records `(table, key, version)` in `_wt_changes`,
+//! all in the writer's transaction. So versions of a key keep increasing in
+//! commit order across both kinds of writer, deletes included, exactly as
+//! between engine writes. (For `UPDATE` and `DELETE` PostgreSQL locks the
+//! row before the trigger runs, so the key lock comes second there; an
+//! engine write of a key in the same lock slot that waits for that row can
+//! deadlock with it, which PostgreSQL breaks after `deadlock_timeout` by
+//! aborting one of the two. Nothing inconsistent commits either way.)
+//! An `UPDATE` that changes the key records the old key as well.
+//!
+//! A `TRUNCATE` is recorded once, by a statement trigger, with a key of
+//! `NULL` and a version drawn after every earlier write of the table
+//! committed (it waits for them); the table's *floor* in `_wt_floors` is
+//! raised to that version, and entries below it read as misses.
+//!
+//! # Reading in order
+//!
+//! Each record carries its writer's transaction id (`xid8`); a page is read
+//! in one statement together with the snapshot's oldest running
+//! transaction id, the page's horizon (see `writethrough_core`'s follower).
+//!
+//! # The doorbell
+//!
+//! The triggers `pg_notify('_wt_changes', table)` (one notification per
+//! transaction and table: PostgreSQL folds duplicates). A task holds a
+//! `LISTEN` connection and rings the engine's follower; when the connection
+//! drops and comes back it rings as well, since notifications sent meanwhile
+//! are lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::{AssertSqlSafe, Row as _};
+use writethrough_core::backend::{CHANGES_TABLE, ChangePage, ExternalChange, VERSION_COLUMN};
+use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table};
+
+use crate::error::{Phase, map_err};
+use crate::sql::{self, LOCK_CLASS, LOCK_SLOTS, SEQ};
+
+/// The session setting that marks the engine's connections.
+pub(crate) const ENGINE_SETTING: &str = "writethrough.engine";
+/// The channel of the doorbell.
+pub(crate) const CHANNEL: &str = "_wt_changes";
+/// The row trigger's function and name.
+const ROW_FN: &str = "_wt_external_row";
+const ROW_TRIGGER: &str = "_wt_external";
+/// The `TRUNCATE` trigger's function and name.
+const TRUNCATE_FN: &str = "_wt_external_truncate";
+const TRUNCATE_TRIGGER: &str = "_wt_external_truncate";
+/// Whole-table change versions, per table.
+const FLOORS_TABLE: &str = "_wt_floors";
+
+/// The engine objects the triggers write to.
+pub(crate) fn objects_sql() -> String {
+    format!(
+        "CREATE SEQUENCE IF NOT EXISTS \"{SEQ}\"; \
+         CREATE TABLE IF NOT EXISTS \"{CHANGES_TABLE}\" (\
+             id BIGSERIAL PRIMARY KEY, \
+             tbl TEXT NOT NULL, \
+             key TEXT, \
+             version BIGINT NOT NULL, \
+             xid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now()); \
+         CREATE INDEX IF NOT EXISTS \"{CHANGES_TABLE}_xid\" ON \"{CHANGES_TABLE}\" (xid); \
+         CREATE TABLE IF NOT EXISTS \"{FLOORS_TABLE}\" (\
+             tbl TEXT PRIMARY KEY, version BIGINT NOT NULL); \
+         CREATE OR REPLACE FUNCTION \"{ROW_FN}\"() RETURNS trigger LANGUAGE plpgsql AS $wt$ \
+         DECLARE k text; ok text; v bigint; \
+         BEGIN \
+           IF current_setting('{ENGINE_SETTING}', true) = 'on' THEN \
+             IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; \
+             RETURN NEW; \
+           END IF; \
+           IF TG_OP <> 'INSERT' THEN ok := to_jsonb(OLD) ->> TG_ARGV[0]; END IF; \
+           IF TG_OP <> 'DELETE' THEN k := to_jsonb(NEW) ->> TG_ARGV[0]; END IF; \
+           IF ok IS NOT NULL AND ok IS DISTINCT FROM k THEN \
+             PERFORM {lock_old}; \
+             INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) \
+               VALUES (TG_TABLE_NAME, TG_ARGV[1] || ':' || ok, nextval('\"{SEQ}\"')); \
+           END IF; \
+           IF k IS NOT NULL THEN \
+             PERFORM {lock_new}; \
+             v := nextval('\"{SEQ}\"'); \
+             INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) \
+               VALUES (TG_TABLE_NAME, TG_ARGV[1] || ':' || k, v); \
+             NEW.\"{VERSION_COLUMN}\" := v; \
+           END IF; \
+           PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME); \
+           IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; \
+           RETURN NEW; \
+         END $wt$; \
+         CREATE OR REPLACE FUNCTION \"{TRUNCATE_FN}\"() RETURNS trigger LANGUAGE plpgsql AS $wt$ \
+         DECLARE v bigint; \
+         BEGIN \
+           v := nextval('\"{SEQ}\"'); \
+           INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) VALUES (TG_TABLE_NAME, NULL, v); \
+           INSERT INTO \"{FLOORS_TABLE}\" (tbl, version) VALUES (TG_TABLE_NAME, v) \
+             ON CONFLICT (tbl) DO UPDATE SET version = GREATEST(\"{FLOORS_TABLE}\".version, EXCLUDED.version); \
+           PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME); \
+           RETURN NULL; \
+         END $wt$;",
+        lock_old = key_lock("ok"),
+        lock_new = key_lock("k"),
+    )
+}
+
+/// The engine's key lock (`sql::lock_text` + `sql::slot_of`) of the key
+/// text in the plpgsql variable `var`, taken from a trigger.
+fn key_lock(var: &str) -> String {
+    let text = format!("(TG_TABLE_NAME || ':' || {var})");
+    format!(
+        "pg_advisory_xact_lock({LOCK_CLASS}, (hashtextextended({text}, 0) & {})::int)",
+        LOCK_SLOTS - 1
+    )
+}
+
+/// The two triggers of `t`, as `CREATE TRIGGER` statements.
+fn triggers_sql(t: &Table) -> [(&'static str, &'static str, String); 2] {
+    let name = t.name().quoted();
+    let key = t.key_column();
+    let kind = match key.ty {
+        ColumnType::Int => "i",
+        _ => "t",
+    };
+    [
+        (
+            ROW_TRIGGER,
+            ROW_FN,
+            format!(
+                "CREATE TRIGGER \"{ROW_TRIGGER}\" BEFORE INSERT OR UPDATE OR DELETE ON {name} \
+                 FOR EACH ROW EXECUTE FUNCTION \"{ROW_FN}\"('{}', '{kind}')",
+                // A checked identifier: ASCII letters, digits and '_' only.
+                key.name.as_str()
+            ),
+        ),
+        (
+            TRUNCATE_TRIGGER,
+            TRUNCATE_FN,
+            format!(
+                "CREATE TRIGGER \"{TRUNCATE_TRIGGER}\" BEFORE TRUNCATE ON {name} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION \"{TRUNCATE_FN}\"()"
+            ),
+        ),
+    ]
+}
+
+/// Installs the objects and `t`'s triggers in `tx` (the caller holds the
+/// DDL lock and commits), checking that a trigger of the same name, if
+/// any, is the engine's. Returns the table's floor.
+pub(crate) async fn install(tx: &mut sqlx::PgConnection, t: &Table, oid: i64) -> Result<u64> {
+    let e = |e| map_err(e, Phase::NoCommit).with_operation("db.track_external");
+    sqlx::raw_sql(AssertSqlSafe(objects_sql()))
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+    for (trigger, function, create) in triggers_sql(t) {
+        let existing: Option<String> = sqlx::query_scalar(
+            "SELECT p.proname::text FROM pg_trigger g JOIN pg_proc p ON p.oid = g.tgfoid \
+             WHERE g.tgrelid = $1::oid AND g.tgname = $2 AND NOT g.tgisinternal",
+        )
+        .bind(oid)
+        .bind(trigger)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        match existing {
+            Some(f) if f == function => {}
+            Some(other) => {
+                return Err(Error::new(
+                    ErrorKind::SchemaMismatch,
+                    format!(
+                        "table {} has a trigger named {trigger:?} that runs {other:?}, not the \
+                         engine's {function:?}: rename or drop it to track writes made outside \
+                         the engine",
+                        t.name()
+                    ),
+                )
+                .with_backend("postgres")
+                .with_operation("db.track_external"));
+            }
+            None => {
+                sqlx::raw_sql(AssertSqlSafe(create))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(e)?;
+            }
+        }
+    }
+    let floor: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT version FROM \"{FLOORS_TABLE}\" WHERE tbl = $1"
+    )))
+    .bind(t.name().as_str())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(e)?;
+    Ok(floor.map_or(0, sql::version))
+}
+
+/// One page of recorded changes, with the page's horizon, in one statement.
+pub(crate) async fn changes(
+    pool: &sqlx::PgPool,
+    tables: &[String],
+    horizon: u64,
+    after: i64,
+    limit: usize,
+) -> Result<ChangePage> {
+    let e = |e| map_err(e, Phase::NoCommit).with_operation("db.external_changes");
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, \
+                c.id, c.tbl, c.key, c.version, c.xid::text::bigint \
+         FROM (SELECT 1) AS one LEFT JOIN LATERAL (\
+             SELECT id, tbl, key, version, xid FROM \"{CHANGES_TABLE}\" \
+             WHERE xid >= $1::bigint::text::xid8 AND id > $2 AND tbl = ANY($3) \
+             ORDER BY id LIMIT $4) AS c ON true \
+         ORDER BY c.id"
+    )))
+    .bind(i64::try_from(horizon).unwrap_or(i64::MAX))
+    .bind(after)
+    .bind(tables)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await
+    .map_err(e)?;
+    let mut page = ChangePage::default();
+    for r in &rows {
+        page.horizon = sql::version(r.try_get(0).map_err(e)?);
+        let Some(id) = r.try_get::<Option<i64>, _>(1).map_err(e)? else {
+            continue;
+        };
+        let key: Option<String> = r.try_get(3).map_err(e)?;
+        page.changes.push(ExternalChange {
+            id,
+            table: r.try_get(2).map_err(e)?,
+            key: key.as_deref().map(Key::decode).transpose()?,
+            version: sql::version(r.try_get(4).map_err(e)?),
+            position: sql::version(r.try_get(5).map_err(e)?),
+        });
+    }
+    Ok(page)
+}
+
+/// Removes records older than `age`.
+pub(crate) async fn prune(pool: &sqlx::PgPool, age: Duration) -> Result<u64> {
+    let done = sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM \"{CHANGES_TABLE}\" WHERE created_at < now() - make_interval(secs => $1)"
+    )))
+    .bind(age.as_secs_f64())
+    .execute(pool)
+    .await
+    .map_err(|e| map_err(e, Phase::Commit).with_operation("db.prune_external_changes"))?;
+    Ok(done.rows_affected())
+}
+
+/// Listens on the doorbell's channel for as long as `bell` has other
+/// owners, ringing it on every notification and after every reconnect.
+pub(crate) async fn listen(pool: sqlx::PgPool, bell: std::sync::Weak<tokio::sync::Notify>) {
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(err) => {
+                tracing::debug!(error = %err, "LISTEN connection failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if bell.strong_count() == 0 {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let Err(err) = listener.listen(CHANNEL).await {
+            tracing::debug!(error = %err, "LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        // Whatever was sent before this LISTEN is lost: look now.
+        match bell.upgrade() {
+            Some(b) => b.notify_one(),
+            None => return,
+        }
+        loop {
+            // `try_recv` answers `None` when the connection dropped (the
+            // next call reconnects): notifications sent meanwhile are lost.
+            let got = tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
+            let Some(b) = bell.upgrade() else { return };
+            match got {
+                Err(_) => {}
+                Ok(Ok(_)) => b.notify_one(),
+                Ok(Err(err)) => {
+                    tracing::debug!(error = %err, "LISTEN connection lost; reconnecting");
+                    b.notify_one();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The doorbell of a store: created on first use, with its listener task.
+#[derive(Default)]
+pub(crate) struct Doorbell {
+    bell: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
+}
+
+impl Doorbell {
+    /// The bell, starting the listener if it is not running.
+    pub(crate) fn start(&self, pool: &sqlx::PgPool) -> Arc<tokio::sync::Notify> {
+        self.bell
+            .get_or_init(|| {
+                let bell = Arc::new(tokio::sync::Notify::new());
+                tokio::spawn(listen(pool.clone(), Arc::downgrade(&bell)));
+                bell
+            })
+            .clone()
+    }
+
+    /// The bell if the listener runs.
+    pub(crate) fn get(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.bell.get().cloned()
+    }
+}

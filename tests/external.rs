@@ -519,9 +519,14 @@ async fn a_role_without_the_privilege_to_create_triggers_gets_a_typed_error() {
 /// writes included, must be linearizable. Then the same with tracking off,
 /// which must show violations.
 async fn history_with_an_external_writer(db_url: &str, redis: &RedisServer, track: bool) -> usize {
-    use writethrough_testkit::history::{Event, check_windowed};
+    use writethrough_testkit::history::{Event, Op, check_windowed, monotonic_ns};
 
     const PROCS: u32 = 3;
+    // Cold keys are mostly read by the engines (see `Workload`): a stale
+    // entry there would outlive the bound.
+    const HOT: i64 = 6;
+    const COLD: i64 = 200;
+    let mut setup = Vec::new();
     let (ns, table) = (unique("exthist"), unique("exthist"));
     {
         let cache = writethrough::open_cache(&redis.url()).await.unwrap();
@@ -531,10 +536,26 @@ async fn history_with_an_external_writer(db_url: &str, redis: &RedisServer, trac
             .build()
             .unwrap();
         let t = Item::table().renamed(&table).unwrap();
-        engine
+        let h = engine
             .register_in(t, TableOptions::<Item>::new().track_external_writes(track))
             .await
             .unwrap();
+        // Every key starts with a cached row, so that an external write
+        // the caches missed would be served stale (recorded as writes).
+        for key in 1..=HOT + COLD {
+            let v = 1_000 + key as u32;
+            let mut it = item(key, 1.0);
+            it.qty = i64::from(v);
+            let call = monotonic_ns();
+            h.put(&it).await.unwrap();
+            setup.push(Event {
+                key,
+                op: Op::Write(v),
+                call,
+                ret: monotonic_ns(),
+                client: 999,
+            });
+        }
     }
     let dir = tempfile::tempdir().unwrap();
     let mut children = Vec::new();
@@ -545,19 +566,22 @@ async fn history_with_an_external_writer(db_url: &str, redis: &RedisServer, trac
             .env("WT_DB_URL", db_url)
             .env("WT_NAMESPACE", &ns)
             .env("WT_TABLE", &table)
-            .env("WT_KEYS", "6")
             .env("WT_FIRST_VALUE", ((p + 1) * 10_000_000).to_string())
             .env("WT_FIRST_CLIENT", (p * 100).to_string())
             .env("WT_TRACK_EXTERNAL", if track { "1" } else { "0" })
             .env("WT_OUT", &out)
             .kill_on_drop(true);
         if p == PROCS {
+            // Hot and cold keys alike: on a cold key, which the engines
+            // mostly read, a stale entry would stay long enough to be read.
             cmd.env("WT_ROLE", "external")
-                .env("WT_OPS", "20")
-                .env("WT_EXTERNAL_PAUSE_MS", "400");
+                .env("WT_OPS", "40")
+                .env("WT_KEYS", (HOT + COLD).to_string())
+                .env("WT_EXTERNAL_PAUSE_MS", "150");
         } else {
-            cmd.env("WT_OPS", "15000")
-                .env("WT_COLD_KEYS", "0")
+            cmd.env("WT_OPS", "8000")
+                .env("WT_KEYS", HOT.to_string())
+                .env("WT_COLD_KEYS", COLD.to_string())
                 .env("WT_CLIENTS", "3");
         }
         children.push((
@@ -567,7 +591,7 @@ async fn history_with_an_external_writer(db_url: &str, redis: &RedisServer, trac
         ));
     }
     let bound_ns = bound().as_nanos() as u64;
-    let mut events = Vec::new();
+    let mut events = setup;
     // Per key: from an external write's start to the bound after its end.
     let mut windows: std::collections::HashMap<i64, Vec<(u64, u64)>> = Default::default();
     for (mut child, out, is_external) in children {
@@ -601,7 +625,7 @@ async fn history_with_an_external_writer(db_url: &str, redis: &RedisServer, trac
         let of_key: Vec<Event> = events.iter().filter(|e| e.key == k).copied().collect();
         reads += of_key
             .iter()
-            .filter(|e| matches!(e.op, writethrough_testkit::history::Op::Read(_)))
+            .filter(|e| matches!(e.op, Op::Read(_)))
             .count();
         let r = check_windowed(&of_key, windows.get(&k).map_or(&[][..], |w| &w[..]));
         inside += r.in_window_reads;

@@ -8,7 +8,7 @@
 //! With `WT_TRACK_EXTERNAL=1` the table tracks writes made outside the
 //! engine. With `WT_ROLE=external` the process is such a writer instead: no
 //! engine, a plain connection (sqlx or rusqlite) to `WT_DB_URL`, one
-//! update, delete or upsert every `WT_EXTERNAL_PAUSE_MS`, `WT_OPS` of them.
+//! update, delete or (half the time) upsert every `WT_EXTERNAL_PAUSE_MS`, `WT_OPS` of them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -152,7 +152,7 @@ async fn external_writer() {
         tokio::time::sleep(pause).await;
         let (key, dice) = {
             let mut rng = rand::rng();
-            (rng.random_range(1..=keys), rng.random_range(0..3u32))
+            (rng.random_range(1..=keys), rng.random_range(0..4u32))
         };
         value += 1;
         let v = i64::from(value);

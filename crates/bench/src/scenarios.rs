@@ -127,9 +127,12 @@ struct World {
     strict: Handle<Product>,
     relaxed: Handle<Product>,
     fenced: Handle<Product>,
+    /// A table that tracks writes made outside the engine (its triggers installed).
+    tracked: Handle<Product>,
     strict_engine: Engine,
     raw_cache: Arc<dyn RawCache>,
     raw_db: Arc<dyn RawDb>,
+    external: Arc<dyn RawDb>,
     raw_table: String,
     size: usize,
     /// Read hits of the raw side that found no entry (and loaded the row).
@@ -254,6 +257,28 @@ impl World {
                     items_per_op: 1,
                 }
             }
+            // Ours on the table with the triggers installed, "raw" the same
+            // write on the table without them: the triggers' cost.
+            "write_tracked" => {
+                let tracked = self.tracked.clone();
+                Sides {
+                    ours: op(move |i| {
+                        let h = tracked.clone();
+                        async move {
+                            let p = product(key(i), size, i as f64);
+                            timed(async { h.put(&p).await.unwrap() }).await
+                        }
+                    }),
+                    raw: op(move |i| {
+                        let h = h.clone();
+                        async move {
+                            let p = product(key(i), size, i as f64);
+                            timed(async { h.put(&p).await.unwrap() }).await
+                        }
+                    }),
+                    items_per_op: 1,
+                }
+            }
             "update" => Sides {
                 ours: op(move |i| {
                     let h = h.clone();
@@ -350,6 +375,64 @@ impl World {
             _ => return None,
         };
         Some(s)
+    }
+
+    /// A write made outside the engine (an `UPDATE` on the raw driver's own
+    /// connection, which the triggers see as external) until the engine's
+    /// cache serves it: 200 rounds, each on a cached row. The p50 and p99
+    /// columns are that delay (ours), the raw columns the external
+    /// `UPDATE` itself.
+    async fn external(&self) -> Row {
+        const ROUNDS: u64 = 200;
+        let table = format!("wtx_{}", self.size);
+        let (mut lag, mut write) = (Sample::default(), Sample::default());
+        let mut worst = Duration::ZERO;
+        let started = Instant::now();
+        for i in 0..ROUNDS {
+            let id = 500_000 + (i % 20) as i64;
+            let p = product(id, self.size, 1.0);
+            self.tracked.put(&p).await.unwrap();
+            assert!(self.tracked.get(id).await.unwrap().is_some());
+            let price = 2.0 + i as f64;
+            let t = Instant::now();
+            self.external
+                .update_price(&table, id, price)
+                .await
+                .unwrap()
+                .expect("the row is there");
+            let committed = Instant::now();
+            write.lat.push(committed - t);
+            loop {
+                if self.tracked.get(id).await.unwrap().map(|p| p.price) == Some(price) {
+                    break;
+                }
+                assert!(
+                    committed.elapsed() < Duration::from_secs(30),
+                    "never repaired"
+                );
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            let d = committed.elapsed();
+            worst = worst.max(d);
+            lag.lat.push(d);
+        }
+        let wall = started.elapsed();
+        let rate = ROUNDS as f64 / wall.as_secs_f64().max(1e-9);
+        Row {
+            scenario: "external",
+            size: self.size,
+            conc: 1,
+            items_per_op: 1,
+            ours_ops: rate,
+            raw_ops: rate,
+            ours_p50: lag.pct(0.50),
+            raw_p50: write.pct(0.50),
+            ours_p99: lag.pct(0.99),
+            raw_p99: write.pct(0.99),
+            note: format!(
+                "{ROUNDS} external UPDATEs; p50/p99 ours = commit to the cache serving it (max {worst:.1?}), raw = the UPDATE itself"
+            ),
+        }
     }
 
     /// 1,000 concurrent reads of one cold key: how many database loads each side makes.
@@ -478,7 +561,7 @@ impl World {
     }
 }
 
-const ALL: [&str; 12] = [
+const ALL: [&str; 14] = [
     "read_hit",
     "read_hit_shared",
     "read_miss",
@@ -491,6 +574,8 @@ const ALL: [&str; 12] = [
     "batch100_unfenced",
     "stampede",
     "warm",
+    "write_tracked",
+    "external",
 ];
 
 /// The read hit of ours and of the raw driver on Redis and on Memcached,
@@ -587,31 +672,45 @@ struct Backends {
     db: Arc<dyn DbStore>,
     raw_cache: Arc<dyn RawCache>,
     raw_db: Arc<dyn RawDb>,
+    /// A plain connection to our database (an external writer).
+    external: Arc<dyn RawDb>,
     /// The raw SQLite file's directory for `sqlite::temp:`.
     _temp: Option<tempfile::TempDir>,
 }
 
 async fn open(cache_url: &str, db_url: &str) -> Result<Backends> {
-    let db = writethrough::open_db(db_url).await?;
     let mut temp = None;
-    let raw_db: Arc<dyn RawDb> = match kind(db_url) {
+    let mut db_url = db_url.to_owned();
+    let (raw_db, external): (Arc<dyn RawDb>, Arc<dyn RawDb>) = match kind(&db_url) {
         "sqlite" => {
             let path = if db_url == "sqlite::temp:" {
-                // Ours lives in a temporary directory of its own; the raw
-                // side gets one alike, on the same file system.
+                // Ours and the raw side in a temporary directory, side by
+                // side on the same file system.
                 let dir = tempfile::tempdir().map_err(|e| config_err(e.to_string()))?;
                 let p = dir.path().join("raw.db");
+                db_url = format!("sqlite://{}", dir.path().join("ours.db").display());
                 temp = Some(dir);
                 p
             } else {
                 let rest = &db_url["sqlite:".len()..];
                 std::path::PathBuf::from(rest.strip_prefix("//").unwrap_or(rest))
             };
-            Arc::new(RawSqlite::open(&path).map_err(|e| config_err(e.to_string()))?)
+            let raw = RawSqlite::open(&path).map_err(|e| config_err(e.to_string()))?;
+            let rest = &db_url["sqlite:".len()..];
+            let ours = std::path::PathBuf::from(rest.strip_prefix("//").unwrap_or(rest));
+            // The external writer: a plain connection to our file.
+            let external = RawSqlite::open(&ours).map_err(|e| config_err(e.to_string()))?;
+            (Arc::new(raw), Arc::new(external))
         }
-        "postgres" => Arc::new(RawPostgres::connect(db_url).await.map_err(backend_err)?),
+        "postgres" => {
+            // The raw driver's connections are not the engine's: to the
+            // triggers they are an external writer.
+            let raw = Arc::new(RawPostgres::connect(&db_url).await.map_err(backend_err)?);
+            (raw.clone(), raw)
+        }
         _ => return Err(config_err(format!("no raw driver for {db_url}"))),
     };
+    let db = writethrough::open_db(&db_url).await?;
     let cache = writethrough::open_cache(cache_url).await?;
     let raw_cache: Arc<dyn RawCache> = match kind(cache_url) {
         "moka" => {
@@ -643,6 +742,7 @@ async fn open(cache_url: &str, db_url: &str) -> Result<Backends> {
         db,
         raw_cache,
         raw_db,
+        external,
         _temp: temp,
     })
 }
@@ -695,6 +795,12 @@ async fn world(
     let fenced_h = fenced
         .register_in(table("wtfo")?, TableOptions::new())
         .await?;
+    let tracked_h = strict
+        .register_in(
+            table("wtx")?,
+            TableOptions::new().track_external_writes(true),
+        )
+        .await?;
     let raw_table = format!("raw_{size}");
     b.raw_db.setup(&raw_table).await.map_err(backend_err)?;
     let mut world = World {
@@ -702,9 +808,11 @@ async fn world(
         strict: strict_h,
         relaxed: relaxed_h,
         fenced: fenced_h,
+        tracked: tracked_h,
         strict_engine: strict.clone(),
         raw_cache: b.raw_cache.clone(),
         raw_db: b.raw_db.clone(),
+        external: b.external.clone(),
         raw_table,
         size,
         raw_misses: Arc::new(AtomicU64::new(0)),
@@ -822,6 +930,7 @@ pub(crate) async fn run_pair(args: &Args, pair: &Pair) -> Result<Vec<Row>> {
             let once = match scenario {
                 "warm" => Some(world.warm().await),
                 "stampede" => Some(world.stampede().await),
+                "external" => Some(world.external().await),
                 _ => None,
             };
             if let Some(row) = once {

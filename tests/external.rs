@@ -510,6 +510,24 @@ async fn a_role_without_the_privilege_to_create_triggers_gets_a_typed_error() {
     .await;
     assert_eq!(left, "0", "nothing is installed");
     println!("refused: {e}");
+    // Installed by the owner, the triggers run with its rights: the limited
+    // role writes the table as an external writer and is recorded.
+    let t = Item::table().renamed(&table).unwrap();
+    let hs = vec![
+        engines[0]
+            .register_in(t, TableOptions::<Item>::new().track_external_writes(true))
+            .await
+            .unwrap(),
+    ];
+    let mut it = item(1, 1.0);
+    it.qty = 1;
+    hs[0].put(&it).await.unwrap();
+    external(
+        &Db::Postgres(url),
+        &format!("UPDATE \"{table}\" SET qty = 2 WHERE id = 1"),
+    )
+    .await;
+    assert!(seen_by_all(&hs, 1, Some(2), bound()).await.is_some());
 }
 
 /// The history checker: three engine processes on one Redis and an

@@ -25,6 +25,10 @@
 //! aborting one of the two. Nothing inconsistent commits either way.)
 //! An `UPDATE` that changes the key records the old key as well.
 //!
+//! The trigger functions are `SECURITY DEFINER` with the installer's
+//! `search_path`: an external writer needs no rights on the engine's
+//! sequence and change table, only on the table it writes.
+//!
 //! A `TRUNCATE` is recorded once, by a statement trigger, with a key of
 //! `NULL` and a version drawn after every earlier write of the table
 //! committed (it waits for them); the table's *floor* in `_wt_floors` is
@@ -82,7 +86,7 @@ pub(crate) fn objects_sql() -> String {
          CREATE INDEX IF NOT EXISTS \"{CHANGES_TABLE}_xid\" ON \"{CHANGES_TABLE}\" (xid); \
          CREATE TABLE IF NOT EXISTS \"{FLOORS_TABLE}\" (\
              tbl TEXT PRIMARY KEY, version BIGINT NOT NULL); \
-         CREATE OR REPLACE FUNCTION \"{ROW_FN}\"() RETURNS trigger LANGUAGE plpgsql AS $wt$ \
+         CREATE OR REPLACE FUNCTION \"{ROW_FN}\"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $wt$ \
          DECLARE k text; ok text; v bigint; \
          BEGIN \
            IF current_setting('{ENGINE_SETTING}', true) = 'on' THEN \
@@ -107,7 +111,7 @@ pub(crate) fn objects_sql() -> String {
            IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; \
            RETURN NEW; \
          END $wt$; \
-         CREATE OR REPLACE FUNCTION \"{TRUNCATE_FN}\"() RETURNS trigger LANGUAGE plpgsql AS $wt$ \
+         CREATE OR REPLACE FUNCTION \"{TRUNCATE_FN}\"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $wt$ \
          DECLARE v bigint; \
          BEGIN \
            v := nextval('\"{SEQ}\"'); \

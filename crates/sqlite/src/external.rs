@@ -10,6 +10,12 @@
 //! the version from the engine's own counter (`_wt_seq`) without locks, and
 //! record ids follow commit order: a record's position is its id.
 //!
+//! The triggers test the version before the mark: an engine write of one
+//! row carries the counter's current value, which settles it without
+//! reading `pragma_database_list`. (So an external write that sets
+//! `_wt_version` to exactly the counter's current value, non-zero, is taken
+//! for the engine's.)
+//!
 //! SQLite has no `TRUNCATE`: a `DELETE` without `WHERE` fires the row
 //! trigger for every row (the truncate optimisation is off for tables with
 //! triggers).
@@ -22,6 +28,10 @@ use writethrough_core::backend::{CHANGES_TABLE, ChangePage, ExternalChange, VERS
 use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table};
 
 use crate::sql::{SEQ_TABLE, engine_tables_sql, map_err};
+
+/// In every trigger the engine installs: an older version of the
+/// engine's trigger is replaced, anything else of the name refused.
+const MARKER: &str = "/* writethrough external writes */";
 
 /// The name every engine connection attaches an empty database as.
 pub(crate) const ENGINE_MARK: &str = "_wt_engine";
@@ -70,8 +80,10 @@ fn triggers(t: &Table) -> Vec<(String, String)> {
         (
             format!("_wt_ext_ins_{name}"),
             format!(
-                "CREATE TRIGGER \"_wt_ext_ins_{name}\" AFTER INSERT ON {q} WHEN {external} \
-                 BEGIN {bump} {stamp} {} END",
+                "CREATE TRIGGER \"_wt_ext_ins_{name}\" AFTER INSERT ON {q} \
+                 WHEN (NEW.\"{VERSION_COLUMN}\" = 0 OR NEW.\"{VERSION_COLUMN}\" IS NOT {current}) \
+                 AND {external} \
+                 BEGIN {MARKER} {bump} {stamp} {} END",
                 record("NEW", "")
             ),
         ),
@@ -79,13 +91,15 @@ fn triggers(t: &Table) -> Vec<(String, String)> {
             // The stamp's own UPDATE changes the version to the counter,
             // which the WHEN refuses: no recursion even with
             // recursive_triggers on. An external UPDATE leaves the version
-            // as it was (or sets another).
+            // as it was (or sets another). The version test comes first:
+            // it settles a single engine write (whose version is the
+            // counter) without reading `pragma_database_list`.
             format!("_wt_ext_upd_{name}"),
             format!(
-                "CREATE TRIGGER \"_wt_ext_upd_{name}\" AFTER UPDATE ON {q} WHEN {external} \
-                 AND (OLD.\"{VERSION_COLUMN}\" IS NEW.\"{VERSION_COLUMN}\" \
-                      OR NEW.\"{VERSION_COLUMN}\" IS NOT {current}) \
-                 BEGIN {bump} {} {bump} {stamp} {} END",
+                "CREATE TRIGGER \"_wt_ext_upd_{name}\" AFTER UPDATE ON {q} \
+                 WHEN (OLD.\"{VERSION_COLUMN}\" IS NEW.\"{VERSION_COLUMN}\" \
+                      OR NEW.\"{VERSION_COLUMN}\" IS NOT {current}) AND {external} \
+                 BEGIN {MARKER} {bump} {} {bump} {stamp} {} END",
                 record("OLD", &format!(" WHERE OLD.{key} IS NOT NEW.{key}")),
                 record("NEW", "")
             ),
@@ -94,7 +108,7 @@ fn triggers(t: &Table) -> Vec<(String, String)> {
             format!("_wt_ext_del_{name}"),
             format!(
                 "CREATE TRIGGER \"_wt_ext_del_{name}\" AFTER DELETE ON {q} WHEN {external} \
-                 BEGIN {bump} {} END",
+                 BEGIN {MARKER} {bump} {} END",
                 record("OLD", "")
             ),
         ),
@@ -119,6 +133,10 @@ pub(crate) fn install(conn: &Connection, t: &Table) -> Result<u64> {
                 .map_err(map_err)?;
             match existing {
                 Some(sql) if sql == create => {}
+                Some(sql) if sql.contains(MARKER) => {
+                    conn.execute_batch(&format!("DROP TRIGGER \"{name}\"; {create}"))
+                        .map_err(map_err)?;
+                }
                 Some(_) => {
                     return Err(Error::new(
                         ErrorKind::SchemaMismatch,
@@ -356,5 +374,40 @@ mod tests {
             .unwrap();
         assert_eq!(v3 as u64, got[3].1);
         assert_eq!(page.horizon, page.changes.last().unwrap().id as u64 + 1);
+    }
+
+    /// A trigger of an older engine version (the marker, another body) is
+    /// replaced; a foreign one of the same name is refused.
+    #[test]
+    fn older_engine_triggers_are_replaced_and_foreign_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        mark(&conn).unwrap();
+        conn.execute_batch(&engine_tables_sql()).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE things (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL, \
+             _wt_version INTEGER NOT NULL DEFAULT 0) STRICT",
+        )
+        .unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TRIGGER \"_wt_ext_del_things\" AFTER DELETE ON things BEGIN {MARKER} SELECT 1; END"
+        ))
+        .unwrap();
+        install(&conn, &table()).unwrap();
+        let sql: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = '_wt_ext_del_things'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains("_wt_changes"), "{sql}");
+        conn.execute_batch(
+            "DROP TRIGGER \"_wt_ext_ins_things\"; \
+             CREATE TRIGGER \"_wt_ext_ins_things\" AFTER INSERT ON things BEGIN SELECT 1; END",
+        )
+        .unwrap();
+        let e = install(&conn, &table()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::SchemaMismatch);
     }
 }

@@ -25,7 +25,7 @@
 //! aborting one of the two. Nothing inconsistent commits either way.)
 //! An `UPDATE` that changes the key records the old key as well.
 //!
-//! The trigger functions are `SECURITY DEFINER` with the installer's
+//! The recording function is `SECURITY DEFINER` with the installer's
 //! `search_path`: an external writer needs no rights on the engine's
 //! sequence and change table, only on the table it writes.
 //!
@@ -65,6 +65,8 @@ pub(crate) const ENGINE_SETTING: &str = "writethrough.engine";
 pub(crate) const CHANNEL: &str = "_wt_changes";
 /// The row trigger's function and name.
 const ROW_FN: &str = "_wt_external_row";
+/// What the row trigger calls for an external write.
+const RECORD_FN: &str = "_wt_record_change";
 const ROW_TRIGGER: &str = "_wt_external";
 /// The `TRUNCATE` trigger's function and name.
 const TRUNCATE_FN: &str = "_wt_external_truncate";
@@ -72,8 +74,17 @@ const TRUNCATE_TRIGGER: &str = "_wt_external_truncate";
 /// Whole-table change versions, per table.
 const FLOORS_TABLE: &str = "_wt_floors";
 
-/// The engine objects the triggers write to.
-pub(crate) fn objects_sql() -> String {
+/// The engine objects the triggers write to; `schema` (already quoted)
+/// is where they live.
+///
+/// The row trigger's `WHEN` settles the engine's own writes with one
+/// setting read, without calling the function at all (the executor
+/// evaluates it); the function runs with the writer's rights and only an
+/// external write calls the
+/// recording function, which is `SECURITY DEFINER` with the installer's
+/// `search_path` (the function `SET` clause costs every call it is on, so
+/// it is kept off the engine's path).
+pub(crate) fn objects_sql(schema: &str) -> String {
     format!(
         "CREATE SEQUENCE IF NOT EXISTS \"{SEQ}\"; \
          CREATE TABLE IF NOT EXISTS \"{CHANGES_TABLE}\" (\
@@ -86,8 +97,18 @@ pub(crate) fn objects_sql() -> String {
          CREATE INDEX IF NOT EXISTS \"{CHANGES_TABLE}_xid\" ON \"{CHANGES_TABLE}\" (xid); \
          CREATE TABLE IF NOT EXISTS \"{FLOORS_TABLE}\" (\
              tbl TEXT PRIMARY KEY, version BIGINT NOT NULL); \
-         CREATE OR REPLACE FUNCTION \"{ROW_FN}\"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $wt$ \
-         DECLARE k text; ok text; v bigint; \
+         CREATE OR REPLACE FUNCTION \"{RECORD_FN}\"(p_tbl text, p_kind text, p_key text) RETURNS bigint \
+           LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $wt$ \
+         DECLARE v bigint; \
+         BEGIN \
+           PERFORM {lock}; \
+           v := nextval('\"{SEQ}\"'); \
+           INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) VALUES (p_tbl, p_kind || ':' || p_key, v); \
+           PERFORM pg_notify('{CHANNEL}', p_tbl); \
+           RETURN v; \
+         END $wt$; \
+         CREATE OR REPLACE FUNCTION \"{ROW_FN}\"() RETURNS trigger LANGUAGE plpgsql AS $wt$ \
+         DECLARE k text; ok text; \
          BEGIN \
            IF current_setting('{ENGINE_SETTING}', true) = 'on' THEN \
              IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; \
@@ -96,22 +117,16 @@ pub(crate) fn objects_sql() -> String {
            IF TG_OP <> 'INSERT' THEN ok := to_jsonb(OLD) ->> TG_ARGV[0]; END IF; \
            IF TG_OP <> 'DELETE' THEN k := to_jsonb(NEW) ->> TG_ARGV[0]; END IF; \
            IF ok IS NOT NULL AND ok IS DISTINCT FROM k THEN \
-             PERFORM {lock_old}; \
-             INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) \
-               VALUES (TG_TABLE_NAME, TG_ARGV[1] || ':' || ok, nextval('\"{SEQ}\"')); \
+             PERFORM {schema}.\"{RECORD_FN}\"(TG_TABLE_NAME, TG_ARGV[1], ok); \
            END IF; \
            IF k IS NOT NULL THEN \
-             PERFORM {lock_new}; \
-             v := nextval('\"{SEQ}\"'); \
-             INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) \
-               VALUES (TG_TABLE_NAME, TG_ARGV[1] || ':' || k, v); \
-             NEW.\"{VERSION_COLUMN}\" := v; \
+             NEW.\"{VERSION_COLUMN}\" := {schema}.\"{RECORD_FN}\"(TG_TABLE_NAME, TG_ARGV[1], k); \
            END IF; \
-           PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME); \
            IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; \
            RETURN NEW; \
          END $wt$; \
-         CREATE OR REPLACE FUNCTION \"{TRUNCATE_FN}\"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $wt$ \
+         CREATE OR REPLACE FUNCTION \"{TRUNCATE_FN}\"() RETURNS trigger \
+           LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $wt$ \
          DECLARE v bigint; \
          BEGIN \
            v := nextval('\"{SEQ}\"'); \
@@ -121,15 +136,14 @@ pub(crate) fn objects_sql() -> String {
            PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME); \
            RETURN NULL; \
          END $wt$;",
-        lock_old = key_lock("ok"),
-        lock_new = key_lock("k"),
+        lock = key_lock("p_tbl", "p_key"),
     )
 }
 
 /// The engine's key lock (`sql::lock_text` + `sql::slot_of`) of the key
-/// text in the plpgsql variable `var`, taken from a trigger.
-fn key_lock(var: &str) -> String {
-    let text = format!("(TG_TABLE_NAME || ':' || {var})");
+/// text in the plpgsql variable `key` of the table named by `table`.
+fn key_lock(table: &str, key: &str) -> String {
+    let text = format!("({table} || ':' || {key})");
     format!(
         "pg_advisory_xact_lock({LOCK_CLASS}, (hashtextextended({text}, 0) & {})::int)",
         LOCK_SLOTS - 1
@@ -150,7 +164,8 @@ fn triggers_sql(t: &Table) -> [(&'static str, &'static str, String); 2] {
             ROW_FN,
             format!(
                 "CREATE TRIGGER \"{ROW_TRIGGER}\" BEFORE INSERT OR UPDATE OR DELETE ON {name} \
-                 FOR EACH ROW EXECUTE FUNCTION \"{ROW_FN}\"('{}', '{kind}')",
+                 FOR EACH ROW WHEN (current_setting('{ENGINE_SETTING}', true) IS DISTINCT FROM 'on') \
+                 EXECUTE FUNCTION \"{ROW_FN}\"('{}', '{kind}')",
                 // A checked identifier: ASCII letters, digits and '_' only.
                 key.name.as_str()
             ),
@@ -171,7 +186,11 @@ fn triggers_sql(t: &Table) -> [(&'static str, &'static str, String); 2] {
 /// any, is the engine's. Returns the table's floor.
 pub(crate) async fn install(tx: &mut sqlx::PgConnection, t: &Table, oid: i64) -> Result<u64> {
     let e = |e| map_err(e, Phase::NoCommit).with_operation("db.track_external");
-    sqlx::raw_sql(AssertSqlSafe(objects_sql()))
+    let schema: String = sqlx::query_scalar("SELECT quote_ident(current_schema())")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(e)?;
+    sqlx::raw_sql(AssertSqlSafe(objects_sql(&schema)))
         .execute(&mut *tx)
         .await
         .map_err(e)?;

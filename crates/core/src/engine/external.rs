@@ -54,17 +54,37 @@ const PAGE: usize = 500;
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Starts the follower unless it runs already.
-pub(crate) fn start(inner: &Arc<Inner>) {
-    let mut slot = inner.follower.lock();
-    if slot.is_some() {
-        return;
+///
+/// A shared cache may hold entries from before this engine started, so
+/// its follower replays every record still kept. An in-process cache
+/// starts empty: its follower starts at the database's current horizon,
+/// read here, before the table serves its first read (a record made after
+/// that is applied; one made before concerns an entry this cache cannot
+/// hold).
+pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
+    if inner.follower.lock().is_some() {
+        return Ok(());
     }
-    let weak = Arc::downgrade(inner);
-    let bell = inner.db_store.external_doorbell();
-    // An in-process cache starts empty: what was recorded before this
-    // engine started cannot be in it, so its first pass only takes note.
-    let replay_first = !inner.caps.in_process;
-    *slot = Some(tokio::spawn(follow(weak, bell, replay_first)));
+    let horizon = if inner.caps.in_process {
+        inner
+            .db()
+            .external_changes(&[], u64::MAX, i64::MAX, 1)
+            .await?
+            .horizon
+    } else {
+        0
+    };
+    let mut slot = inner.follower.lock();
+    if slot.is_none() {
+        let f = Follower {
+            horizon,
+            seen: HashMap::new(),
+            last_prune: None,
+        };
+        let bell = inner.db_store.external_doorbell();
+        *slot = Some(tokio::spawn(follow(Arc::downgrade(inner), bell, f)));
+    }
+    Ok(())
 }
 
 /// Where a follower stands.
@@ -73,18 +93,10 @@ struct Follower {
     horizon: u64,
     /// Ids applied whose position is at or above the horizon.
     seen: HashMap<i64, u64>,
-    /// Whether the next pass applies what it reads (false: notes it only).
-    apply: bool,
     last_prune: Option<Instant>,
 }
 
-async fn follow(engine: Weak<Inner>, bell: Option<Arc<tokio::sync::Notify>>, replay_first: bool) {
-    let mut f = Follower {
-        horizon: 0,
-        seen: HashMap::new(),
-        apply: replay_first,
-        last_prune: None,
-    };
+async fn follow(engine: Weak<Inner>, bell: Option<Arc<tokio::sync::Notify>>, mut f: Follower) {
     loop {
         let poll = {
             let Some(inner) = engine.upgrade() else {
@@ -143,15 +155,12 @@ impl Inner {
                 .into_iter()
                 .filter(|c| !f.seen.contains_key(&c.id))
                 .collect();
-            if f.apply {
-                repaired += self.apply_external(&fresh).await?;
-            }
+            repaired += self.apply_external(&fresh).await?;
             f.seen.extend(fresh.iter().map(|c| (c.id, c.position)));
             if n < PAGE {
                 break;
             }
         }
-        f.apply = true;
         if let Some(h) = next_horizon {
             f.horizon = f.horizon.max(h);
             let horizon = f.horizon;

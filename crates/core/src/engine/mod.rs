@@ -387,7 +387,9 @@ impl Engine {
             .write()
             .insert(st.table.name().as_str().to_owned(), st.clone());
         if opts.external {
-            external::start(&self.inner);
+            external::start(&self.inner)
+                .await
+                .map_err(|e| e.with_operation("register"))?;
         }
         Ok(Handle::new(self.inner.clone(), st, opts.validate))
     }

@@ -44,6 +44,7 @@ use super::Inner;
 use super::stats::Counters;
 use super::table::TableState;
 use super::write::Repair;
+use crate::codec;
 use crate::db::ExternalChange;
 use crate::error::{Error, ErrorKind, Result};
 use crate::value::Key;
@@ -208,6 +209,28 @@ impl Inner {
     /// Re-reads `keys` (each with the version its change was given) and
     /// writes what the database holds, with the fence.
     async fn repair_keys(&self, st: &Arc<TableState>, keys: &[(Key, u64)]) -> Result<usize> {
+        // Keys whose entry is already at the change's version or later
+        // need nothing: another engine on a shared cache repaired them,
+        // or a later write replaced them. (An absent entry is repaired all
+        // the same: the row or tombstone written now fences a late
+        // populate of the row from before the change.)
+        let cks: Vec<String> = keys.iter().map(|(k, _)| st.cache_key(k)).collect();
+        let entries = self.cache().get_many(&cks).await.unwrap_or_default();
+        let keys: Vec<(Key, u64)> = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, version))| {
+                !entries
+                    .get(*i)
+                    .and_then(Option::as_ref)
+                    .and_then(|b| codec::entry_version(b))
+                    .is_some_and(|v| v >= *version)
+            })
+            .map(|(_, k)| k.clone())
+            .collect();
+        if keys.is_empty() {
+            return Ok(0);
+        }
         let epoch = self.epoch_for_write().await;
         let read_at = Instant::now();
         let only: Vec<Key> = keys.iter().map(|(k, _)| k.clone()).collect();

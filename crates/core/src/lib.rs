@@ -26,10 +26,11 @@ pub mod codec;
 mod db;
 pub use codec::Codec;
 pub use engine::{
-    AuditReport, BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder, Handle,
-    Health, HealthMonitor, Read, ReconcileReport, RetryPolicy, Stats, TableOptions, TableWrites,
-    Tx, TxTable, WriteOptions,
+    AuditReport, AuditRun, BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder,
+    Handle, Health, HealthMonitor, Read, ReconcileReport, RetryPolicy, Stats, TableOptions,
+    TableWrites, Tx, TxTable, WriteOptions,
 };
+pub use engine::{Divergence, DivergenceKind, Inspection, Verdict, WarmRun};
 #[cfg(feature = "test-hooks")]
 pub use engine::{HookPoint, Hooks};
 pub use entity::{Entity, Record};
@@ -48,8 +49,8 @@ pub mod backend {
     pub use crate::cache::{CacheCapabilities, CacheItem, CacheStore, DecodedSlot, Fence, KeyRule};
     pub use crate::codec;
     pub use crate::db::{
-        DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, VERSION_COLUMN,
-        Write, WriteOp, WriteOutcome,
+        DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, OutboxSummary, Transaction, TxOptions,
+        VERSION_COLUMN, Write, WriteOp, WriteOutcome,
     };
     /// Re-exported so adapters implement the traits with the same macro version.
     pub use async_trait::async_trait;

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
-pub use audit::AuditReport;
+pub use audit::{AuditReport, AuditRun, Divergence, DivergenceKind, Inspection, Verdict, WarmRun};
 pub use breaker::BreakerState;
 pub use config::{BreakerConfig, Config, Consistency, RetryPolicy};
 pub use handle::{Handle, Read};

@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+mod introspect;
 mod sql;
 
 use std::path::{Path, PathBuf};
@@ -264,6 +265,8 @@ enum ReadJob {
         Reply<Vec<OutboxEntry>>,
     ),
     Ping(Reply<()>),
+    /// A catalog read for operators' tools (see `introspect`).
+    Catalog(Box<dyn FnOnce(&Connection) + Send>),
 }
 
 fn gone() -> Error {
@@ -522,6 +525,7 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
                 let r = conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err);
                 let _ = reply.send(r);
             }
+            ReadJob::Catalog(f) => f(&conn),
         }
     }
 }
@@ -968,5 +972,33 @@ impl DbStore for SqliteStore {
     async fn ping(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.read(ReadJob::Ping(tx), rx).await
+    }
+
+    async fn describe_table(&self, name: &str) -> Result<Table> {
+        let name = name.to_owned();
+        self.catalog(move |conn| introspect::describe_table(conn, &name))
+            .await
+    }
+
+    async fn managed_tables(&self) -> Result<Vec<String>> {
+        self.catalog(introspect::managed_tables).await
+    }
+
+    async fn outbox_summary(&self) -> Result<Vec<writethrough_core::backend::OutboxSummary>> {
+        self.catalog(introspect::outbox_summary).await
+    }
+}
+
+impl SqliteStore {
+    /// Runs a catalog read on a reader thread.
+    async fn catalog<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let job = ReadJob::Catalog(Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        }));
+        self.read(job, rx).await
     }
 }

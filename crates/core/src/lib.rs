@@ -30,7 +30,10 @@ pub use engine::{
     Handle, Health, HealthMonitor, Read, ReconcileReport, RetryPolicy, Stats, TableOptions,
     TableWrites, Tx, TxTable, WriteOptions,
 };
-pub use engine::{Divergence, DivergenceKind, Inspection, Verdict, WarmRun};
+pub use engine::{
+    ConsistencyReport, Divergence, DivergenceKind, Inspection, MonitorConfig, SeenDivergence,
+    Verdict, WarmRun,
+};
 #[cfg(feature = "test-hooks")]
 pub use engine::{HookPoint, Hooks};
 pub use entity::{Entity, Record};

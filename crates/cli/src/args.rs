@@ -25,6 +25,11 @@ pub(crate) struct Conn {
     /// The engine's namespace: the prefix of its cache keys.
     #[arg(long, env = "WT_NAMESPACE", default_value = "wt", global = true)]
     pub(crate) namespace: String,
+    /// A column's type where the database cannot tell it, as
+    /// `[TABLE.]COLUMN=TYPE` (bool, int, float, text, bytes, json); SQLite
+    /// stores booleans as integers and JSON as text. Repeatable.
+    #[arg(long = "type", value_name = "[TABLE.]COLUMN=TYPE", global = true)]
+    pub(crate) types: Vec<String>,
     /// Seconds to wait for a backend to answer when connecting.
     #[arg(long, default_value_t = 5.0, global = true)]
     pub(crate) connect_timeout: f64,

@@ -15,6 +15,79 @@ pub(crate) struct Target {
     db_url: String,
     namespace: String,
     timeout: Duration,
+    types: Vec<TypeOverride>,
+}
+
+/// `--type [TABLE.]COLUMN=TYPE`.
+#[derive(Debug, Clone)]
+struct TypeOverride {
+    table: Option<String>,
+    column: String,
+    ty: ColumnType,
+}
+
+impl TypeOverride {
+    fn parse(text: &str) -> Result<TypeOverride, Fatal> {
+        let bad = || {
+            Fatal::new(format!(
+                "--type {text:?}: expected [TABLE.]COLUMN=TYPE with TYPE one of bool, int, float, text, bytes, json"
+            ))
+        };
+        let (name, ty) = text.split_once('=').ok_or_else(bad)?;
+        let ty = match ty.trim() {
+            "bool" => ColumnType::Bool,
+            "int" => ColumnType::Int,
+            "float" => ColumnType::Float,
+            "text" => ColumnType::Text,
+            "bytes" => ColumnType::Bytes,
+            "json" => ColumnType::Json,
+            _ => return Err(bad()),
+        };
+        let (table, column) = match name.split_once('.') {
+            Some((t, c)) => (Some(t.to_owned()), c.to_owned()),
+            None => (None, name.to_owned()),
+        };
+        if column.is_empty() {
+            return Err(bad());
+        }
+        Ok(TypeOverride { table, column, ty })
+    }
+}
+
+/// `table` with the column types `types` give it.
+fn with_types(table: Table, types: &[TypeOverride]) -> Result<Table, Fatal> {
+    let name = table.name().as_str();
+    let mine: Vec<&TypeOverride> = types
+        .iter()
+        .filter(|o| o.table.as_deref().is_none_or(|t| t == name))
+        .collect();
+    for o in &mine {
+        if o.table.is_some() && table.column(&o.column).is_none() {
+            return Err(Fatal::new(format!(
+                "--type {name}.{}: table {name} has no column {}",
+                o.column, o.column
+            )));
+        }
+    }
+    if mine.is_empty() {
+        return Ok(table);
+    }
+    let ty_of = |c: &writethrough::Column| {
+        mine.iter()
+            .rev()
+            .find(|o| o.column == c.name.as_str())
+            .map_or(c.ty, |o| o.ty)
+    };
+    let key = table.key_column();
+    let mut b = Table::builder(name).key(key.name.as_str(), ty_of(key));
+    for c in &table.columns()[1..] {
+        b = if c.nullable {
+            b.nullable(c.name.as_str(), ty_of(c))
+        } else {
+            b.column(c.name.as_str(), ty_of(c))
+        };
+    }
+    Ok(b.build()?)
 }
 
 /// An engine over the opened backends.
@@ -22,6 +95,7 @@ pub(crate) struct Session {
     pub(crate) engine: Engine,
     pub(crate) target_cache: String,
     pub(crate) target_db: String,
+    types: Vec<TypeOverride>,
 }
 
 impl Target {
@@ -42,11 +116,17 @@ impl Target {
                     c.connect_timeout
                 ))
             })?;
+        let types = c
+            .types
+            .iter()
+            .map(|t| TypeOverride::parse(t))
+            .collect::<Result<_, _>>()?;
         Ok(Target {
             cache_url,
             db_url,
             namespace: c.namespace.clone(),
             timeout,
+            types,
         })
     }
 
@@ -79,6 +159,7 @@ impl Target {
             engine,
             target_cache: cache_shown,
             target_db: db_shown,
+            types: self.types.clone(),
         })
     }
 
@@ -103,6 +184,7 @@ impl Session {
     /// rows without creating or altering anything.
     pub(crate) async fn table(&self, name: &str) -> Result<Handle<Row>, Fatal> {
         let table = self.engine.raw_db().describe_table(name).await?;
+        let table = with_types(table, &self.types)?;
         let handle = self
             .engine
             .register_table(table, TableOptions::new().create_table(false))
@@ -208,6 +290,29 @@ mod tests {
         assert_eq!(redact("sqlite://app.db"), "sqlite://app.db");
         assert_eq!(redact("postgres://app@db/shop"), "postgres://app@db/shop");
         assert_eq!(redact("redis://:pw@cache:6379"), "redis://:***@cache:6379");
+    }
+
+    #[test]
+    fn type_overrides_retype_their_columns_and_refuse_unknown_ones() {
+        let t = Table::builder("t")
+            .key("id", ColumnType::Int)
+            .column("flag", ColumnType::Int)
+            .nullable("attrs", ColumnType::Text)
+            .build()
+            .unwrap();
+        let o = |s: &str| TypeOverride::parse(s).unwrap();
+        let t2 = with_types(
+            t.clone(),
+            &[o("flag=bool"), o("t.attrs=json"), o("u.flag=text")],
+        )
+        .unwrap();
+        assert_eq!(t2.column("flag").unwrap().ty, ColumnType::Bool);
+        assert_eq!(t2.column("attrs").unwrap().ty, ColumnType::Json);
+        assert!(t2.column("attrs").unwrap().nullable);
+        assert!(with_types(t, &[o("t.nope=bool")]).is_err());
+        for bad in ["flag", "flag=date", "=bool"] {
+            assert!(TypeOverride::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -96,11 +96,11 @@ pub(crate) async fn run(target: &Target, args: &HealthArgs) -> Result<Outcome, F
         Err(e) => println!("  tables    cannot list them: {e}"),
     }
     let cfg = engine.config();
-    println!(
-        "engine    namespace {}, cache epoch {}",
-        cfg.namespace,
-        engine.cache_epoch()
-    );
+    let epoch = match engine.check_cache_epoch().await {
+        Ok(e) => e.to_string(),
+        Err(e) => format!("unknown ({e})"),
+    };
+    println!("engine    namespace {}, cache epoch {epoch}", cfg.namespace);
     println!(
         "  timeouts  cache calls {}, database calls {}, loads {}, cache writes {}",
         human(cfg.cache_timeout),

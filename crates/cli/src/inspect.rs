@@ -20,7 +20,7 @@ pub(crate) async fn run(target: &Target, args: &InspectArgs) -> Result<Outcome, 
         .await
     {
         Ok(Some(d)) => json!(d.as_secs_f64()),
-        Ok(None) if seen.entry.is_some() => json!("never expires"),
+        Ok(None) if seen.entry.is_some() => json!("never"),
         Ok(None) => json!(null),
         Err(e) if e.kind() == ErrorKind::Unsupported => {
             json!(format!(
@@ -33,7 +33,8 @@ pub(crate) async fn run(target: &Target, args: &InspectArgs) -> Result<Outcome, 
     let cache = match seen.entry.as_deref() {
         None => json!({ "kind": "absent" }),
         Some(bytes) => {
-            let mut doc = json!({ "size": bytes.len(), "ttl_seconds": ttl });
+            // `expires_in`: seconds, "never", or why it is unknown.
+            let mut doc = json!({ "size": bytes.len(), "expires_in": ttl });
             match codec::decode(bytes) {
                 Decoded::Corrupt => {
                     doc["kind"] = "corrupt".into();
@@ -130,13 +131,14 @@ fn describe_entry(doc: &serde_json::Value) -> String {
     if let Some(n) = doc.get("size") {
         parts.push(format!("{n} bytes"));
     }
-    match doc.get("ttl_seconds") {
+    match doc.get("expires_in") {
         Some(serde_json::Value::Number(s)) => parts.push(format!(
             "TTL left {}",
             human(std::time::Duration::from_secs_f64(
                 s.as_f64().unwrap_or(0.0)
             ))
         )),
+        Some(serde_json::Value::String(s)) if s == "never" => parts.push("no TTL".to_owned()),
         Some(serde_json::Value::String(s)) => parts.push(format!("TTL {s}")),
         _ => {}
     }

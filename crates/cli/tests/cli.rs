@@ -603,3 +603,57 @@ async fn ctrl_c_stops_a_long_run_with_a_partial_report() {
     assert!(stdout.contains("(interrupted)"), "{stdout}");
     engine.shutdown().await.unwrap();
 }
+
+/// SQLite keeps booleans as integers and JSON as text, so the schema it
+/// describes cannot tell them apart: the audit says so (corrupt entries)
+/// until `--type` names the columns' types, and then agrees.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_columns_of_booleans_and_json_are_typed_by_the_operator() {
+    let pair = Pair::start(CacheKind::Redis, DbKind::Sqlite).await;
+    let engine = pair.engine().await;
+    let flags = Table::builder("flags")
+        .key("id", ColumnType::Int)
+        .column("on", ColumnType::Bool)
+        .nullable("attrs", ColumnType::Json)
+        .build()
+        .unwrap();
+    let h = engine
+        .register_table(flags, TableOptions::new())
+        .await
+        .unwrap();
+    for (id, on) in [(1, true), (2, false)] {
+        let row = Row::new()
+            .set("id", id)
+            .set("on", on)
+            .set("attrs", serde_json::json!({ "colour": "red", "n": id }));
+        h.put(&row).await.unwrap();
+    }
+    engine.flush().await.unwrap();
+
+    let (out, _) = status(
+        &pair.cli(&["audit", "--table", "flags", "--settle-ms", "10"]),
+        1,
+    );
+    assert_eq!(count(&out, "corrupt"), 2, "{out}");
+    let typed = ["--type", "on=bool", "--type", "flags.attrs=json"];
+    let (out, _) = status(
+        &pair.cli(&[&typed[..], &["audit", "--table", "flags"]].concat()),
+        0,
+    );
+    assert_eq!(count(&out, "matching"), 2, "{out}");
+    let (out, _) = status(
+        &pair.cli(&[&typed[..], &["inspect", "flags", "1"]].concat()),
+        0,
+    );
+    assert!(out.contains("\"on\":true"), "{out}");
+    assert!(out.contains("verdict   agree"), "{out}");
+    refused(
+        &pair.cli(&["--type", "flags.nope=bool", "audit", "--table", "flags"]),
+        "table flags has no column nope",
+    );
+    refused(
+        &pair.cli(&["--type", "on=date", "health"]),
+        "--type \"on=date\"",
+    );
+    engine.shutdown().await.unwrap();
+}

@@ -34,6 +34,20 @@ async fn engine(cache_url: &str, monitor: MonitorConfig) -> Engine {
         .unwrap()
 }
 
+/// The table, registered, with rows 1 to `rows` at price `id`.
+async fn seeded(engine: &Engine, rows: i64) -> writethrough::Handle<Row> {
+    let h = engine
+        .register_table(items(), TableOptions::new())
+        .await
+        .unwrap();
+    for i in 1..=rows {
+        h.put(&Row::new().set("id", i).set("price", i as f64))
+            .await
+            .unwrap();
+    }
+    h
+}
+
 /// Polls the health report until `done` holds, for at most 10 s.
 async fn until(engine: &Engine, done: impl Fn(&ConsistencyReport) -> bool) -> ConsistencyReport {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -51,15 +65,7 @@ async fn until(engine: &Engine, done: impl Fn(&ConsistencyReport) -> bool) -> Co
 async fn finds_a_planted_divergence(cache_url: &str, plant: impl AsyncFnOnce(&str, Vec<u8>)) {
     let settle = Duration::from_millis(50);
     let engine = engine(cache_url, MonitorConfig::sampling(1.0).settle(settle)).await;
-    let h = engine
-        .register_table(items(), TableOptions::new())
-        .await
-        .unwrap();
-    for i in 1..=ROWS {
-        h.put(&Row::new().set("id", i).set("price", i as f64))
-            .await
-            .unwrap();
-    }
+    let h = seeded(&engine, ROWS).await;
     for i in 1..=ROWS {
         assert!(h.read(Key::Int(i)).await.unwrap().hit, "row {i} is cached");
     }
@@ -127,22 +133,13 @@ async fn the_monitor_finds_an_entry_corrupted_in_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_monitor_finds_an_entry_corrupted_in_moka() {
     // Moka lives in the engine's process: its raw store is the only way in.
-    let cache = writethrough::open_cache("moka://").await.unwrap();
-    let db = writethrough::open_db("sqlite::temp:").await.unwrap();
-    let engine = Engine::builder_dyn(cache.clone(), db)
-        .namespace("mon")
-        .configure(|c| {
-            c.monitor = Some(MonitorConfig::sampling(1.0).settle(Duration::from_millis(50)));
-        })
-        .build()
-        .unwrap();
-    let h = engine
-        .register_table(items(), TableOptions::new())
-        .await
-        .unwrap();
-    h.put(&Row::new().set("id", 1).set("price", 1.0))
-        .await
-        .unwrap();
+    let engine = engine(
+        "moka://",
+        MonitorConfig::sampling(1.0).settle(Duration::from_millis(50)),
+    )
+    .await;
+    let cache = engine.raw_cache().clone();
+    let h = seeded(&engine, 1).await;
     let version = h.inspect(Key::Int(1)).await.unwrap().row.unwrap().version;
     let stale = Codec::Json
         .encode(&items(), &Row::new().set("id", 1).set("price", 0.5))
@@ -166,13 +163,7 @@ async fn a_full_queue_drops_samples_and_counts_them() {
         .settle(Duration::from_millis(300))
         .queue(4);
     let engine = engine("moka://", monitor).await;
-    let h = engine
-        .register_table(items(), TableOptions::new())
-        .await
-        .unwrap();
-    h.put(&Row::new().set("id", 1).set("price", 1.0))
-        .await
-        .unwrap();
+    let h = seeded(&engine, 1).await;
     for _ in 0..100 {
         assert!(h.read(Key::Int(1)).await.unwrap().hit);
     }

@@ -38,16 +38,13 @@ pub(crate) async fn run(
         let mut progress =
             Progress::new(format!("audit {name}"), (!args.all).then_some(limit as u64));
         let mut run = handle.audit_run(limit, settle, args.repair);
-        loop {
-            tokio::select! {
-                biased;
-                () = interrupt.wait() => { interrupted = true; break; }
-                n = run.step() => match n? {
-                    0 => break,
-                    n => progress.add(n),
-                },
+        while let Some(n) = interrupt.or(run.step()).await {
+            match n? {
+                0 => break,
+                n => progress.add(n),
             }
         }
+        interrupted = interrupt.pressed();
         progress.finish();
         // Confirming (and repairing) what was found so far is short: the
         // settle delay and one look per suspect. Even after Ctrl-C.

@@ -81,11 +81,7 @@ fn with_types(table: Table, types: &[TypeOverride]) -> Result<Table, Fatal> {
     let key = table.key_column();
     let mut b = Table::builder(name).key(key.name.as_str(), ty_of(key));
     for c in &table.columns()[1..] {
-        b = if c.nullable {
-            b.nullable(c.name.as_str(), ty_of(c))
-        } else {
-            b.column(c.name.as_str(), ty_of(c))
-        };
+        b = b.column_with(c.name.as_str(), ty_of(c), c.nullable);
     }
     Ok(b.build()?)
 }

@@ -113,6 +113,15 @@ impl Interrupt {
         }
     }
 
+    /// Runs `f` unless Ctrl-C comes first: `None` then.
+    pub(crate) async fn or<F: std::future::Future>(&self, f: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            () = self.wait() => None,
+            out = f => Some(out),
+        }
+    }
+
     pub(crate) fn pressed(&self) -> bool {
         *self.rx.borrow()
     }

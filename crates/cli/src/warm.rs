@@ -24,25 +24,21 @@ pub(crate) async fn run(
     let mut progress = Progress::new(format!("warm {}", args.table), args.limit.map(|n| n as u64));
     let mut run = handle.warm_run(limit).page_size(page);
     let started = Instant::now();
-    let mut interrupted = false;
-    loop {
-        tokio::select! {
-            biased;
-            () = interrupt.wait() => { interrupted = true; break; }
-            n = run.step() => match n? {
-                0 => break,
-                n => progress.add(n),
-            },
+    while let Some(n) = interrupt.or(run.step()).await {
+        let n = n?;
+        if n == 0 {
+            break;
         }
+        progress.add(n);
         if let Some(rate) = args.rate {
             let due = Duration::from_secs_f64(run.scanned() as f64 / f64::from(rate));
-            tokio::select! {
-                biased;
-                () = interrupt.wait() => { interrupted = true; break; }
-                () = tokio::time::sleep(due.saturating_sub(started.elapsed())) => {}
+            let pause = tokio::time::sleep(due.saturating_sub(started.elapsed()));
+            if interrupt.or(pause).await.is_none() {
+                break;
             }
         }
     }
+    let interrupted = interrupt.pressed();
     progress.finish();
     println!(
         "warm {}: {} rows read, {} written to the cache in {:.1} s{}",
@@ -53,7 +49,7 @@ pub(crate) async fn run(
         if interrupted { " (interrupted)" } else { "" }
     );
     session.engine.shutdown().await?;
-    Ok(if interrupted || interrupt.pressed() {
+    Ok(if interrupted {
         Outcome::Interrupted
     } else {
         Outcome::Clean

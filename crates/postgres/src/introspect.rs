@@ -87,12 +87,7 @@ pub(crate) async fn describe_table(pool: &PgPool, name: &str) -> Result<Table> {
         if *col == key || col == VERSION_COLUMN {
             continue;
         }
-        let ty = typed(col, sql)?;
-        b = if *not_null {
-            b.column(col, ty)
-        } else {
-            b.nullable(col, ty)
-        };
+        b = b.column_with(col, typed(col, sql)?, !*not_null);
     }
     b.build()
 }

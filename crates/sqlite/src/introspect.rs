@@ -71,12 +71,7 @@ pub(crate) fn describe_table(conn: &Connection, name: &str) -> Result<Table> {
         if *pk > 0 || col == VERSION_COLUMN {
             continue;
         }
-        let ty = typed(col, sql)?;
-        b = if *not_null {
-            b.column(col, ty)
-        } else {
-            b.nullable(col, ty)
-        };
+        b = b.column_with(col, typed(col, sql)?, !*not_null);
     }
     b.build()
 }

@@ -5,8 +5,10 @@
 //! configured probability; the sample waits in a bounded queue (a full
 //! queue drops it and counts the drop, so the monitor never slows reads
 //! down nor grows without bound). After the settle delay, a background
-//! task reads the key's row and its entry and judges them as an audit
-//! does; a disagreement is looked at once more after another settle delay
+//! task reads the key's row and its entry (with every other sample due by
+//! then, in one database and one cache call per table, the samples of
+//! 50 ms gathered in one batch) and judges them as
+//! an audit does; a disagreement is looked at once more after another settle delay
 //! (a write between its commit and its cache write is not a divergence),
 //! and only a confirmed one counts. Checks and divergences are counted per
 //! table, exported as metrics, and reported by [`crate::Engine::health`]
@@ -21,7 +23,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::Inner;
-use super::audit::DivergenceKind;
+use super::audit::{DivergenceKind, Verdict};
 use super::table::TableState;
 use crate::error::{Error, ErrorKind, Result};
 use crate::schema::ColumnType;
@@ -261,36 +263,88 @@ fn key_of(st: &TableState, cache_key: &str) -> Option<Key> {
     }
 }
 
+/// Most samples checked in one batch: one database and one cache call.
+const BATCH: usize = 256;
+/// How much later than its settle delay a sample may be checked, so that
+/// the samples of that span share a batch instead of each waking the task
+/// and both stores: at 1% of 400 000 hits a second, one batch instead of
+/// two hundred checks.
+const GATHER: Duration = Duration::from_millis(50);
+
 async fn run(engine: Weak<Inner>, mut rx: mpsc::Receiver<Sample>, settle: Duration) {
-    while let Some(sample) = rx.recv().await {
-        tokio::time::sleep_until((sample.at + settle).into()).await;
+    // A sample taken from the queue before it was due, kept for the next batch.
+    let mut early: Option<Sample> = None;
+    loop {
+        let first = match early.take() {
+            Some(s) => s,
+            None => match rx.recv().await {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        tokio::time::sleep_until((first.at + settle + GATHER).into()).await;
+        // Everything else already due joins the batch: under load one
+        // round trip per store checks many samples.
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(s) if s.at + settle <= Instant::now() => batch.push(s),
+                Ok(s) => {
+                    early = Some(s);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
         let Some(inner) = engine.upgrade() else {
             return;
         };
-        let Some(monitor) = inner.monitor.as_ref() else {
-            return;
-        };
-        let Some(st) = inner.table_state(&sample.table) else {
+        check_batch(&inner, batch, settle).await;
+    }
+}
+
+/// Checks samples, table by table; a disagreement gets a second look
+/// after `settle`, and only a confirmed one counts. A check that cannot
+/// read both stores counts for nothing.
+async fn check_batch(inner: &Inner, batch: Vec<Sample>, settle: Duration) {
+    let Some(monitor) = inner.monitor.as_ref() else {
+        return;
+    };
+    let mut by_table: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for s in batch {
+        by_table.entry(s.table).or_default().push(s.cache_key);
+    }
+    let mut suspects = Vec::new();
+    for (table, cks) in by_table {
+        let Some(st) = inner.table_state(&table) else {
             continue;
         };
-        let Some(key) = key_of(&st, &sample.cache_key) else {
+        let (cks, keys): (Vec<String>, Vec<Key>) = cks
+            .into_iter()
+            .filter_map(|ck| key_of(&st, &ck).map(|k| (ck, k)))
+            .unzip();
+        let Ok(rows) = inner.db().get_many(&st.table, &keys).await else {
             continue;
         };
-        // A check that cannot read both stores counts for nothing.
-        let Ok(first) = inner.recheck(&st, &key).await else {
+        let Ok(entries) = inner.cache().get_many(&cks).await else {
             continue;
         };
-        let confirmed = match first {
-            None => None,
-            Some(_) => {
-                tokio::time::sleep(settle).await;
-                match inner.recheck(&st, &key).await {
-                    Ok(again) => again.map(|(d, _)| d.kind),
-                    Err(_) => continue,
-                }
+        for ((key, row), entry) in keys.into_iter().zip(&rows).zip(&entries) {
+            match inner.verdict(&st, row.as_ref(), entry.as_deref()) {
+                Verdict::Divergent(_) => suspects.push((st.clone(), key)),
+                _ => monitor.record(&table, None),
             }
-        };
-        monitor.record(&sample.table, confirmed.map(|kind| (key, kind)));
+        }
+    }
+    if suspects.is_empty() {
+        return;
+    }
+    tokio::time::sleep(settle).await;
+    for (st, key) in suspects {
+        if let Ok(again) = inner.recheck(&st, &key).await {
+            let table = st.table.name().as_str();
+            monitor.record(table, again.map(|(d, _)| (key, d.kind)));
+        }
     }
 }
 

@@ -251,6 +251,17 @@ async fn operator_session(cache: CacheKind, db: DbKind) {
     let pair = Pair::start(cache, db).await;
     let (engine, h) = seed(&pair).await;
 
+    // The schema comes from each database's catalog, refusals included.
+    pair.sql("CREATE TABLE plain (id BIGINT PRIMARY KEY, name TEXT)")
+        .await;
+    refused(
+        &pair.cli(&["inspect", "plain", "1"]),
+        "table plain has no _wt_version column",
+    );
+    refused(
+        &pair.cli(&["audit", "--table", "nosuch"]),
+        "no table nosuch",
+    );
     let (out, _) = status(&pair.cli(&["health"]), 0);
     assert_eq!(out.matches("fastest").count(), 2, "{out}");
     assert!(

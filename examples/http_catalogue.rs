@@ -23,6 +23,9 @@
 //! | `WT_DB_URL`    | `sqlite::temp:`  | the database, see `writethrough::open_db` (`sqlite::temp:` is removed at exit) |
 //! | `WT_LISTEN`    | `127.0.0.1:3000` | the address to listen on; port 0 picks a free one |
 //! | `RUST_LOG`     | `info`           | the log filter (logs go to stderr) |
+//! | `WT_MONITOR_RATE` | `0.01`        | the share of cache hits the consistency monitor re-checks; `0` turns it off |
+//! | `WT_MONITOR_SETTLE_MS` | `1000`   | how long after a hit the monitor looks |
+//! | `WT_MIN_NINES` | `3`              | `/health` answers 503 `unhealthy` once the measured consistency is below this many nines |
 //!
 //! The bound address is printed on stdout as `listening on http://ADDR`.
 //! Ctrl-C (or SIGTERM) stops taking connections, finishes the requests in
@@ -41,7 +44,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value as JsonValue, json};
-use writethrough::{BreakerState, Engine, ErrorKind, Handle, Patch, TableOptions, Value};
+use writethrough::{
+    BreakerState, Engine, ErrorKind, Handle, MonitorConfig, Patch, TableOptions, Value,
+};
 use writethrough_examples::{Product, validate};
 
 /// What every request handler shares.
@@ -50,6 +55,8 @@ struct App {
     engine: Engine,
     products: Handle<Product>,
     prometheus: PrometheusHandle,
+    /// `/health` is unhealthy below this measured consistency.
+    min_nines: f64,
 }
 
 /// An error response: a status and a JSON body `{"error": kind, "message": ...}`.
@@ -247,18 +254,41 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-async fn health(State(app): State<App>) -> Json<JsonValue> {
+async fn health(State(app): State<App>) -> (StatusCode, Json<JsonValue>) {
     // Note: each call reports the window since the previous call, whoever made it.
     let h = app.engine.health();
     let s = app.engine.stats();
-    let status = if h.breaker == BreakerState::Closed {
-        "ok"
+    // The monitor found the cache wrong more often than the threshold allows.
+    let inconsistent = h
+        .consistency
+        .as_ref()
+        .is_some_and(|c| c.divergences > 0 && c.nines.is_some_and(|n| n < app.min_nines));
+    let (code, status) = if inconsistent {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy")
+    } else if h.breaker == BreakerState::Closed {
+        (StatusCode::OK, "ok")
     } else {
         // The cache is being bypassed: reads and writes go to the database.
-        "degraded"
+        (StatusCode::OK, "degraded")
     };
-    Json(json!({
+    let consistency = h.consistency.as_ref().map(|c| {
+        json!({
+            "checks": c.checks,
+            "divergences": c.divergences,
+            "dropped": c.dropped,
+            "nines": c.nines,
+            "min_nines": app.min_nines,
+            "last_divergence": c.last_divergence.as_ref().map(|d| json!({
+                "table": d.table,
+                "key": d.key,
+                "kind": d.kind,
+                "seconds_ago": d.ago.as_secs_f64(),
+            })),
+        })
+    });
+    let body = Json(json!({
         "status": status,
+        "consistency": consistency,
         "cache": app.engine.cache_name(),
         "db": app.engine.db_name(),
         "breaker": h.breaker.as_str(),
@@ -290,7 +320,8 @@ async fn health(State(app): State<App>) -> Json<JsonValue> {
             "replayed": s.replayed,
             "late_loads": s.late_loads,
         },
-    }))
+    }));
+    (code, body)
 }
 
 fn router(app: App) -> Router {
@@ -378,12 +409,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cache_url = env_or("WT_CACHE_URL", "moka://");
     let db_url = env_or("WT_DB_URL", "sqlite::temp:");
     let listen = env_or("WT_LISTEN", "127.0.0.1:3000");
+    let number = |name: &str, default: &str| {
+        env_or(name, default)
+            .parse::<f64>()
+            .map_err(|_| format!("{name} must be a number"))
+    };
+    let monitor_rate = number("WT_MONITOR_RATE", "0.01")?;
+    let settle = Duration::from_millis(number("WT_MONITOR_SETTLE_MS", "1000")? as u64);
+    let min_nines = number("WT_MIN_NINES", "3")?;
 
     let prometheus = install_prometheus()?;
     let engine = writethrough::open(&cache_url, &db_url)
         .await?
         .namespace("catalogue")
         .default_ttl(Some(Duration::from_secs(600)))
+        .configure(|c| {
+            c.monitor =
+                (monitor_rate > 0.0).then(|| MonitorConfig::sampling(monitor_rate).settle(settle));
+        })
         .build()?;
     let products = engine
         .register::<Product>(TableOptions::new().validate(validate))
@@ -397,6 +440,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on http://{}", listener.local_addr()?);
 
     let app = App {
+        min_nines,
         engine,
         products,
         prometheus,

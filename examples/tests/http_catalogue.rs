@@ -23,11 +23,17 @@ struct Service {
 
 impl Service {
     fn start() -> Service {
+        Service::start_with(&[])
+    }
+
+    /// The service with `env` over the defaults (Moka, a temporary SQLite).
+    fn start_with(env: &[(&str, &str)]) -> Service {
         let mut child = Command::new(common::example_binary("http_catalogue", &["lib.rs"]))
             .env("WT_LISTEN", "127.0.0.1:0")
             .env("WT_CACHE_URL", "moka://")
             .env("WT_DB_URL", "sqlite::temp:")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -325,6 +331,100 @@ fn every_route_of_the_http_catalogue() {
     assert_eq!(svc.request("GET", "/nowhere", None).status, 404);
 
     stop_gracefully(svc);
+}
+
+/// The consistency monitor re-checks every hit; a cache entry corrupted
+/// behind the service's back (in Redis, with Redis's own client) is served
+/// once, found, and `/health` answers 503 `unhealthy` with the divergence.
+#[test]
+fn health_turns_unhealthy_when_the_monitor_finds_the_cache_wrong() {
+    use writethrough::Entity;
+    use writethrough::codec::{self, Codec, Decoded};
+
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    let redis = rt
+        .block_on(writethrough_testkit::server::RedisServer::start())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let svc = Service::start_with(&[
+        ("WT_CACHE_URL", &url),
+        ("WT_MONITOR_RATE", "1"),
+        ("WT_MONITOR_SETTLE_MS", "50"),
+        ("WT_MIN_NINES", "2"),
+    ]);
+    let r = svc.json("PUT", "/products/1", product(1, "Fountain pen", 12.5, 40));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        svc.request("GET", "/products/1", None).json()["price"],
+        12.5
+    );
+    let healthy = |svc: &Service| svc.request("GET", "/health", None);
+    let r = wait_for(|| {
+        let r = healthy(&svc);
+        (r.json()["consistency"]["checks"].as_u64() >= Some(1)).then_some(r)
+    });
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, json!("ok")),
+        "{r:?}"
+    );
+    assert_eq!(r.json()["consistency"]["divergences"], 0, "{r:?}");
+
+    // The entry at its own version and epoch, with another price.
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("a Redis connection");
+    let key = "catalogue:products:1";
+    let bytes: Vec<u8> = redis::cmd("GET").arg(key).query(&mut conn).expect("GET");
+    let Decoded::Row { version, epoch, .. } = codec::decode(&bytes) else {
+        panic!("the entry is a row: {bytes:?}");
+    };
+    let row = writethrough::Row::new()
+        .set("id", 1)
+        .set("name", "Fountain pen")
+        .set("price", 0.01)
+        .set("stock", 40);
+    let wrong = Codec::Json
+        .encode(&writethrough_examples::Product::table(), &row)
+        .expect("encode")
+        .into_entry_at(version, epoch);
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(wrong.as_ref())
+        .query(&mut conn)
+        .expect("SET");
+    assert_eq!(
+        svc.request("GET", "/products/1", None).json()["price"],
+        0.01
+    );
+
+    let r = wait_for(|| {
+        let r = healthy(&svc);
+        (r.status == 503).then_some(r)
+    });
+    let h = r.json();
+    assert_eq!(h["status"], "unhealthy", "{h}");
+    assert_eq!(h["consistency"]["divergences"], 1, "{h}");
+    let last = &h["consistency"]["last_divergence"];
+    assert_eq!(
+        (&last["table"], &last["key"], &last["kind"]),
+        (&json!("products"), &json!("1"), &json!("differs")),
+        "{h}"
+    );
+    assert!(h["consistency"]["nines"].as_f64().unwrap() < 2.0, "{h}");
+    stop_gracefully(svc);
+}
+
+/// Polls `f` every 20 ms until it gives a value, for at most 20 s.
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "no answer in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Ctrl-C (SIGINT) stops the service cleanly.

@@ -284,6 +284,17 @@ pub trait CacheStore: Send + Sync + 'static {
     async fn identity(&self) -> Result<Option<String>> {
         Ok(None)
     }
+    /// How long the entry under `key` has left to live: `Ok(None)` when it
+    /// never expires or nothing is stored. For operators' tools
+    /// (`writethrough inspect`); the engine does not use it. The default
+    /// says the backend cannot tell.
+    async fn time_to_live(&self, key: &str) -> Result<Option<Duration>> {
+        let _ = key;
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "reading an entry's time to live",
+        ))
+    }
 }
 
 macro_rules! forward_cache_store {
@@ -335,6 +346,9 @@ macro_rules! forward_cache_store {
             }
             async fn identity(&self) -> Result<Option<String>> {
                 (**self).identity().await
+            }
+            async fn time_to_live(&self, key: &str) -> Result<Option<Duration>> {
+                (**self).time_to_live(key).await
             }
         }
     };

@@ -107,6 +107,29 @@ pub struct OutboxEntry {
     pub version: u64,
 }
 
+/// The outbox records pending for one table, as an operator sees them.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct OutboxSummary {
+    /// The table the records are for.
+    pub table: String,
+    /// How many records are pending.
+    pub pending: u64,
+    /// How long ago the oldest of them was written.
+    pub oldest_age: Duration,
+}
+
+impl OutboxSummary {
+    /// A summary line, for adapters to build.
+    pub fn new(table: String, pending: u64, oldest_age: Duration) -> Self {
+        OutboxSummary {
+            table,
+            pending,
+            oldest_age,
+        }
+    }
+}
+
 /// A write made outside the engine (psql, a migration, another service),
 /// recorded by the triggers that [`DbStore::track_external`] installs, in
 /// the same transaction as the write.
@@ -308,6 +331,45 @@ pub trait DbStore: Send + Sync + 'static {
     async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()>;
     /// Checks that the database answers.
     async fn ping(&self) -> Result<()>;
+    /// Reads a table's schema from the database, for tools that know no
+    /// Rust types (the `writethrough` command line). The key is the
+    /// primary key (or the column of a single-column unique index); the
+    /// version column is not among the columns. Fails with
+    /// `SchemaMismatch` for a table that does not exist, that has no
+    /// [`VERSION_COLUMN`], or that has a column of a type the engine
+    /// cannot map. The default says the backend cannot tell.
+    async fn describe_table(&self, name: &str) -> Result<Table> {
+        let _ = name;
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            "reading a table's schema",
+        ))
+    }
+    /// The tables that have a [`VERSION_COLUMN`] (those an engine manages),
+    /// by name. The default says the backend cannot tell.
+    async fn managed_tables(&self) -> Result<Vec<String>> {
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            "listing the managed tables",
+        ))
+    }
+    /// The pending outbox records per table with the oldest one's age,
+    /// tables in name order; empty when there is no outbox table yet. The
+    /// default counts through [`DbStore::outbox_pending`], which cannot
+    /// tell ages (they read as zero).
+    async fn outbox_summary(&self) -> Result<Vec<OutboxSummary>> {
+        let mut per: std::collections::BTreeMap<String, u64> = Default::default();
+        for e in self
+            .outbox_pending(None, Duration::ZERO, usize::MAX)
+            .await?
+        {
+            *per.entry(e.table).or_default() += 1;
+        }
+        Ok(per
+            .into_iter()
+            .map(|(t, n)| OutboxSummary::new(t, n, Duration::ZERO))
+            .collect())
+    }
     /// Installs, idempotently and all or nothing, the triggers that give
     /// writes made outside the engine to `table` a version (from the
     /// engine's own source) and record them as [`ExternalChange`]s in the
@@ -403,6 +465,15 @@ impl<D: DbStore + ?Sized> DbStore for Arc<D> {
     }
     async fn ping(&self) -> Result<()> {
         (**self).ping().await
+    }
+    async fn describe_table(&self, name: &str) -> Result<Table> {
+        (**self).describe_table(name).await
+    }
+    async fn managed_tables(&self) -> Result<Vec<String>> {
+        (**self).managed_tables().await
+    }
+    async fn outbox_summary(&self) -> Result<Vec<OutboxSummary>> {
+        (**self).outbox_summary().await
     }
     async fn track_external(&self, table: &Table) -> Result<u64> {
         (**self).track_external(table).await

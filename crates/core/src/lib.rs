@@ -26,9 +26,13 @@ pub mod codec;
 mod db;
 pub use codec::Codec;
 pub use engine::{
-    AuditReport, BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder, Handle,
-    Health, HealthMonitor, Read, ReconcileReport, RetryPolicy, Stats, TableOptions, TableWrites,
-    Tx, TxTable, WriteOptions,
+    AuditReport, AuditRun, BreakerConfig, BreakerState, Config, Consistency, Engine, EngineBuilder,
+    Handle, Health, HealthMonitor, Read, ReconcileReport, RetryPolicy, Stats, TableOptions,
+    TableWrites, Tx, TxTable, WriteOptions,
+};
+pub use engine::{
+    ConsistencyReport, Divergence, DivergenceKind, Inspection, MonitorConfig, SeenDivergence,
+    Verdict, WarmRun,
 };
 #[cfg(feature = "test-hooks")]
 pub use engine::{HookPoint, Hooks};
@@ -49,7 +53,8 @@ pub mod backend {
     pub use crate::codec;
     pub use crate::db::{
         CHANGES_TABLE, ChangePage, DbCapabilities, DbStore, ExternalChange, OUTBOX_TABLE,
-        OutboxEntry, Transaction, TxOptions, VERSION_COLUMN, Write, WriteOp, WriteOutcome,
+        OutboxEntry, OutboxSummary, Transaction, TxOptions, VERSION_COLUMN, Write, WriteOp,
+        WriteOutcome,
     };
     /// Re-exported so adapters implement the traits with the same macro version.
     pub use async_trait::async_trait;

@@ -117,6 +117,14 @@ impl TableBuilder {
         self
     }
 
+    /// A column that may hold NULL if `nullable` says so: for schemas read
+    /// from a database's catalog.
+    #[must_use]
+    pub fn column_with(mut self, name: &str, ty: ColumnType, nullable: bool) -> Self {
+        self.columns.push((name.to_owned(), ty, nullable));
+        self
+    }
+
     /// Validates every name and builds the table.
     pub fn build(self) -> Result<Table> {
         let name = Ident::new(&self.name)?;

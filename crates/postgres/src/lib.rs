@@ -50,6 +50,7 @@ mod coalesce;
 mod config;
 mod error;
 mod external;
+mod introspect;
 mod sql;
 mod tx;
 
@@ -717,6 +718,18 @@ impl DbStore for PostgresStore {
             .await
             .map(drop)
             .map_err(|e| map_err(e, Phase::NoCommit).with_operation("db.ping"))
+    }
+
+    async fn describe_table(&self, name: &str) -> Result<Table> {
+        introspect::describe_table(&self.shared.pool, name).await
+    }
+
+    async fn managed_tables(&self) -> Result<Vec<String>> {
+        introspect::managed_tables(&self.shared.pool).await
+    }
+
+    async fn outbox_summary(&self) -> Result<Vec<writethrough_core::backend::OutboxSummary>> {
+        introspect::outbox_summary(&self.shared.pool).await
     }
 }
 

@@ -535,6 +535,18 @@ impl CacheStore for RedisCache {
         }
     }
 
+    /// `PTTL`: milliseconds left, `None` for a key without expiry or no key.
+    async fn time_to_live(&self, key: &str) -> Result<Option<Duration>> {
+        const OP: &str = "cache.time_to_live";
+        let mut cmd = Cmd::with_capacity(2, 4 + key.len());
+        cmd.arg("PTTL").arg(key);
+        match self.call(&cmd, OP).await {
+            Ok(Value::Int(ms)) => Ok(u64::try_from(ms).ok().map(Duration::from_millis)),
+            Ok(other) => Err(unexpected(OP, &other).with_key(key)),
+            Err(e) => Err(e.with_key(key)),
+        }
+    }
+
     /// The server's `run_id` from `INFO server`: new on every start of a
     /// redis-server process (a restart, a restore from a snapshot), and
     /// different on another server (a replica promoted, a failover).

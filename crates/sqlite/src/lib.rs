@@ -26,6 +26,7 @@
 //! ```
 
 mod external;
+mod introspect;
 mod sql;
 
 use std::path::{Path, PathBuf};
@@ -271,6 +272,8 @@ enum ReadJob {
     ),
     Ping(Reply<()>),
     Changes(Vec<String>, u64, i64, usize, Reply<ChangePage>),
+    /// A catalog read for operators' tools (see `introspect`).
+    Catalog(Box<dyn FnOnce(&Connection) + Send>),
 }
 
 fn gone() -> Error {
@@ -537,6 +540,7 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
                 let r = conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err);
                 let _ = reply.send(r);
             }
+            ReadJob::Catalog(f) => f(&conn),
         }
     }
 }
@@ -1020,5 +1024,32 @@ impl DbStore for SqliteStore {
 
     fn external_doorbell(&self) -> Option<Arc<tokio::sync::Notify>> {
         self.shared.doorbell.get()
+    }
+    async fn describe_table(&self, name: &str) -> Result<Table> {
+        let name = name.to_owned();
+        self.catalog(move |conn| introspect::describe_table(conn, &name))
+            .await
+    }
+
+    async fn managed_tables(&self) -> Result<Vec<String>> {
+        self.catalog(introspect::managed_tables).await
+    }
+
+    async fn outbox_summary(&self) -> Result<Vec<writethrough_core::backend::OutboxSummary>> {
+        self.catalog(introspect::outbox_summary).await
+    }
+}
+
+impl SqliteStore {
+    /// Runs a catalog read on a reader thread.
+    async fn catalog<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let job = ReadJob::Catalog(Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        }));
+        self.read(job, rx).await
     }
 }

@@ -8,6 +8,7 @@ use super::{Inner, TableState};
 use crate::codec::{self, Decoded};
 use crate::entity::Record;
 use crate::error::Result;
+use crate::mapping::KeyArg;
 use crate::value::{Key, VersionedRow};
 
 /// What an audit found.
@@ -23,14 +24,87 @@ pub struct AuditReport {
     /// Rows whose cache entry disagrees with the database (older version,
     /// other content, unreadable bytes), confirmed by a second look.
     pub divergent: Vec<Key>,
+    /// What each of [`AuditReport::divergent`] was, in the same order.
+    pub divergences: Vec<Divergence>,
     /// Of those, how many were repaired (when asked to).
     pub repaired: usize,
 }
 
-enum Verdict {
+impl AuditReport {
+    /// How many confirmed divergences were of `kind`.
+    pub fn count(&self, kind: DivergenceKind) -> usize {
+        self.divergences.iter().filter(|d| d.kind == kind).count()
+    }
+}
+
+/// How a cache entry disagrees with its database row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DivergenceKind {
+    /// The entry holds an older version of the row than the database.
+    Stale,
+    /// The entry holds the row's version (or a newer one the database never
+    /// committed) with other content.
+    Differs,
+    /// The entry's bytes cannot be read (a foreign value, a bad checksum).
+    Corrupt,
+    /// The entry holds a row the database does not have.
+    Extra,
+}
+
+impl DivergenceKind {
+    /// A short name for reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DivergenceKind::Stale => "stale",
+            DivergenceKind::Differs => "differs",
+            DivergenceKind::Corrupt => "corrupt",
+            DivergenceKind::Extra => "extra",
+        }
+    }
+}
+
+/// One confirmed divergence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Divergence {
+    /// The row's key.
+    pub key: Key,
+    /// What was wrong.
+    pub kind: DivergenceKind,
+    /// The version in the cache entry, when it could be read.
+    pub cached_version: Option<u64>,
+    /// The row's version in the database; `None` when it has no row.
+    pub db_version: Option<u64>,
+}
+
+/// How one cache entry compares with its database row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Verdict {
+    /// The entry holds the row's version and content.
     Agree,
+    /// No entry, a tombstone or invalidation at the row's version or later,
+    /// or an entry of an earlier cache epoch (read as a miss): allowed.
     Absent,
-    Divergent,
+    /// The entry disagrees with the database.
+    Divergent(DivergenceKind),
+}
+
+/// One key's cache entry beside its database row (see [`Handle::inspect`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Inspection {
+    /// The full cache key.
+    pub cache_key: String,
+    /// The entry's bytes, as stored.
+    pub entry: Option<bytes::Bytes>,
+    /// The committed row and its version.
+    pub row: Option<VersionedRow>,
+    /// How they compare, as an audit would judge them (one look, no settle).
+    pub verdict: Verdict,
 }
 
 /// A walk through a table in key order, at most `left` more rows in all,
@@ -38,6 +112,18 @@ enum Verdict {
 struct Pages {
     after: Option<Key>,
     left: usize,
+    /// Rows a query asks for, at most [`PAGE`].
+    page: usize,
+}
+
+impl Pages {
+    fn new(limit: usize) -> Self {
+        Pages {
+            after: None,
+            left: limit,
+            page: PAGE,
+        }
+    }
 }
 
 /// The most rows one scan asks for.
@@ -54,7 +140,7 @@ impl Inner {
         if pages.left == 0 {
             return Ok(Vec::new());
         }
-        let page = pages.left.min(PAGE);
+        let page = pages.left.min(pages.page);
         let rows = self.db().scan(&st.table, pages.after.clone(), page).await?;
         // A short page is the last one.
         pages.left = if rows.len() < page {
@@ -76,7 +162,13 @@ impl Inner {
         Ok(keyed)
     }
 
-    fn verdict(&self, st: &TableState, vr: &VersionedRow, cached: Option<&[u8]>) -> Verdict {
+    /// Compares a cache entry with the row the database holds (`None`: no row).
+    pub(crate) fn verdict(
+        &self,
+        st: &TableState,
+        row: Option<&VersionedRow>,
+        cached: Option<&[u8]>,
+    ) -> Verdict {
         let Some(bytes) = cached else {
             return Verdict::Absent;
         };
@@ -88,8 +180,19 @@ impl Inner {
             // Of an earlier epoch: read as a miss, never served.
             return Verdict::Absent;
         }
+        let Some(vr) = row else {
+            return match decoded {
+                Decoded::Row { .. } => Verdict::Divergent(DivergenceKind::Extra),
+                Decoded::Corrupt => Verdict::Divergent(DivergenceKind::Corrupt),
+                Decoded::Tombstone { .. } => Verdict::Absent,
+            };
+        };
         match decoded {
             Decoded::Tombstone { version, .. } if version >= vr.version => Verdict::Absent,
+            Decoded::Tombstone { .. } => Verdict::Divergent(DivergenceKind::Stale),
+            Decoded::Row { version, .. } if version < vr.version => {
+                Verdict::Divergent(DivergenceKind::Stale)
+            }
             Decoded::Row {
                 version,
                 codec,
@@ -97,14 +200,212 @@ impl Inner {
                 ..
             } if version == vr.version => match codec::decode_row(codec, &st.table, payload) {
                 Ok(row) if row == vr.row => Verdict::Agree,
-                _ => Verdict::Divergent,
+                Ok(_) => Verdict::Divergent(DivergenceKind::Differs),
+                Err(_) => Verdict::Divergent(DivergenceKind::Corrupt),
             },
-            _ => Verdict::Divergent,
+            Decoded::Row { .. } => Verdict::Divergent(DivergenceKind::Differs),
+            Decoded::Corrupt => Verdict::Divergent(DivergenceKind::Corrupt),
         }
+    }
+
+    /// Looks at one key again: re-reads its row and its entry, and returns
+    /// the divergence if it is still there, with the row read.
+    pub(crate) async fn recheck(
+        &self,
+        st: &TableState,
+        key: &Key,
+    ) -> Result<Option<(Divergence, Option<VersionedRow>)>> {
+        let row = self.db().get(&st.table, key).await?;
+        let cached = self.cache().get(&st.cache_key(key)).await?;
+        let Verdict::Divergent(kind) = self.verdict(st, row.as_ref(), cached.as_deref()) else {
+            return Ok(None);
+        };
+        let divergence = Divergence {
+            key: key.clone(),
+            kind,
+            cached_version: cached.as_deref().and_then(codec::entry_version),
+            db_version: row.as_ref().map(|vr| vr.version),
+        };
+        Ok(Some((divergence, row)))
+    }
+}
+
+/// An audit in progress, driven a page at a time so that a caller can
+/// show progress or stop early: [`AuditRun::step`] until it returns 0, then
+/// [`AuditRun::finish`], which confirms (and repairs) what the pages found.
+/// [`Handle::audit`] does all of it in one call.
+pub struct AuditRun<R: Record> {
+    handle: Handle<R>,
+    pages: Pages,
+    settle: Duration,
+    repair: bool,
+    report: AuditReport,
+    suspects: Vec<Key>,
+}
+
+impl<R: Record> std::fmt::Debug for AuditRun<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditRun")
+            .field("table", self.handle.table().name())
+            .field("checked", &self.report.checked)
+            .field("suspects", &self.suspects.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Record> AuditRun<R> {
+    /// Compares the next page of rows (at most 500); returns how many it
+    /// compared, 0 once the table or the limit is exhausted.
+    pub async fn step(&mut self) -> Result<usize> {
+        let inner = &self.handle.inner;
+        let st = &self.handle.st;
+        let rows = inner.next_page(st, &mut self.pages).await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let cks: Vec<String> = rows.iter().map(|(key, _)| st.cache_key(key)).collect();
+        let cached = inner.cache().get_many(&cks).await?;
+        for ((key, vr), c) in rows.iter().zip(&cached) {
+            self.report.checked += 1;
+            match inner.verdict(st, Some(vr), c.as_deref()) {
+                Verdict::Agree => self.report.agree += 1,
+                Verdict::Absent => self.report.absent += 1,
+                Verdict::Divergent(_) => self.suspects.push(key.clone()),
+            }
+        }
+        Ok(rows.len())
+    }
+
+    /// Rows compared so far.
+    pub fn checked(&self) -> usize {
+        self.report.checked
+    }
+
+    /// Waits `settle` (a write in flight between its commit and its cache
+    /// write is not a divergence), looks at each suspect again, counts the
+    /// confirmed ones in `writethrough_consistency_violations_total` and,
+    /// if asked to, repairs them from the database.
+    pub async fn finish(mut self) -> Result<AuditReport> {
+        if self.suspects.is_empty() {
+            return Ok(self.report);
+        }
+        let inner = &self.handle.inner;
+        let st = &self.handle.st;
+        tokio::time::sleep(self.settle).await;
+        for key in std::mem::take(&mut self.suspects) {
+            let epoch = inner.epoch_for_write().await;
+            let Some((divergence, row)) = inner.recheck(st, &key).await? else {
+                continue;
+            };
+            st.metrics.violations.increment(1);
+            self.report.divergent.push(key.clone());
+            self.report.divergences.push(divergence);
+            if self.repair {
+                let ck = st.cache_key(&key);
+                // Delete first: the fence would keep an entry at the same
+                // version with other content.
+                inner.cache().delete(&ck).await?;
+                inner.repair(st, &ck, row, 0, epoch).await?;
+                Counters::add(&inner.stats.resynced, 1);
+                self.report.repaired += 1;
+            }
+        }
+        Ok(self.report)
+    }
+}
+
+/// A warm-up in progress, a page at a time (see [`Handle::warm_run`]).
+pub struct WarmRun<R: Record> {
+    handle: Handle<R>,
+    pages: Pages,
+    scanned: usize,
+    warmed: usize,
+}
+
+impl<R: Record> std::fmt::Debug for WarmRun<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarmRun")
+            .field("table", self.handle.table().name())
+            .field("scanned", &self.scanned)
+            .field("warmed", &self.warmed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Record> WarmRun<R> {
+    /// Loads the next page of rows (at most 500) into the cache, fenced like
+    /// any read, in one batched cache call; returns how many rows it read,
+    /// 0 once the table or the limit is exhausted.
+    pub async fn step(&mut self) -> Result<usize> {
+        let inner = &self.handle.inner;
+        let st = &self.handle.st;
+        let epoch = inner.epoch_for_write().await;
+        let started = std::time::Instant::now();
+        let rows = inner.next_page(st, &mut self.pages).await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let n = rows.len();
+        let (cks, rows): (Vec<String>, Vec<Option<VersionedRow>>) = rows
+            .into_iter()
+            .map(|(key, vr)| (st.cache_key(&key), Some(vr)))
+            .unzip();
+        self.warmed += inner.populate_many(st, &cks, &rows, started, epoch).await;
+        self.scanned += n;
+        Ok(n)
+    }
+
+    /// Reads `rows` rows a page (1 to 500; 500 unless set): smaller pages
+    /// let a caller pace the warm-up evenly.
+    #[must_use]
+    pub fn page_size(mut self, rows: usize) -> Self {
+        self.pages.page = rows.clamp(1, PAGE);
+        self
+    }
+
+    /// Rows read so far.
+    pub fn scanned(&self) -> usize {
+        self.scanned
+    }
+
+    /// Rows written to the cache so far (rows already cached at their
+    /// version are not).
+    pub fn warmed(&self) -> usize {
+        self.warmed
     }
 }
 
 impl<R: Record> Handle<R> {
+    /// Reads one key's cache entry and its database row and compares them,
+    /// changing nothing: what an operator looks at first.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let seen = products.inspect(1).await?;
+    /// println!("{}: {:?}", seen.cache_key, seen.verdict);
+    /// # Ok(()) }
+    /// ```
+    pub async fn inspect(&self, key: impl KeyArg<R::Key>) -> Result<Inspection> {
+        let key = key.into_key()?;
+        let cache_key = self.inner.key_for(&self.st, &key)?;
+        let row = self.inner.db().get(&self.st.table, &key).await?;
+        let entry = self.inner.cache().get(&cache_key).await?;
+        let verdict = self.inner.verdict(&self.st, row.as_ref(), entry.as_deref());
+        Ok(Inspection {
+            cache_key,
+            entry,
+            row,
+            verdict,
+        })
+    }
+
     /// Compares up to `limit` rows (in key order) with their cache entries.
     /// A disagreement is looked at again after `settle` (a write in flight
     /// between its commit and its cache write is not a divergence), and
@@ -126,60 +427,40 @@ impl<R: Record> Handle<R> {
     /// # Ok(()) }
     /// ```
     pub async fn audit(&self, limit: usize, settle: Duration, repair: bool) -> Result<AuditReport> {
-        let inner = &self.inner;
-        let st = &self.st;
-        let mut report = AuditReport::default();
-        let mut suspects = Vec::new();
-        let mut pages = Pages {
-            after: None,
-            left: limit,
-        };
-        loop {
-            let rows = inner.next_page(st, &mut pages).await?;
-            if rows.is_empty() {
-                break;
-            }
-            let cks: Vec<String> = rows.iter().map(|(key, _)| st.cache_key(key)).collect();
-            let cached = inner.cache().get_many(&cks).await?;
-            for ((key, vr), c) in rows.iter().zip(&cached) {
-                report.checked += 1;
-                match inner.verdict(st, vr, c.as_deref()) {
-                    Verdict::Agree => report.agree += 1,
-                    Verdict::Absent => report.absent += 1,
-                    Verdict::Divergent => suspects.push(key.clone()),
-                }
-            }
+        let mut run = self.audit_run(limit, settle, repair);
+        while run.step().await? > 0 {}
+        run.finish().await
+    }
+
+    /// [`Handle::audit`], a page at a time: for progress reports, or to stop
+    /// early and still confirm what was found.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// use std::time::Duration;
+    /// let mut run = products.audit_run(usize::MAX, Duration::from_millis(100), false);
+    /// while run.step().await? > 0 {
+    ///     println!("{} rows compared", run.checked());
+    /// }
+    /// println!("{:?}", run.finish().await?);
+    /// # Ok(()) }
+    /// ```
+    pub fn audit_run(&self, limit: usize, settle: Duration, repair: bool) -> AuditRun<R> {
+        AuditRun {
+            handle: self.clone(),
+            pages: Pages::new(limit),
+            settle,
+            repair,
+            report: AuditReport::default(),
+            suspects: Vec::new(),
         }
-        if suspects.is_empty() {
-            return Ok(report);
-        }
-        tokio::time::sleep(settle).await;
-        for key in suspects {
-            let ck = st.cache_key(&key);
-            let epoch = inner.epoch_for_write().await;
-            let row = inner.db().get(&st.table, &key).await?;
-            let cached = inner.cache().get(&ck).await?;
-            let confirmed = match &row {
-                Some(vr) => matches!(inner.verdict(st, vr, cached.as_deref()), Verdict::Divergent),
-                None => cached.as_deref().is_some_and(|b| {
-                    matches!(codec::decode(b), Decoded::Row { .. } | Decoded::Corrupt)
-                }),
-            };
-            if !confirmed {
-                continue;
-            }
-            st.metrics.violations.increment(1);
-            report.divergent.push(key.clone());
-            if repair {
-                // Delete first: the fence would keep an entry at the same
-                // version with other content.
-                inner.cache().delete(&ck).await?;
-                inner.repair(st, &ck, row, 0, epoch).await?;
-                Counters::add(&inner.stats.resynced, 1);
-                report.repaired += 1;
-            }
-        }
-        Ok(report)
     }
 
     /// Loads up to `limit` rows (in key order) into the cache, fenced like
@@ -200,27 +481,35 @@ impl<R: Record> Handle<R> {
     /// # Ok(()) }
     /// ```
     pub async fn warm(&self, limit: usize) -> Result<usize> {
-        let inner = &self.inner;
-        let st = &self.st;
-        let mut warmed = 0;
-        let mut pages = Pages {
-            after: None,
-            left: limit,
-        };
-        loop {
-            let epoch = inner.epoch_for_write().await;
-            let started = std::time::Instant::now();
-            let rows = inner.next_page(st, &mut pages).await?;
-            if rows.is_empty() {
-                break;
-            }
-            // One fenced batch per page, not a round trip per row.
-            let (cks, rows): (Vec<String>, Vec<Option<VersionedRow>>) = rows
-                .into_iter()
-                .map(|(key, vr)| (st.cache_key(&key), Some(vr)))
-                .unzip();
-            warmed += inner.populate_many(st, &cks, &rows, started, epoch).await;
+        let mut run = self.warm_run(limit);
+        while run.step().await? > 0 {}
+        Ok(run.warmed())
+    }
+
+    /// [`Handle::warm`], a page at a time: for progress reports, a rate
+    /// limit between pages, or stopping early.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use writethrough_core::__doc::{Product, product};
+    /// # async fn demo(
+    /// #     engine: writethrough_core::Engine,
+    /// #     products: writethrough_core::Handle<Product>,
+    /// # ) -> writethrough_core::Result<()> {
+    /// # let _ = (&engine, &products, product(0, 0.0));
+    /// let mut run = products.warm_run(usize::MAX);
+    /// while run.step().await? > 0 {
+    ///     println!("{} rows read, {} cached", run.scanned(), run.warmed());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn warm_run(&self, limit: usize) -> WarmRun<R> {
+        WarmRun {
+            handle: self.clone(),
+            pages: Pages::new(limit),
+            scanned: 0,
+            warmed: 0,
         }
-        Ok(warmed)
     }
 }

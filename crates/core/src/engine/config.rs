@@ -220,6 +220,8 @@ pub struct Config {
     pub transaction_retry: RetryPolicy,
     /// The cache circuit breaker.
     pub breaker: BreakerConfig,
+    /// The continuous consistency monitor: off (`None`) unless set.
+    pub monitor: Option<super::monitor::MonitorConfig>,
     /// The consistency mechanisms.
     pub consistency: Consistency,
     /// Outbox records younger than this are left to the engine that wrote
@@ -261,6 +263,7 @@ impl Default for Config {
                 max_delay: Duration::from_millis(200),
             },
             breaker: BreakerConfig::default(),
+            monitor: None,
             consistency: Consistency::default(),
             outbox_grace: Duration::from_secs(2),
             reconcile_interval: Some(Duration::from_secs(1)),
@@ -302,6 +305,9 @@ impl Config {
         }
         if self.breaker.failure_threshold == 0 {
             return bad("breaker.failure_threshold must be at least 1".into());
+        }
+        if let Some(m) = &self.monitor {
+            m.check()?;
         }
         for (name, d) in [
             ("load_deadline", self.load_deadline),

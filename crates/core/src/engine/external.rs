@@ -220,11 +220,11 @@ impl Inner {
             .iter()
             .enumerate()
             .filter(|(i, (_, version))| {
-                !entries
+                entries
                     .get(*i)
                     .and_then(Option::as_ref)
                     .and_then(|b| codec::entry_version(b))
-                    .is_some_and(|v| v >= *version)
+                    .is_none_or(|v| v < *version)
             })
             .map(|(_, k)| k.clone())
             .collect();

@@ -474,6 +474,9 @@ pub struct Health {
     pub db_failure_rate: f64,
     /// Time since the engine was built.
     pub uptime: Duration,
+    /// What the consistency monitor measured since the engine started
+    /// (not only in the window); `None` when it is off.
+    pub consistency: Option<super::ConsistencyReport>,
 }
 
 /// A health window of its own: each [`HealthMonitor`] reports what

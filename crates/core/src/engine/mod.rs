@@ -16,6 +16,7 @@ mod handle;
 mod hooks;
 mod maintenance;
 mod metrics;
+mod monitor;
 mod read;
 mod shard;
 mod stats;
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
-pub use audit::AuditReport;
+pub use audit::{AuditReport, AuditRun, Divergence, DivergenceKind, Inspection, Verdict, WarmRun};
 pub use breaker::BreakerState;
 pub use config::{BreakerConfig, Config, Consistency, RetryPolicy};
 pub use handle::{Handle, Read};
@@ -41,6 +42,7 @@ pub(crate) use hooks::HookPoint;
 pub use hooks::{HookPoint, Hooks};
 pub use maintenance::ReconcileReport;
 pub use metrics::{Health, HealthMonitor};
+pub use monitor::{ConsistencyReport, MonitorConfig, SeenDivergence};
 pub use stats::Stats;
 pub use table::{TableOptions, WriteOptions};
 pub use tx::{TableWrites, Tx, TxTable};
@@ -164,7 +166,9 @@ impl EngineBuilder {
             )
         })?;
         let metrics = EngineMetrics::new(self.cache.name(), self.db.name());
-        let inner = Arc::new(Inner {
+        let monitor_cfg = self.cfg.monitor;
+        let inner = Arc::new_cyclic(|weak| Inner {
+            monitor: monitor_cfg.map(|m| monitor::Monitor::start(m, &runtime, weak.clone())),
             caps,
             db_caps: self.db.capabilities(),
             cache_store: self.cache,
@@ -224,6 +228,8 @@ pub(crate) struct Inner {
     /// The follower of writes made outside the engine, started with the
     /// first table that tracks them.
     follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The consistency monitor, when configured.
+    monitor: Option<monitor::Monitor>,
 }
 
 impl Drop for Inner {
@@ -516,6 +522,7 @@ impl Engine {
             cache_failure_rate: cache_rate,
             db_failure_rate: db_rate,
             uptime: inner.started.elapsed(),
+            consistency: inner.monitor.as_ref().map(monitor::Monitor::report),
         }
     }
 
@@ -634,6 +641,9 @@ impl Engine {
     /// ```
     pub async fn shutdown(&self) -> Result<()> {
         let flushed = self.flush().await;
+        if let Some(m) = &self.inner.monitor {
+            m.stop();
+        }
         let task = self.inner.background.lock().take();
         if let Some(task) = task {
             task.abort();

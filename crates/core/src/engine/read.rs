@@ -97,6 +97,7 @@ impl Inner {
         {
             Counters::add(&self.stats.hits, 1);
             st.metrics.hits.increment(1);
+            self.sample_hit(st, ck);
             return Some(hit);
         }
         let epoch = codec::entry_epoch(&bytes)?;
@@ -164,6 +165,13 @@ impl Inner {
         Lookup::Miss(unreadable)
     }
 
+    /// Offers a hit to the consistency monitor, when it runs.
+    fn sample_hit(&self, st: &TableState, ck: &str) {
+        if let Some(m) = &self.monitor {
+            m.offer(st, ck);
+        }
+    }
+
     /// The epoch a cache read of `ck` may trust, or `None` when the cache
     /// must not answer it: the breaker is open, the key awaits resync, or
     /// the epoch is unconfirmed.
@@ -206,6 +214,7 @@ impl Inner {
                     Ok(r) => {
                         Counters::add(&self.stats.hits, 1);
                         st.metrics.hits.increment(1);
+                        self.sample_hit(st, ck);
                         Lookup::Hit(r)
                     }
                     Err(e) => {

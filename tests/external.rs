@@ -741,3 +741,49 @@ async fn an_external_write_made_while_no_engine_ran_is_repaired_on_start() {
         "redis+sqlite: an external write made while no engine ran was repaired {d:.1?} after an engine started"
     );
 }
+
+/// A long transaction elsewhere (a `psql` session left open in a
+/// transaction that holds a transaction id) must not make the follower
+/// read the change table again from where that transaction began: each
+/// record is read about once however long it stays open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_open_transaction_does_not_make_the_follower_reread_the_log() {
+    use tokio::io::AsyncWriteExt;
+    const WRITES: i64 = 40;
+    let pg = postgres().await;
+    let db = Db::Postgres(pg.url());
+    let (ns, table) = (unique("long"), unique("long"));
+    let engines = engines(&db, None, &ns).await;
+    let hs = register(&engines[..1], &table, true).await;
+    for k in 1..=WRITES {
+        let mut it = item(k, 1.0);
+        it.qty = 0;
+        hs[0].put(&it).await.unwrap();
+    }
+    let mut held = tokio::process::Command::new("psql")
+        .args(["-X", "-q", &pg.url()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psql runs");
+    let stdin = held.stdin.as_mut().unwrap();
+    stdin
+        .write_all(b"BEGIN; SELECT pg_current_xact_id();\n")
+        .await
+        .unwrap();
+    stdin.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read_before = engines[0].stats().external_read;
+    for k in 1..=WRITES {
+        external(&db, &format!("UPDATE \"{table}\" SET qty = 1 WHERE id = {k}")).await;
+        assert!(seen_by_all(&hs, k, Some(1), bound()).await.is_some());
+    }
+    let read = engines[0].stats().external_read - read_before;
+    println!("{WRITES} external writes under a transaction held open: {read} records read by the follower");
+    assert!(
+        read <= 2 * WRITES as u64,
+        "the follower read {read} records for {WRITES} changes"
+    );
+    drop(held);
+}

@@ -146,9 +146,20 @@ pub struct ExternalChange {
     /// writes draw from, so that versions of a key keep increasing across
     /// both kinds of writer.
     pub version: u64,
-    /// The change's position in the adapter's order of visibility (see
-    /// [`ChangePage::horizon`]).
+    /// The writer's transaction as the adapter names it (see
+    /// [`ChangePage::in_flight`]); 0 where writers are serial (SQLite).
     pub position: u64,
+}
+
+/// Which recorded changes [`DbStore::external_changes`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeRange<'a> {
+    /// Only ids above this.
+    pub after: i64,
+    /// Only ids up to this.
+    pub upto: i64,
+    /// Only changes of these transactions (positions), if given.
+    pub positions: Option<&'a [u64]>,
 }
 
 /// One page of [`ExternalChange`]s.
@@ -156,11 +167,16 @@ pub struct ExternalChange {
 pub struct ChangePage {
     /// The changes, by increasing id.
     pub changes: Vec<ExternalChange>,
-    /// A position below which no change can become visible any more: every
-    /// change that is not yet visible (its transaction is in flight) will
-    /// have a position at least this. A follower that has seen every
-    /// change of position below `horizon` asks next time from `horizon`.
-    pub horizon: u64,
+    /// The transactions (positions) still in flight when the page was read,
+    /// in the same snapshot. Record ids are drawn before commit, so a
+    /// change not visible yet with an id below one already read belongs to
+    /// one of these; a change of any later transaction gets a higher id
+    /// than every id visible now. Always empty where writers are serial.
+    pub in_flight: Vec<u64>,
+    /// The highest record id visible in the page's snapshot (0 if none),
+    /// whatever the range asked: where a follower that ignores the past
+    /// starts.
+    pub max_id: i64,
 }
 
 /// What a database backend can hold.
@@ -391,17 +407,16 @@ pub trait DbStore: Send + Sync + 'static {
         .with_operation("db.track_external")
         .with_key(table.name().as_str()))
     }
-    /// Recorded external changes of `tables` at position `horizon` or
-    /// later with an id above `after`, by id, at most `limit`; read in one
-    /// snapshot together with the page's [`ChangePage::horizon`].
+    /// Recorded external changes of `tables` in `range`, by id, at most
+    /// `limit`; read in one snapshot together with the page's
+    /// [`ChangePage::in_flight`].
     async fn external_changes(
         &self,
         tables: &[String],
-        horizon: u64,
-        after: i64,
+        range: ChangeRange<'_>,
         limit: usize,
     ) -> Result<ChangePage> {
-        let _ = (tables, horizon, after, limit);
+        let _ = (tables, range, limit);
         Ok(ChangePage::default())
     }
     /// Removes recorded external changes older than `age`; returns how many.
@@ -481,13 +496,10 @@ impl<D: DbStore + ?Sized> DbStore for Arc<D> {
     async fn external_changes(
         &self,
         tables: &[String],
-        horizon: u64,
-        after: i64,
+        range: ChangeRange<'_>,
         limit: usize,
     ) -> Result<ChangePage> {
-        (**self)
-            .external_changes(tables, horizon, after, limit)
-            .await
+        (**self).external_changes(tables, range, limit).await
     }
     async fn prune_external_changes(&self, age: Duration) -> Result<u64> {
         (**self).prune_external_changes(age).await

@@ -37,8 +37,8 @@
 //! # Reading in order
 //!
 //! Each record carries its writer's transaction id (`xid8`); a page is read
-//! in one statement together with the snapshot's oldest running
-//! transaction id, the page's horizon (see `writethrough_core`'s follower).
+//! in one statement together with the snapshot's transactions in flight
+//! (`pg_snapshot_xip`), see `writethrough_core`'s follower.
 //!
 //! # The doorbell
 //!
@@ -53,7 +53,9 @@ use std::time::Duration;
 
 use sqlx::postgres::PgListener;
 use sqlx::{AssertSqlSafe, Row as _};
-use writethrough_core::backend::{CHANGES_TABLE, ChangePage, ExternalChange, VERSION_COLUMN};
+use writethrough_core::backend::{
+    CHANGES_TABLE, ChangePage, ChangeRange, ExternalChange, VERSION_COLUMN,
+};
 use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table};
 
 use crate::error::{Phase, map_err};
@@ -241,40 +243,50 @@ pub(crate) async fn install(tx: &mut sqlx::PgConnection, t: &Table, oid: i64) ->
 pub(crate) async fn changes(
     pool: &sqlx::PgPool,
     tables: &[String],
-    horizon: u64,
-    after: i64,
+    range: ChangeRange<'_>,
     limit: usize,
 ) -> Result<ChangePage> {
     let e = |e| map_err(e, Phase::NoCommit).with_operation("db.external_changes");
+    let positions: Option<Vec<i64>> = range.positions.map(|p| {
+        p.iter()
+            .map(|&x| i64::try_from(x).unwrap_or(i64::MAX))
+            .collect()
+    });
     let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, \
+        "SELECT (SELECT coalesce(array_agg(x::text::bigint), '{{}}'::bigint[]) \
+                 FROM pg_snapshot_xip(pg_current_snapshot()) AS x), \
+                (SELECT coalesce(max(id), 0) FROM \"{CHANGES_TABLE}\"), \
                 c.id, c.tbl, c.key, c.version, c.xid::text::bigint \
          FROM (SELECT 1) AS one LEFT JOIN LATERAL (\
              SELECT id, tbl, key, version, xid FROM \"{CHANGES_TABLE}\" \
-             WHERE xid >= $1::bigint::text::xid8 AND id > $2 AND tbl = ANY($3) \
-             ORDER BY id LIMIT $4) AS c ON true \
+             WHERE id > $1 AND id <= $2 AND tbl = ANY($3) \
+               AND ($4::bigint[] IS NULL OR xid = ANY(($4::bigint[]::text[])::xid8[])) \
+             ORDER BY id LIMIT $5) AS c ON true \
          ORDER BY c.id"
     )))
-    .bind(i64::try_from(horizon).unwrap_or(i64::MAX))
-    .bind(after)
+    .bind(range.after)
+    .bind(range.upto)
     .bind(tables)
+    .bind(positions)
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(pool)
     .await
     .map_err(e)?;
     let mut page = ChangePage::default();
     for r in &rows {
-        page.horizon = sql::version(r.try_get(0).map_err(e)?);
-        let Some(id) = r.try_get::<Option<i64>, _>(1).map_err(e)? else {
+        let in_flight: Vec<i64> = r.try_get(0).map_err(e)?;
+        page.in_flight = in_flight.into_iter().map(sql::version).collect();
+        page.max_id = r.try_get(1).map_err(e)?;
+        let Some(id) = r.try_get::<Option<i64>, _>(2).map_err(e)? else {
             continue;
         };
-        let key: Option<String> = r.try_get(3).map_err(e)?;
+        let key: Option<String> = r.try_get(4).map_err(e)?;
         page.changes.push(ExternalChange {
             id,
-            table: r.try_get(2).map_err(e)?,
+            table: r.try_get(3).map_err(e)?,
             key: key.as_deref().map(Key::decode).transpose()?,
-            version: sql::version(r.try_get(4).map_err(e)?),
-            position: sql::version(r.try_get(5).map_err(e)?),
+            version: sql::version(r.try_get(5).map_err(e)?),
+            position: sql::version(r.try_get(6).map_err(e)?),
         });
     }
     Ok(page)

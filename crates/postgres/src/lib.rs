@@ -685,11 +685,10 @@ impl DbStore for PostgresStore {
     async fn external_changes(
         &self,
         tables: &[String],
-        horizon: u64,
-        after: i64,
+        range: writethrough_core::backend::ChangeRange<'_>,
         limit: usize,
     ) -> Result<writethrough_core::backend::ChangePage> {
-        external::changes(&self.shared.pool, tables, horizon, after, limit).await
+        external::changes(&self.shared.pool, tables, range, limit).await
     }
 
     async fn prune_external_changes(&self, age: Duration) -> Result<u64> {

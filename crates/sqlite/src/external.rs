@@ -8,7 +8,7 @@
 //! connection (the `sqlite3` shell, another program, another language) is an
 //! external writer. SQLite runs one writer at a time, so a trigger can draw
 //! the version from the engine's own counter (`_wt_seq`) without locks, and
-//! record ids follow commit order: a record's position is its id.
+//! record ids follow commit order: nothing is ever in flight.
 //!
 //! The triggers test the version before the mark: an engine write of one
 //! row carries the counter's current value, which settles it without
@@ -24,7 +24,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension};
-use writethrough_core::backend::{CHANGES_TABLE, ChangePage, ExternalChange, VERSION_COLUMN};
+use writethrough_core::backend::{
+    CHANGES_TABLE, ChangePage, ChangeRange, ExternalChange, VERSION_COLUMN,
+};
 use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table};
 
 use crate::sql::{SEQ_TABLE, engine_tables_sql, map_err};
@@ -167,46 +169,50 @@ pub(crate) fn install(conn: &Connection, t: &Table) -> Result<u64> {
     }
 }
 
-/// One page of recorded changes of `tables` from `horizon` on (ids, since
-/// SQLite's writers are serial), with the next horizon, in one statement.
+/// One page of recorded changes of `tables` in `range`, in one
+/// statement. SQLite's writers are serial: record ids follow commit order,
+/// nothing is ever in flight, and every position is 0.
 pub(crate) fn changes(
     conn: &Connection,
     tables: &[String],
-    horizon: u64,
-    after: i64,
+    range: ChangeRange<'_>,
     limit: usize,
 ) -> Result<ChangePage> {
     let names = serde_json::to_string(tables)
         .map_err(|e| Error::new(ErrorKind::Codec, "table names").with_source(e))?;
     let mut stmt = conn
         .prepare_cached(&format!(
-            "SELECT (SELECT coalesce(max(id), 0) + 1 FROM \"{CHANGES_TABLE}\"), \
+            "SELECT (SELECT coalesce(max(id), 0) FROM \"{CHANGES_TABLE}\"), \
                     c.id, c.tbl, c.key, c.version \
              FROM (SELECT 1) AS one LEFT JOIN (\
                  SELECT id, tbl, key, version FROM \"{CHANGES_TABLE}\" \
-                 WHERE id >= ?1 AND id > ?2 AND tbl IN (SELECT value FROM json_each(?3)) \
+                 WHERE id > ?1 AND id <= ?2 AND tbl IN (SELECT value FROM json_each(?3)) \
                  ORDER BY id LIMIT ?4) AS c \
              ORDER BY c.id"
         ))
         .map_err(map_err)?;
-    let horizon = i64::try_from(horizon).unwrap_or(i64::MAX);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = stmt
-        .query_map(rusqlite::params![horizon, after, names, limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Option<i64>>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-            ))
-        })
+        .query_map(
+            rusqlite::params![range.after, range.upto, names, limit],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                ))
+            },
+        )
         .map_err(map_err)?;
+    // Changes of given transactions: none is ever in flight here.
+    let wanted = range.positions.is_none_or(|p| p.contains(&0));
     let mut page = ChangePage::default();
     for row in rows {
-        let (h, id, table, key, version) = row.map_err(map_err)?;
-        page.horizon = h.max(0) as u64;
-        let (Some(id), Some(table), Some(version)) = (id, table, version) else {
+        let (max_id, id, table, key, version) = row.map_err(map_err)?;
+        page.max_id = max_id;
+        let (Some(id), Some(table), Some(version), true) = (id, table, version, wanted) else {
             continue;
         };
         page.changes.push(ExternalChange {
@@ -214,7 +220,7 @@ pub(crate) fn changes(
             table,
             key: key.as_deref().map(Key::decode).transpose()?,
             version: version.max(0) as u64,
-            position: id.max(0) as u64,
+            position: 0,
         });
     }
     Ok(page)
@@ -348,7 +354,12 @@ mod tests {
         plain
             .execute("DELETE FROM things WHERE id = 1", [])
             .unwrap();
-        let page = changes(&engine, &["things".to_owned()], 0, 0, 100).unwrap();
+        let all = ChangeRange {
+            after: 0,
+            upto: i64::MAX,
+            positions: None,
+        };
+        let page = changes(&engine, &["things".to_owned()], all, 100).unwrap();
         let got: Vec<(Option<Key>, u64)> = page
             .changes
             .iter()
@@ -373,7 +384,8 @@ mod tests {
             })
             .unwrap();
         assert_eq!(v3 as u64, got[3].1);
-        assert_eq!(page.horizon, page.changes.last().unwrap().id as u64 + 1);
+        assert_eq!(page.max_id, page.changes.last().unwrap().id);
+        assert!(page.in_flight.is_empty());
     }
 
     /// A trigger of an older engine version (the marker, another body) is

@@ -38,8 +38,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 use writethrough_core::backend::{
-    ChangePage, DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction, TxOptions, Write,
-    WriteOutcome, async_trait,
+    ChangePage, ChangeRange, DbCapabilities, DbStore, OUTBOX_TABLE, OutboxEntry, Transaction,
+    TxOptions, Write, WriteOutcome, async_trait,
 };
 use writethrough_core::{Error, ErrorKind, Key, Result, Table, VersionedRow};
 
@@ -271,7 +271,13 @@ enum ReadJob {
         Reply<Vec<OutboxEntry>>,
     ),
     Ping(Reply<()>),
-    Changes(Vec<String>, u64, i64, usize, Reply<ChangePage>),
+    /// Changes of tables in a range: after, upto, positions.
+    Changes(
+        Vec<String>,
+        (i64, i64, Option<Vec<u64>>),
+        usize,
+        Reply<ChangePage>,
+    ),
     /// A catalog read for operators' tools (see `introspect`).
     Catalog(Box<dyn FnOnce(&Connection) + Send>),
 }
@@ -533,8 +539,13 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
             ReadJob::OutboxPending(tables, min_age, limit, reply) => {
                 let _ = reply.send(outbox_pending(&conn, tables.as_deref(), min_age, limit));
             }
-            ReadJob::Changes(tables, horizon, after, limit, reply) => {
-                let _ = reply.send(external::changes(&conn, &tables, horizon, after, limit));
+            ReadJob::Changes(tables, (after, upto, positions), limit, reply) => {
+                let range = ChangeRange {
+                    after,
+                    upto,
+                    positions: positions.as_deref(),
+                };
+                let _ = reply.send(external::changes(&conn, &tables, range, limit));
             }
             ReadJob::Ping(reply) => {
                 let r = conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err);
@@ -1008,12 +1019,16 @@ impl DbStore for SqliteStore {
     async fn external_changes(
         &self,
         tables: &[String],
-        horizon: u64,
-        after: i64,
+        range: ChangeRange<'_>,
         limit: usize,
     ) -> Result<ChangePage> {
         let (tx, rx) = oneshot::channel();
-        let job = ReadJob::Changes(tables.to_vec(), horizon, after, limit, tx);
+        let owned = (
+            range.after,
+            range.upto,
+            range.positions.map(<[u64]>::to_vec),
+        );
+        let job = ReadJob::Changes(tables.to_vec(), owned, limit, tx);
         self.read(job, rx).await
     }
 

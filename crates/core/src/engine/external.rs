@@ -15,15 +15,17 @@
 //!
 //! Record ids are drawn when a record is made, not when its transaction
 //! commits, so a follower that only remembered the highest id seen would
-//! skip a record whose transaction committed after a later one's. The
-//! adapter therefore gives each record a *position* and each page a
-//! *horizon*, read in one snapshot: every record not yet visible will have
-//! a position at or above the horizon (PostgreSQL: the writer's
-//! transaction id, and the snapshot's oldest transaction still running;
-//! SQLite, whose writers are serial: the id, and the next id). The follower
-//! asks from its last horizon and remembers the ids it already applied
-//! whose position is at or above it, so every record is applied once,
-//! however transactions interleave.
+//! skip a record whose transaction committed after a later one's. Each page
+//! therefore comes with the transactions still in flight in its snapshot
+//! ([`ChangePage::in_flight`](crate::backend::ChangePage::in_flight)): a
+//! record not visible yet with an id below one already read belongs to one
+//! of them, and any later transaction's records get higher ids. A pass
+//! reads the records of the transactions in flight during the last pass
+//! (below where it read to), then every record above; it remembers the ids
+//! it applied of transactions still in flight, so each record is applied
+//! once. A long transaction elsewhere (an idle `psql` session, a report)
+//! costs nothing: only the in-flight transactions' own records are read
+//! again. (SQLite's writers are serial: nothing is ever in flight.)
 //!
 //! # Waking up
 //!
@@ -35,7 +37,7 @@
 //! [`DbStore::track_external`]: crate::backend::DbStore::track_external
 //! [`DbStore::external_doorbell`]: crate::backend::DbStore::external_doorbell
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -45,7 +47,7 @@ use super::stats::Counters;
 use super::table::TableState;
 use super::write::Repair;
 use crate::codec;
-use crate::db::ExternalChange;
+use crate::db::{ChangeRange, ExternalChange};
 use crate::error::{Error, ErrorKind, Result};
 use crate::value::Key;
 
@@ -66,19 +68,22 @@ pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
     if inner.follower.lock().is_some() {
         return Ok(());
     }
-    let horizon = if inner.caps.in_process {
-        inner
-            .db()
-            .external_changes(&[], u64::MAX, i64::MAX, 1)
-            .await?
-            .horizon
+    let (after, pending) = if inner.caps.in_process {
+        let range = ChangeRange {
+            after: i64::MAX,
+            upto: i64::MAX,
+            positions: None,
+        };
+        let now = inner.db().external_changes(&[], range, 1).await?;
+        (now.max_id, now.in_flight)
     } else {
-        0
+        (0, Vec::new())
     };
     let mut slot = inner.follower.lock();
     if slot.is_none() {
         let f = Follower {
-            horizon,
+            after,
+            pending,
             seen: HashMap::new(),
             last_prune: None,
         };
@@ -90,9 +95,12 @@ pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
 
 /// Where a follower stands.
 struct Follower {
-    /// Positions below this are all applied.
-    horizon: u64,
-    /// Ids applied whose position is at or above the horizon.
+    /// Every change with an id up to this is applied, but for those of
+    /// the `pending` transactions.
+    after: i64,
+    /// Transactions in flight during the last pass.
+    pending: Vec<u64>,
+    /// Ids applied of the `pending` transactions.
     seen: HashMap<i64, u64>,
     last_prune: Option<Instant>,
 }
@@ -136,38 +144,67 @@ impl Inner {
         if tables.is_empty() {
             return Ok(0);
         }
-        let mut after = 0;
-        let mut next_horizon = None;
         let mut repaired = 0;
-        loop {
-            let page = self
-                .db()
-                .external_changes(&tables, f.horizon, after, PAGE)
-                .await?;
-            // The first page's horizon is the lowest of the pass: records
-            // that became visible between pages are at or above it.
-            next_horizon.get_or_insert(page.horizon);
-            let n = page.changes.len();
-            if let Some(last) = page.changes.last() {
-                after = last.id;
+        let mut in_flight: HashSet<u64> = HashSet::new();
+        // The changes of transactions that were in flight during the last
+        // pass, among the ids it read past: only those can have appeared
+        // below `f.after` since.
+        if !f.pending.is_empty() {
+            let pending = f.pending.clone();
+            let mut after = 0;
+            loop {
+                let range = ChangeRange {
+                    after,
+                    upto: f.after,
+                    positions: Some(&pending),
+                };
+                let page = self.db().external_changes(&tables, range, PAGE).await?;
+                in_flight.extend(&page.in_flight);
+                let n = page.changes.len();
+                after = page.changes.last().map_or(after, |c| c.id);
+                repaired += self.apply_fresh(f, page.changes).await?;
+                if n < PAGE {
+                    break;
+                }
             }
-            let fresh: Vec<ExternalChange> = page
-                .changes
-                .into_iter()
-                .filter(|c| !f.seen.contains_key(&c.id))
-                .collect();
-            repaired += self.apply_external(&fresh).await?;
-            f.seen.extend(fresh.iter().map(|c| (c.id, c.position)));
+        }
+        // Then everything above.
+        let mut after = f.after;
+        loop {
+            let range = ChangeRange {
+                after,
+                upto: i64::MAX,
+                positions: None,
+            };
+            let page = self.db().external_changes(&tables, range, PAGE).await?;
+            in_flight.extend(&page.in_flight);
+            let n = page.changes.len();
+            after = page.changes.last().map_or(after, |c| c.id);
+            repaired += self.apply_fresh(f, page.changes).await?;
             if n < PAGE {
                 break;
             }
         }
-        if let Some(h) = next_horizon {
-            f.horizon = f.horizon.max(h);
-            let horizon = f.horizon;
-            f.seen.retain(|_, p| *p >= horizon);
-        }
+        // A change read in this pass whose transaction was in flight at an
+        // earlier page's snapshot is read again by the next pass: remember
+        // those, and only those.
+        f.after = after;
+        f.seen.retain(|_, p| in_flight.contains(p));
+        f.pending = in_flight.into_iter().collect();
+        f.pending.sort_unstable();
         Ok(repaired)
+    }
+
+    /// Applies the changes of a page not applied yet, and remembers them.
+    async fn apply_fresh(&self, f: &mut Follower, changes: Vec<ExternalChange>) -> Result<usize> {
+        Counters::add(&self.stats.external_read, changes.len() as u64);
+        let fresh: Vec<ExternalChange> = changes
+            .into_iter()
+            .filter(|c| !f.seen.contains_key(&c.id))
+            .collect();
+        let n = self.apply_external(&fresh).await?;
+        f.seen.extend(fresh.iter().map(|c| (c.id, c.position)));
+        Ok(n)
     }
 
     /// Applies one page of changes: whole-table changes raise their

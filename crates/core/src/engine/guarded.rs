@@ -17,7 +17,9 @@ use super::Inner;
 use super::metrics::{CacheCall, DbCall};
 use super::stats::Counters;
 use crate::cache::{CacheItem, DecodedSlot, Fence};
-use crate::db::{ChangePage, OutboxEntry, Transaction, TxOptions, Write, WriteOutcome};
+use crate::db::{
+    ChangePage, ChangeRange, OutboxEntry, Transaction, TxOptions, Write, WriteOutcome,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::schema::Table;
 use crate::value::{Key, VersionedRow};
@@ -247,15 +249,12 @@ impl GuardedDb<'_> {
     pub(crate) async fn external_changes(
         self,
         tables: &[String],
-        horizon: u64,
-        after: i64,
+        range: ChangeRange<'_>,
         limit: usize,
     ) -> Result<ChangePage> {
         self.call(
             DbCall::ExternalChanges,
-            self.0
-                .db_store
-                .external_changes(tables, horizon, after, limit),
+            self.0.db_store.external_changes(tables, range, limit),
         )
         .await
     }

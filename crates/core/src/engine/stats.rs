@@ -48,6 +48,10 @@ counters! {
     /// Writes made outside the engine (recorded by the triggers of tables
     /// that track them) whose keys this engine repaired in its cache.
     external_repaired,
+    /// Recorded external changes this engine's follower read (each is
+    /// read once, or twice when its transaction was in flight as a pass
+    /// read past it).
+    external_read,
     /// Whole-table external changes (`TRUNCATE`) this engine applied.
     external_truncates,
     /// Entries read as misses because they predate a whole-table external

@@ -776,14 +776,70 @@ async fn a_long_open_transaction_does_not_make_the_follower_reread_the_log() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let read_before = engines[0].stats().external_read;
     for k in 1..=WRITES {
-        external(&db, &format!("UPDATE \"{table}\" SET qty = 1 WHERE id = {k}")).await;
+        external(
+            &db,
+            &format!("UPDATE \"{table}\" SET qty = 1 WHERE id = {k}"),
+        )
+        .await;
         assert!(seen_by_all(&hs, k, Some(1), bound()).await.is_some());
     }
     let read = engines[0].stats().external_read - read_before;
-    println!("{WRITES} external writes under a transaction held open: {read} records read by the follower");
+    println!(
+        "{WRITES} external writes under a transaction held open: {read} records read by the follower"
+    );
     assert!(
         read <= 2 * WRITES as u64,
         "the follower read {read} records for {WRITES} changes"
     );
     drop(held);
+}
+
+/// Record ids are drawn before commit: an external transaction that drew
+/// the lower id and commits after a later one must still be applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_committed_after_a_later_one_is_not_skipped() {
+    use tokio::io::AsyncWriteExt;
+    let pg = postgres().await;
+    let db = Db::Postgres(pg.url());
+    let r = redis().await;
+    for shared in [true, false] {
+        let (ns, table) = (unique("order"), unique("order"));
+        let engines = engines(&db, shared.then_some(&r), &ns).await;
+        let hs = register(&engines[..1], &table, true).await;
+        for k in 1..=2 {
+            let mut it = item(k, 1.0);
+            it.qty = 0;
+            hs[0].put(&it).await.unwrap();
+            assert!(seen_by_all(&hs, k, Some(0), bound()).await.is_some());
+        }
+        let mut first = tokio::process::Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &pg.url()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("psql runs");
+        let stdin = first.stdin.as_mut().unwrap();
+        stdin
+            .write_all(format!("BEGIN; UPDATE \"{table}\" SET qty = 5 WHERE id = 1;\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The later record commits first, and the follower reads past it.
+        external(&db, &format!("UPDATE \"{table}\" SET qty = 6 WHERE id = 2")).await;
+        assert!(seen_by_all(&hs, 2, Some(6), bound()).await.is_some());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stdin = first.stdin.as_mut().unwrap();
+        stdin.write_all(b"COMMIT;\n\\q\n").await.unwrap();
+        stdin.flush().await.unwrap();
+        assert!(first.wait().await.unwrap().success());
+        let d = seen_by_all(&hs, 1, Some(5), bound())
+            .await
+            .expect("the change of the transaction that committed last is applied");
+        println!(
+            "{}: a change committed after a later one applied {d:.1?} after its commit",
+            if shared { "redis+postgres" } else { "moka+postgres" }
+        );
+    }
 }

@@ -179,6 +179,64 @@ pub struct ChangePage {
     pub max_id: i64,
 }
 
+/// The followers an adapter's doorbell rings (see
+/// [`DbStore::external_doorbell`]): each subscriber gets its own
+/// [`tokio::sync::Notify`], so that several engines on one store are all
+/// woken. Cloning shares the list.
+#[derive(Clone, Default)]
+pub struct Bells(Arc<parking_lot::Mutex<Vec<std::sync::Weak<tokio::sync::Notify>>>>);
+
+/// A [`Bells`] that does not keep the list alive: what a doorbell's
+/// background task holds, so that it ends with its store.
+#[derive(Clone)]
+pub struct WeakBells(
+    std::sync::Weak<parking_lot::Mutex<Vec<std::sync::Weak<tokio::sync::Notify>>>>,
+);
+
+impl Bells {
+    /// A new subscriber.
+    pub fn subscribe(&self) -> Arc<tokio::sync::Notify> {
+        let n = Arc::new(tokio::sync::Notify::new());
+        self.0.lock().push(Arc::downgrade(&n));
+        n
+    }
+
+    /// Rings every live subscriber (a ring while one is busy is kept for
+    /// its next wait), forgetting those gone.
+    pub fn ring(&self) {
+        self.0.lock().retain(|w| match w.upgrade() {
+            Some(n) => {
+                n.notify_one();
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// The weak handle.
+    pub fn downgrade(&self) -> WeakBells {
+        WeakBells(Arc::downgrade(&self.0))
+    }
+}
+
+impl WeakBells {
+    /// Rings every subscriber; false once the store is gone.
+    pub fn ring(&self) -> bool {
+        match self.0.upgrade() {
+            Some(list) => {
+                Bells(list).ring();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the store is still there.
+    pub fn alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
 /// What a database backend can hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -52,9 +52,9 @@ pub mod backend {
     pub use crate::cache::{CacheCapabilities, CacheItem, CacheStore, DecodedSlot, Fence, KeyRule};
     pub use crate::codec;
     pub use crate::db::{
-        CHANGES_TABLE, ChangePage, ChangeRange, DbCapabilities, DbStore, ExternalChange,
-        OUTBOX_TABLE, OutboxEntry, OutboxSummary, Transaction, TxOptions, VERSION_COLUMN, Write,
-        WriteOp, WriteOutcome,
+        Bells, CHANGES_TABLE, ChangePage, ChangeRange, DbCapabilities, DbStore, ExternalChange,
+        OUTBOX_TABLE, OutboxEntry, OutboxSummary, Transaction, TxOptions, VERSION_COLUMN,
+        WeakBells, Write, WriteOp, WriteOutcome,
     };
     /// Re-exported so adapters implement the traits with the same macro version.
     pub use async_trait::async_trait;

@@ -51,10 +51,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row as _};
 use writethrough_core::backend::{
-    CHANGES_TABLE, ChangePage, ChangeRange, ExternalChange, VERSION_COLUMN,
+    Bells, CHANGES_TABLE, ChangePage, ChangeRange, ExternalChange, VERSION_COLUMN, WeakBells,
 };
 use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table};
 
@@ -67,8 +67,9 @@ pub(crate) const ENGINE_SETTING: &str = "writethrough.engine";
 pub(crate) const CHANNEL: &str = "_wt_changes";
 /// The row trigger's function and name.
 const ROW_FN: &str = "_wt_external_row";
-/// What the row trigger calls for an external write.
-const RECORD_FN: &str = "_wt_record_change";
+/// The triggers' format, passed as their last argument: a trigger of the
+/// engine's with other arguments (an older format) is replaced.
+const FORMAT: &str = "wt2";
 const ROW_TRIGGER: &str = "_wt_external";
 /// The `TRUNCATE` trigger's function and name.
 const TRUNCATE_FN: &str = "_wt_external_truncate";
@@ -81,11 +82,16 @@ const FLOORS_TABLE: &str = "_wt_floors";
 ///
 /// The row trigger's `WHEN` settles the engine's own writes with one
 /// setting read, without calling the function at all (the executor
-/// evaluates it); the function runs with the writer's rights and only an
-/// external write calls the
-/// recording function, which is `SECURITY DEFINER` with the installer's
-/// `search_path` (the function `SET` clause costs every call it is on, so
-/// it is kept off the engine's path).
+/// evaluates it), unless they come from a trigger or a foreign key's
+/// cascade (`pg_trigger_depth() > 0`): those are side effects the engine
+/// does not know of, and are recorded. The functions are `SECURITY
+/// DEFINER` (external writers need no rights on the engine's objects) with
+/// `search_path` set to the installing schema and then `pg_temp`, so that
+/// no temporary object can stand in for the engine's; trigger functions
+/// cannot be called directly. Each takes a transaction id first
+/// (`pg_current_xact_id()`), before it draws a record id, so that a
+/// follower's snapshot never sees the record's id drawn by a transaction
+/// it cannot name as in flight.
 pub(crate) fn objects_sql(schema: &str) -> String {
     format!(
         "CREATE SEQUENCE IF NOT EXISTS \"{SEQ}\"; \
@@ -95,42 +101,40 @@ pub(crate) fn objects_sql(schema: &str) -> String {
              key TEXT, \
              version BIGINT NOT NULL, \
              xid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
-             created_at TIMESTAMPTZ NOT NULL DEFAULT now()); \
+             created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()); \
          CREATE INDEX IF NOT EXISTS \"{CHANGES_TABLE}_xid\" ON \"{CHANGES_TABLE}\" (xid); \
+         CREATE INDEX IF NOT EXISTS \"{CHANGES_TABLE}_created\" ON \"{CHANGES_TABLE}\" (created_at); \
          CREATE TABLE IF NOT EXISTS \"{FLOORS_TABLE}\" (\
              tbl TEXT PRIMARY KEY, version BIGINT NOT NULL); \
-         CREATE OR REPLACE FUNCTION \"{RECORD_FN}\"(p_tbl text, p_kind text, p_key text) RETURNS bigint \
-           LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $wt$ \
-         DECLARE v bigint; \
+         DROP FUNCTION IF EXISTS \"_wt_record_change\"(text, text, text); \
+         CREATE OR REPLACE FUNCTION \"{ROW_FN}\"() RETURNS trigger \
+           LANGUAGE plpgsql SECURITY DEFINER SET search_path = {schema}, pg_temp AS $wt$ \
+         DECLARE k text; ok text; v bigint; \
          BEGIN \
-           PERFORM {lock}; \
-           v := nextval('\"{SEQ}\"'); \
-           INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) VALUES (p_tbl, p_kind || ':' || p_key, v); \
-           PERFORM pg_notify('{CHANNEL}', p_tbl); \
-           RETURN v; \
-         END $wt$; \
-         CREATE OR REPLACE FUNCTION \"{ROW_FN}\"() RETURNS trigger LANGUAGE plpgsql AS $wt$ \
-         DECLARE k text; ok text; \
-         BEGIN \
-           IF current_setting('{ENGINE_SETTING}', true) = 'on' THEN \
-             IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; \
-             RETURN NEW; \
-           END IF; \
+           PERFORM pg_current_xact_id(); \
            IF TG_OP <> 'INSERT' THEN ok := to_jsonb(OLD) ->> TG_ARGV[0]; END IF; \
            IF TG_OP <> 'DELETE' THEN k := to_jsonb(NEW) ->> TG_ARGV[0]; END IF; \
            IF ok IS NOT NULL AND ok IS DISTINCT FROM k THEN \
-             PERFORM {schema}.\"{RECORD_FN}\"(TG_TABLE_NAME, TG_ARGV[1], ok); \
+             PERFORM {lock_old}; \
+             INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) \
+               VALUES (TG_TABLE_NAME, TG_ARGV[1] || ':' || ok, nextval('\"{SEQ}\"')); \
            END IF; \
            IF k IS NOT NULL THEN \
-             NEW.\"{VERSION_COLUMN}\" := {schema}.\"{RECORD_FN}\"(TG_TABLE_NAME, TG_ARGV[1], k); \
+             PERFORM {lock_new}; \
+             v := nextval('\"{SEQ}\"'); \
+             INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) \
+               VALUES (TG_TABLE_NAME, TG_ARGV[1] || ':' || k, v); \
+             NEW.\"{VERSION_COLUMN}\" := v; \
            END IF; \
+           PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME); \
            IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; \
            RETURN NEW; \
          END $wt$; \
          CREATE OR REPLACE FUNCTION \"{TRUNCATE_FN}\"() RETURNS trigger \
-           LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $wt$ \
+           LANGUAGE plpgsql SECURITY DEFINER SET search_path = {schema}, pg_temp AS $wt$ \
          DECLARE v bigint; \
          BEGIN \
+           PERFORM pg_current_xact_id(); \
            v := nextval('\"{SEQ}\"'); \
            INSERT INTO \"{CHANGES_TABLE}\" (tbl, key, version) VALUES (TG_TABLE_NAME, NULL, v); \
            INSERT INTO \"{FLOORS_TABLE}\" (tbl, version) VALUES (TG_TABLE_NAME, v) \
@@ -138,7 +142,8 @@ pub(crate) fn objects_sql(schema: &str) -> String {
            PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME); \
            RETURN NULL; \
          END $wt$;",
-        lock = key_lock("p_tbl", "p_key"),
+        lock_old = key_lock("TG_TABLE_NAME", "ok"),
+        lock_new = key_lock("TG_TABLE_NAME", "k"),
     )
 }
 
@@ -153,7 +158,9 @@ fn key_lock(table: &str, key: &str) -> String {
 }
 
 /// The two triggers of `t`, as `CREATE TRIGGER` statements.
-fn triggers_sql(t: &Table) -> [(&'static str, &'static str, String); 2] {
+/// Each: name, function, arguments (as `pg_trigger.tgargs` stores them),
+/// `CREATE TRIGGER`.
+fn triggers_sql(t: &Table) -> [(&'static str, &'static str, Vec<u8>, String); 2] {
     let name = t.name().quoted();
     let key = t.key_column();
     let kind = match key.ty {
@@ -164,10 +171,12 @@ fn triggers_sql(t: &Table) -> [(&'static str, &'static str, String); 2] {
         (
             ROW_TRIGGER,
             ROW_FN,
+            format!("{}\0{kind}\0{FORMAT}\0", key.name.as_str()).into_bytes(),
             format!(
                 "CREATE TRIGGER \"{ROW_TRIGGER}\" BEFORE INSERT OR UPDATE OR DELETE ON {name} \
-                 FOR EACH ROW WHEN (current_setting('{ENGINE_SETTING}', true) IS DISTINCT FROM 'on') \
-                 EXECUTE FUNCTION \"{ROW_FN}\"('{}', '{kind}')",
+                 FOR EACH ROW WHEN (current_setting('{ENGINE_SETTING}', true) IS DISTINCT FROM 'on' \
+                                    OR pg_trigger_depth() > 0) \
+                 EXECUTE FUNCTION \"{ROW_FN}\"('{}', '{kind}', '{FORMAT}')",
                 // A checked identifier: ASCII letters, digits and '_' only.
                 key.name.as_str()
             ),
@@ -175,9 +184,10 @@ fn triggers_sql(t: &Table) -> [(&'static str, &'static str, String); 2] {
         (
             TRUNCATE_TRIGGER,
             TRUNCATE_FN,
+            format!("{FORMAT}\0").into_bytes(),
             format!(
                 "CREATE TRIGGER \"{TRUNCATE_TRIGGER}\" BEFORE TRUNCATE ON {name} \
-                 FOR EACH STATEMENT EXECUTE FUNCTION \"{TRUNCATE_FN}\"()"
+                 FOR EACH STATEMENT EXECUTE FUNCTION \"{TRUNCATE_FN}\"('{FORMAT}')"
             ),
         ),
     ]
@@ -196,9 +206,9 @@ pub(crate) async fn install(tx: &mut sqlx::PgConnection, t: &Table, oid: i64) ->
         .execute(&mut *tx)
         .await
         .map_err(e)?;
-    for (trigger, function, create) in triggers_sql(t) {
-        let existing: Option<String> = sqlx::query_scalar(
-            "SELECT p.proname::text FROM pg_trigger g JOIN pg_proc p ON p.oid = g.tgfoid \
+    for (trigger, function, args, create) in triggers_sql(t) {
+        let existing: Option<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT p.proname::text, g.tgargs FROM pg_trigger g JOIN pg_proc p ON p.oid = g.tgfoid \
              WHERE g.tgrelid = $1::oid AND g.tgname = $2 AND NOT g.tgisinternal",
         )
         .bind(oid)
@@ -207,8 +217,18 @@ pub(crate) async fn install(tx: &mut sqlx::PgConnection, t: &Table, oid: i64) ->
         .await
         .map_err(e)?;
         match existing {
-            Some(f) if f == function => {}
-            Some(other) => {
+            Some((f, a)) if f == function && a == args => {}
+            Some((f, _)) if f == function => {
+                // The engine's, of an older format: replaced.
+                sqlx::raw_sql(AssertSqlSafe(format!(
+                    "DROP TRIGGER \"{trigger}\" ON {}; {create}",
+                    t.name().quoted()
+                )))
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
+            }
+            Some((other, _)) => {
                 return Err(Error::new(
                     ErrorKind::SchemaMismatch,
                     format!(
@@ -281,10 +301,19 @@ pub(crate) async fn changes(
             continue;
         };
         let key: Option<String> = r.try_get(4).map_err(e)?;
+        // A record no key decodes from (written by hand into the table)
+        // is skipped, not allowed to stop the follower.
+        let key = match key.as_deref().map(Key::decode).transpose() {
+            Ok(k) => k,
+            Err(err) => {
+                tracing::warn!(id, error = %err, "skipping an unreadable external change record");
+                continue;
+            }
+        };
         page.changes.push(ExternalChange {
             id,
             table: r.try_get(3).map_err(e)?,
-            key: key.as_deref().map(Key::decode).transpose()?,
+            key,
             version: sql::version(r.try_get(5).map_err(e)?),
             position: sql::version(r.try_get(6).map_err(e)?),
         });
@@ -304,18 +333,20 @@ pub(crate) async fn prune(pool: &sqlx::PgPool, age: Duration) -> Result<u64> {
     Ok(done.rows_affected())
 }
 
-/// Listens on the doorbell's channel for as long as `bell` has other
-/// owners, ringing it on every notification and after every reconnect.
-pub(crate) async fn listen(pool: sqlx::PgPool, bell: std::sync::Weak<tokio::sync::Notify>) {
-    loop {
+/// Listens on the doorbell's channel on its own connection (not one of
+/// the pool's) for as long as the store lives, ringing every follower on
+/// every notification and after every reconnect.
+pub(crate) async fn listen(options: PgConnectOptions, bells: WeakBells) {
+    // A pool of one that is never shared: PgListener reconnects through it.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options);
+    while bells.alive() {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
             Err(err) => {
                 tracing::debug!(error = %err, "LISTEN connection failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                if bell.strong_count() == 0 {
-                    return;
-                }
                 continue;
             }
         };
@@ -325,48 +356,47 @@ pub(crate) async fn listen(pool: sqlx::PgPool, bell: std::sync::Weak<tokio::sync
             continue;
         }
         // Whatever was sent before this LISTEN is lost: look now.
-        match bell.upgrade() {
-            Some(b) => b.notify_one(),
-            None => return,
+        if !bells.ring() {
+            return;
         }
         loop {
             // `try_recv` answers `None` when the connection dropped (the
             // next call reconnects): notifications sent meanwhile are lost.
             let got = tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
-            let Some(b) = bell.upgrade() else { return };
-            match got {
-                Err(_) => {}
-                Ok(Ok(_)) => b.notify_one(),
+            let alive = match got {
+                Err(_) => bells.alive(),
+                Ok(Ok(_)) => bells.ring(),
                 Ok(Err(err)) => {
                     tracing::debug!(error = %err, "LISTEN connection lost; reconnecting");
-                    b.notify_one();
+                    bells.ring();
                     break;
                 }
+            };
+            if !alive {
+                return;
             }
         }
     }
 }
 
-/// The doorbell of a store: created on first use, with its listener task.
+/// The doorbell of a store: its listener starts with the first tracked
+/// table; every follower subscribes.
 #[derive(Default)]
 pub(crate) struct Doorbell {
-    bell: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
+    bells: Bells,
+    started: std::sync::OnceLock<()>,
 }
 
 impl Doorbell {
-    /// The bell, starting the listener if it is not running.
-    pub(crate) fn start(&self, pool: &sqlx::PgPool) -> Arc<tokio::sync::Notify> {
-        self.bell
-            .get_or_init(|| {
-                let bell = Arc::new(tokio::sync::Notify::new());
-                tokio::spawn(listen(pool.clone(), Arc::downgrade(&bell)));
-                bell
-            })
-            .clone()
+    /// Starts the listener if it is not running.
+    pub(crate) fn start(&self, options: PgConnectOptions) {
+        self.started.get_or_init(|| {
+            tokio::spawn(listen(options, self.bells.downgrade()));
+        });
     }
 
-    /// The bell if the listener runs.
-    pub(crate) fn get(&self) -> Option<Arc<tokio::sync::Notify>> {
-        self.bell.get().cloned()
+    /// A new follower's bell, once the listener runs.
+    pub(crate) fn subscribe(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.started.get().map(|()| self.bells.subscribe())
     }
 }

@@ -678,7 +678,9 @@ impl DbStore for PostgresStore {
         tx.commit()
             .await
             .map_err(|err| map_err(err, Phase::Commit).with_operation("db.track_external"))?;
-        self.shared.doorbell.start(&self.shared.pool);
+        self.shared
+            .doorbell
+            .start(self.shared.config.session_options());
         Ok(floor)
     }
 
@@ -696,7 +698,7 @@ impl DbStore for PostgresStore {
     }
 
     fn external_doorbell(&self) -> Option<Arc<tokio::sync::Notify>> {
-        self.shared.doorbell.get()
+        self.shared.doorbell.subscribe()
     }
 
     async fn outbox_remove(&self, ids: Vec<i64>) -> Result<()> {

@@ -20,12 +20,12 @@
 //! trigger for every row (the truncate optimisation is off for tables with
 //! triggers).
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension};
 use writethrough_core::backend::{
-    CHANGES_TABLE, ChangePage, ChangeRange, ExternalChange, VERSION_COLUMN,
+    Bells, CHANGES_TABLE, ChangePage, ChangeRange, ExternalChange, VERSION_COLUMN, WeakBells,
 };
 use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table};
 
@@ -215,10 +215,20 @@ pub(crate) fn changes(
         let (Some(id), Some(table), Some(version), true) = (id, table, version, wanted) else {
             continue;
         };
+        // A key that does not decode (an external write of a text into
+        // an INT key column, which SQLite allows) is skipped, not allowed
+        // to stop the follower.
+        let key = match key.as_deref().map(Key::decode).transpose() {
+            Ok(k) => k,
+            Err(err) => {
+                tracing::warn!(id, error = %err, "skipping an unreadable external change record");
+                continue;
+            }
+        };
         page.changes.push(ExternalChange {
             id,
             table,
-            key: key.as_deref().map(Key::decode).transpose()?,
+            key,
             version: version.max(0) as u64,
             position: 0,
         });
@@ -256,51 +266,52 @@ pub(crate) fn prune(conn: &Connection, age: Duration) -> Result<u64> {
 const POLL: Duration = Duration::from_millis(10);
 
 /// Polls `PRAGMA data_version` on its own connection (which changes when
-/// another connection commits) and rings `bell` on a change, for as long
-/// as the bell has other owners.
-pub(crate) fn poll_data_version(conn: Connection, bell: Weak<tokio::sync::Notify>) {
+/// another connection commits) and rings every follower on a change, for
+/// as long as the store lives.
+pub(crate) fn poll_data_version(conn: Connection, bells: WeakBells) {
     let read = |c: &Connection| c.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0));
     let mut last = read(&conn).ok();
-    loop {
+    while bells.alive() {
         std::thread::sleep(POLL);
-        let Some(b) = bell.upgrade() else { return };
         let now = read(&conn).ok();
         if now != last || now.is_none() {
-            b.notify_one();
+            bells.ring();
             last = now;
         }
     }
 }
 
-/// The store's doorbell, started with the first tracked table.
+/// The store's doorbell, started with the first tracked table; every
+/// follower subscribes.
 #[derive(Default)]
 pub(crate) struct Doorbell {
-    bell: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
+    bells: Bells,
+    started: std::sync::Mutex<bool>,
 }
 
 impl Doorbell {
     /// Starts the poller (on `open()`'s connection) unless it runs.
     pub(crate) fn start(&self, open: impl FnOnce() -> Result<Connection>) -> Result<()> {
-        if self.bell.get().is_some() {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        if *started {
             return Ok(());
         }
         let conn = open()?;
-        let bell = Arc::new(tokio::sync::Notify::new());
-        if self.bell.set(bell.clone()).is_ok() {
-            let weak = Arc::downgrade(&bell);
-            std::thread::Builder::new()
-                .name("wt-sqlite-doorbell".into())
-                .spawn(move || poll_data_version(conn, weak))
-                .map_err(|e| {
-                    Error::new(ErrorKind::Unavailable, "cannot start a SQLite thread")
-                        .with_source(e)
-                })?;
-        }
+        let weak = self.bells.downgrade();
+        std::thread::Builder::new()
+            .name("wt-sqlite-doorbell".into())
+            .spawn(move || poll_data_version(conn, weak))
+            .map_err(|e| {
+                Error::new(ErrorKind::Unavailable, "cannot start a SQLite thread").with_source(e)
+            })?;
+        *started = true;
         Ok(())
     }
 
-    pub(crate) fn get(&self) -> Option<Arc<tokio::sync::Notify>> {
-        self.bell.get().cloned()
+    /// A new follower's bell, once the poller runs.
+    pub(crate) fn subscribe(&self) -> Option<Arc<tokio::sync::Notify>> {
+        let started = *self.started.lock().unwrap_or_else(|p| p.into_inner());
+        started.then(|| self.bells.subscribe())
     }
 }
 

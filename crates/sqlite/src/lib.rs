@@ -1038,7 +1038,7 @@ impl DbStore for SqliteStore {
     }
 
     fn external_doorbell(&self) -> Option<Arc<tokio::sync::Notify>> {
-        self.shared.doorbell.get()
+        self.shared.doorbell.subscribe()
     }
     async fn describe_table(&self, name: &str) -> Result<Table> {
         let name = name.to_owned();

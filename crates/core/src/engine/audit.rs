@@ -180,6 +180,10 @@ impl Inner {
             // Of an earlier epoch: read as a miss, never served.
             return Verdict::Absent;
         }
+        if decoded.version().is_some_and(|v| v < st.floor()) {
+            // From before a whole-table external change: never served.
+            return Verdict::Absent;
+        }
         let Some(vr) = row else {
             return match decoded {
                 Decoded::Row { .. } => Verdict::Divergent(DivergenceKind::Extra),

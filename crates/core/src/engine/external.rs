@@ -46,6 +46,7 @@ use super::Inner;
 use super::stats::Counters;
 use super::table::TableState;
 use super::write::Repair;
+use crate::cache::CacheItem;
 use crate::codec;
 use crate::db::{ChangeRange, ExternalChange};
 use crate::error::{Error, ErrorKind, Result};
@@ -64,8 +65,26 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// read here, before the table serves its first read (a record made after
 /// that is applied; one made before concerns an entry this cache cannot
 /// hold).
-pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
+///
+/// A table registered while the follower runs already joins it from where
+/// it stands; on a shared cache its records kept from before are replayed
+/// once, by a task of their own.
+pub(crate) async fn start(inner: &Arc<Inner>, table: &str) -> Result<()> {
     if inner.follower.lock().is_some() {
+        if !inner.caps.in_process {
+            let (weak, table) = (Arc::downgrade(inner), table.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    match inner.catch_up(&table).await {
+                        Ok(_) => return,
+                        Err(e) => tracing::debug!(error = %e, table, "catching up; retrying"),
+                    }
+                    drop(inner);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
         return Ok(());
     }
     let (after, pending) = if inner.caps.in_process {
@@ -195,6 +214,27 @@ impl Inner {
         Ok(repaired)
     }
 
+    /// Applies every record kept of `table` (a table that joined a
+    /// running follower on a shared cache).
+    async fn catch_up(&self, table: &str) -> Result<usize> {
+        let tables = [table.to_owned()];
+        let (mut after, mut repaired) = (0, 0);
+        loop {
+            let range = ChangeRange {
+                after,
+                upto: i64::MAX,
+                positions: None,
+            };
+            let page = self.db().external_changes(&tables, range, PAGE).await?;
+            let n = page.changes.len();
+            after = page.changes.last().map_or(after, |c| c.id);
+            repaired += self.apply_external(&page.changes).await?;
+            if n < PAGE {
+                return Ok(repaired);
+            }
+        }
+    }
+
     /// Applies the changes of a page not applied yet, and remembers them.
     async fn apply_fresh(&self, f: &mut Follower, changes: Vec<ExternalChange>) -> Result<usize> {
         Counters::add(&self.stats.external_read, changes.len() as u64);
@@ -247,31 +287,64 @@ impl Inner {
     /// writes what the database holds, with the fence.
     async fn repair_keys(&self, st: &Arc<TableState>, keys: &[(Key, u64)]) -> Result<usize> {
         // Keys whose entry is already at the change's version or later
-        // need nothing: another engine on a shared cache repaired them,
-        // or a later write replaced them. (An absent entry is repaired all
-        // the same: the row or tombstone written now fences a late
-        // populate of the row from before the change.)
+        // need nothing: another engine on a shared cache repaired them, or
+        // a later write replaced them. A key with no entry needs no row
+        // either (nobody reads it from the cache), only a small
+        // invalidation at the change's version: it fences a late populate
+        // of the row from before the change, and the next read loads. The
+        // rest (older or unreadable entries, or a cache that did not
+        // answer) are re-read and rewritten.
         let cks: Vec<String> = keys.iter().map(|(k, _)| st.cache_key(k)).collect();
-        let entries = self.cache().get_many(&cks).await.unwrap_or_default();
-        let keys: Vec<(Key, u64)> = keys
-            .iter()
-            .enumerate()
-            .filter(|(i, (_, version))| {
-                entries
-                    .get(*i)
-                    .and_then(Option::as_ref)
-                    .and_then(|b| codec::entry_version(b))
-                    .is_none_or(|v| v < *version)
-            })
-            .map(|(_, k)| k.clone())
-            .collect();
+        let entries = self.cache().get_many(&cks).await.ok();
+        let (mut absent, mut stale) = (Vec::new(), Vec::new());
+        for (i, (key, version)) in keys.iter().enumerate() {
+            match entries.as_ref().map(|e| e.get(i).cloned().flatten()) {
+                Some(None) => absent.push((key.clone(), *version)),
+                Some(Some(b)) if codec::entry_version(&b).is_some_and(|v| v >= *version) => {}
+                _ => stale.push((key.clone(), *version)),
+            }
+        }
+        let mut repaired = 0;
+        if !absent.is_empty() && self.cfg.consistency.fence {
+            let epoch = self.epoch_for_write().await;
+            let markers: Vec<CacheItem> = absent
+                .iter()
+                .map(|(key, version)| CacheItem {
+                    key: st.cache_key(key),
+                    entry: codec::invalidation_at(*version, epoch),
+                    version: *version,
+                    ttl: Some(self.tombstone_ttl),
+                })
+                .collect();
+            if self.cache().set_many_if_newer(markers).await.is_err() {
+                for (key, version) in &absent {
+                    self.resync
+                        .mark(&st.cache_key(key), st, key.clone(), *version);
+                }
+            }
+            repaired += absent.len();
+        }
+        let keys = stale;
         if keys.is_empty() {
-            return Ok(0);
+            return Ok(repaired);
         }
         let epoch = self.epoch_for_write().await;
         let read_at = Instant::now();
         let only: Vec<Key> = keys.iter().map(|(k, _)| k.clone()).collect();
-        let rows = self.db().get_many(&st.table, &only).await?;
+        let rows = match self.db().get_many(&st.table, &only).await {
+            Ok(rows) => rows.into_iter().map(Ok).collect(),
+            Err(e) if e.is_temporary() => return Err(e),
+            // A row the engine cannot read (an external write that does
+            // not fit the schema): key by key, so that only the bad keys
+            // are left out, and those are invalidated below.
+            Err(_) => {
+                let mut one_by_one = Vec::with_capacity(only.len());
+                for k in &only {
+                    one_by_one.push(self.db().get(&st.table, k).await);
+                }
+                one_by_one
+            }
+        };
         if !self.timely(read_at) {
             return Err(Error::new(
                 ErrorKind::Timeout,
@@ -280,9 +353,24 @@ impl Inner {
         }
         let mut fenced = Vec::with_capacity(keys.len());
         let mut fenced_keys = Vec::with_capacity(keys.len());
-        for ((key, version), row) in keys.iter().zip(&rows) {
+        for ((key, version), row) in keys.iter().zip(rows) {
             let ck = st.cache_key(key);
-            match self.repair_plan(st, &ck, row.as_ref(), *version, epoch) {
+            let plan = match row {
+                Ok(row) => self.repair_plan(st, &ck, row.as_ref(), *version, epoch),
+                Err(e) if e.is_temporary() => return Err(e),
+                Err(e) => {
+                    // Unreadable: no entry may claim to know the row; the
+                    // next read goes to the database (and fails there).
+                    tracing::warn!(key = %ck, error = %e, "an externally written row does not read; invalidating it");
+                    Repair::Fenced(CacheItem {
+                        key: ck.clone(),
+                        entry: codec::invalidation_at(*version, epoch),
+                        version: *version,
+                        ttl: Some(self.tombstone_ttl),
+                    })
+                }
+            };
+            match plan {
                 Repair::Fenced(item) => {
                     fenced.push(item);
                     fenced_keys.push((ck, key, *version));
@@ -304,7 +392,7 @@ impl Inner {
                 self.resync.mark(&ck, st, key.clone(), version);
             }
         }
-        Ok(keys.len())
+        Ok(repaired + keys.len())
     }
 
     /// Removes recorded changes older than the retention, every minute.

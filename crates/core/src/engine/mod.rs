@@ -393,7 +393,7 @@ impl Engine {
             .write()
             .insert(st.table.name().as_str().to_owned(), st.clone());
         if opts.external {
-            external::start(&self.inner)
+            external::start(&self.inner, st.table.name().as_str())
                 .await
                 .map_err(|e| e.with_operation("register"))?;
         }
@@ -628,8 +628,8 @@ impl Engine {
     }
 
     /// Flushes (see [`Engine::flush`]) and stops the background work: no
-    /// more epoch checks, resyncs, breaker probes or outbox replays from
-    /// this engine. Call it last, when the program is done with the
+    /// more epoch checks, resyncs, breaker probes, outbox replays or
+    /// following of external writes from this engine. Call it last, when the program is done with the
     /// engine; reads and writes still work after it, but what a failed
     /// cache write leaves is then repaired only by other engines' outbox
     /// replays. Returns the flush's error, if any, after stopping.
@@ -646,6 +646,11 @@ impl Engine {
         }
         let task = self.inner.background.lock().take();
         if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        let follower = self.inner.follower.lock().take();
+        if let Some(task) = follower {
             task.abort();
             let _ = task.await;
         }

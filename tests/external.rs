@@ -839,7 +839,43 @@ async fn a_change_committed_after_a_later_one_is_not_skipped() {
             .expect("the change of the transaction that committed last is applied");
         println!(
             "{}: a change committed after a later one applied {d:.1?} after its commit",
-            if shared { "redis+postgres" } else { "moka+postgres" }
+            if shared {
+                "redis+postgres"
+            } else {
+                "moka+postgres"
+            }
         );
     }
+}
+
+/// An engine write that cascades into a tracked table (a foreign key's
+/// `ON DELETE CASCADE`) is a side effect the engine does not know of: the
+/// cascaded delete is recorded and repaired like an external one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cascade_from_an_engine_write_is_recorded() {
+    let pg = postgres().await;
+    let db = Db::Postgres(pg.url());
+    let (ns, parents, children) = (unique("casc"), unique("parents"), unique("children"));
+    let engines = engines(&db, None, &ns).await;
+    let ps = register(&engines[..1], &parents, false).await;
+    let cs = register(&engines[..1], &children, true).await;
+    ps[0].put(&item(1, 1.0)).await.unwrap();
+    let mut child = item(1, 1.0);
+    child.qty = 3;
+    cs[0].put(&child).await.unwrap();
+    external(
+        &db,
+        &format!(
+            "ALTER TABLE \"{children}\" ADD COLUMN parent BIGINT REFERENCES \"{parents}\" (id) ON DELETE CASCADE; \
+             UPDATE \"{children}\" SET parent = 1 WHERE id = 1"
+        ),
+    )
+    .await;
+    assert!(seen_by_all(&cs, 1, Some(3), bound()).await.is_some());
+    // The engine deletes the parent; PostgreSQL deletes the child.
+    assert!(ps[0].delete(1).await.unwrap());
+    let d = seen_by_all(&cs, 1, None, bound())
+        .await
+        .expect("the cascaded delete reaches the cache");
+    println!("moka+postgres: a cascade from an engine delete repaired after {d:.1?}");
 }

@@ -8,7 +8,9 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use writethrough::backend::{CacheStore, DbStore};
-use writethrough::{Consistency, Engine, Entity, Handle, Patch, Result, TableOptions};
+use writethrough::{
+    Consistency, Engine, Entity, Handle, MonitorConfig, Patch, Result, TableOptions,
+};
 
 use crate::Args;
 use crate::raw::{
@@ -129,6 +131,9 @@ struct World {
     fenced: Handle<Product>,
     /// A table that tracks writes made outside the engine (its triggers installed).
     tracked: Handle<Product>,
+    /// The strict table, read through an engine whose consistency monitor
+    /// re-checks 1 % of the hits.
+    monitored: Handle<Product>,
     strict_engine: Engine,
     raw_cache: Arc<dyn RawCache>,
     raw_db: Arc<dyn RawDb>,
@@ -252,6 +257,26 @@ impl World {
                                 rc.set(&raw_key(size, p.id), encode(&p)).await.unwrap();
                             })
                             .await
+                        }
+                    }),
+                    items_per_op: 1,
+                }
+            }
+            // Ours through the engine with the monitor on, "raw" the same
+            // hit through the engine without it: the monitor's cost.
+            "read_hit_monitored" => {
+                let monitored = self.monitored.clone();
+                Sides {
+                    ours: op(move |i| {
+                        let h = monitored.clone();
+                        async move {
+                            timed(async { assert!(h.get(key(i)).await.unwrap().is_some()) }).await
+                        }
+                    }),
+                    raw: op(move |i| {
+                        let h = h.clone();
+                        async move {
+                            timed(async { assert!(h.get(key(i)).await.unwrap().is_some()) }).await
                         }
                     }),
                     items_per_op: 1,
@@ -561,7 +586,7 @@ impl World {
     }
 }
 
-const ALL: [&str; 14] = [
+const ALL: [&str; 15] = [
     "read_hit",
     "read_hit_shared",
     "read_miss",
@@ -576,6 +601,7 @@ const ALL: [&str; 14] = [
     "warm",
     "write_tracked",
     "external",
+    "read_hit_monitored",
 ];
 
 /// The read hit of ours and of the raw driver on Redis and on Memcached,
@@ -795,6 +821,15 @@ async fn world(
     let fenced_h = fenced
         .register_in(table("wtfo")?, TableOptions::new())
         .await?;
+    // Same namespace and table as `strict`: the same entries, read through
+    // an engine with the monitor on.
+    let monitored_engine = Engine::builder_dyn(b.cache.clone(), b.db.clone())
+        .namespace(&strict.config().namespace)
+        .configure(|c| c.monitor = Some(MonitorConfig::sampling(0.01)))
+        .build()?;
+    let monitored_h = monitored_engine
+        .register_in(table("wt")?, TableOptions::new())
+        .await?;
     let tracked_h = strict
         .register_in(
             table("wtx")?,
@@ -809,6 +844,7 @@ async fn world(
         relaxed: relaxed_h,
         fenced: fenced_h,
         tracked: tracked_h,
+        monitored: monitored_h,
         strict_engine: strict.clone(),
         raw_cache: b.raw_cache.clone(),
         raw_db: b.raw_db.clone(),

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use super::Inner;
 use super::stats::Counters;
 use super::table::TableState;
-use super::write::Repair;
+use super::write::{EffectKind, Repair};
 use crate::cache::CacheItem;
 use crate::codec;
 use crate::db::{ChangeRange, ExternalChange};
@@ -163,47 +163,33 @@ impl Inner {
         if tables.is_empty() {
             return Ok(0);
         }
-        let mut repaired = 0;
         let mut in_flight: HashSet<u64> = HashSet::new();
+        let mut repaired = 0;
         // The changes of transactions that were in flight during the last
         // pass, among the ids it read past: only those can have appeared
         // below `f.after` since.
         if !f.pending.is_empty() {
             let pending = f.pending.clone();
-            let mut after = 0;
-            loop {
-                let range = ChangeRange {
-                    after,
-                    upto: f.after,
-                    positions: Some(&pending),
-                };
-                let page = self.db().external_changes(&tables, range, PAGE).await?;
-                in_flight.extend(&page.in_flight);
-                let n = page.changes.len();
-                after = page.changes.last().map_or(after, |c| c.id);
-                repaired += self.apply_fresh(f, page.changes).await?;
-                if n < PAGE {
-                    break;
-                }
-            }
+            let range = ChangeRange {
+                after: 0,
+                upto: f.after,
+                positions: Some(&pending),
+            };
+            repaired += self
+                .apply_range(&tables, range, Some(f), &mut in_flight)
+                .await?
+                .1;
         }
         // Then everything above.
-        let mut after = f.after;
-        loop {
-            let range = ChangeRange {
-                after,
-                upto: i64::MAX,
-                positions: None,
-            };
-            let page = self.db().external_changes(&tables, range, PAGE).await?;
-            in_flight.extend(&page.in_flight);
-            let n = page.changes.len();
-            after = page.changes.last().map_or(after, |c| c.id);
-            repaired += self.apply_fresh(f, page.changes).await?;
-            if n < PAGE {
-                break;
-            }
-        }
+        let range = ChangeRange {
+            after: f.after,
+            upto: i64::MAX,
+            positions: None,
+        };
+        let (after, n) = self
+            .apply_range(&tables, range, Some(f), &mut in_flight)
+            .await?;
+        repaired += n;
         // A change read in this pass whose transaction was in flight at an
         // earlier page's snapshot is read again by the next pass: remember
         // those, and only those.
@@ -217,20 +203,42 @@ impl Inner {
     /// Applies every record kept of `table` (a table that joined a
     /// running follower on a shared cache).
     async fn catch_up(&self, table: &str) -> Result<usize> {
+        let range = ChangeRange {
+            after: 0,
+            upto: i64::MAX,
+            positions: None,
+        };
         let tables = [table.to_owned()];
-        let (mut after, mut repaired) = (0, 0);
+        let (_, repaired) = self
+            .apply_range(&tables, range, None, &mut HashSet::new())
+            .await?;
+        Ok(repaired)
+    }
+
+    /// Reads the changes of `tables` in `range` page by page and applies
+    /// them: with a follower, those it has not applied yet (and remembers
+    /// them), without, all. Collects the pages' transactions in flight into
+    /// `in_flight`. Returns the last id read (`range.after` if none) and
+    /// the keys repaired.
+    async fn apply_range(
+        &self,
+        tables: &[String],
+        mut range: ChangeRange<'_>,
+        mut f: Option<&mut Follower>,
+        in_flight: &mut HashSet<u64>,
+    ) -> Result<(i64, usize)> {
+        let mut repaired = 0;
         loop {
-            let range = ChangeRange {
-                after,
-                upto: i64::MAX,
-                positions: None,
-            };
-            let page = self.db().external_changes(&tables, range, PAGE).await?;
+            let page = self.db().external_changes(tables, range, PAGE).await?;
+            in_flight.extend(&page.in_flight);
             let n = page.changes.len();
-            after = page.changes.last().map_or(after, |c| c.id);
-            repaired += self.apply_external(&page.changes).await?;
+            range.after = page.changes.last().map_or(range.after, |c| c.id);
+            repaired += match f.as_deref_mut() {
+                Some(f) => self.apply_fresh(f, page.changes).await?,
+                None => self.apply_external(&page.changes).await?,
+            };
             if n < PAGE {
-                return Ok(repaired);
+                return Ok((range.after, repaired));
             }
         }
     }
@@ -297,102 +305,85 @@ impl Inner {
         let cks: Vec<String> = keys.iter().map(|(k, _)| st.cache_key(k)).collect();
         let entries = self.cache().get_many(&cks).await.ok();
         let (mut absent, mut stale) = (Vec::new(), Vec::new());
-        for (i, (key, version)) in keys.iter().enumerate() {
+        for (i, (_, version)) in keys.iter().enumerate() {
             match entries.as_ref().map(|e| e.get(i).cloned().flatten()) {
-                Some(None) => absent.push((key.clone(), *version)),
+                Some(None) => absent.push(i),
                 Some(Some(b)) if codec::entry_version(&b).is_some_and(|v| v >= *version) => {}
-                _ => stale.push((key.clone(), *version)),
+                _ => stale.push(i),
             }
         }
-        let mut repaired = 0;
-        if !absent.is_empty() && self.cfg.consistency.fence {
-            let epoch = self.epoch_for_write().await;
-            let markers: Vec<CacheItem> = absent
-                .iter()
-                .map(|(key, version)| CacheItem {
-                    key: st.cache_key(key),
-                    entry: codec::invalidation_at(*version, epoch),
-                    version: *version,
-                    ttl: Some(self.tombstone_ttl),
-                })
-                .collect();
-            if self.cache().set_many_if_newer(markers).await.is_err() {
-                for (key, version) in &absent {
-                    self.resync
-                        .mark(&st.cache_key(key), st, key.clone(), *version);
-                }
-            }
-            repaired += absent.len();
+        if !self.cfg.consistency.fence {
+            // Nothing to fence a late populate with: absent keys need nothing.
+            absent.clear();
         }
-        let keys = stale;
-        if keys.is_empty() {
-            return Ok(repaired);
+        if absent.is_empty() && stale.is_empty() {
+            return Ok(0);
         }
         let epoch = self.epoch_for_write().await;
-        let read_at = Instant::now();
-        let only: Vec<Key> = keys.iter().map(|(k, _)| k.clone()).collect();
-        let rows = match self.db().get_many(&st.table, &only).await {
-            Ok(rows) => rows.into_iter().map(Ok).collect(),
-            Err(e) if e.is_temporary() => return Err(e),
-            // A row the engine cannot read (an external write that does
-            // not fit the schema): key by key, so that only the bad keys
-            // are left out, and those are invalidated below.
-            Err(_) => {
-                let mut one_by_one = Vec::with_capacity(only.len());
-                for k in &only {
-                    one_by_one.push(self.db().get(&st.table, k).await);
-                }
-                one_by_one
-            }
-        };
-        if !self.timely(read_at) {
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                "stalled past the write deadline between re-reading and repairing; the next pass reads again",
-            ));
-        }
-        let mut fenced = Vec::with_capacity(keys.len());
-        let mut fenced_keys = Vec::with_capacity(keys.len());
-        for ((key, version), row) in keys.iter().zip(rows) {
-            let ck = st.cache_key(key);
-            let plan = match row {
-                Ok(row) => self.repair_plan(st, &ck, row.as_ref(), *version, epoch),
+        // Every fenced write of the page goes out in one call: the
+        // invalidations of the absent keys and the rewrites of the rest.
+        let invalidation = |i: usize| self.item(&cks[i], keys[i].1, epoch, &EffectKind::Invalidate);
+        let mut fenced: Vec<CacheItem> = absent.iter().map(|&i| invalidation(i)).collect();
+        let mut fenced_keys = absent.clone();
+        if !stale.is_empty() {
+            let read_at = Instant::now();
+            let only: Vec<Key> = stale.iter().map(|&i| keys[i].0.clone()).collect();
+            let rows = match self.db().get_many(&st.table, &only).await {
+                Ok(rows) => rows.into_iter().map(Ok).collect(),
                 Err(e) if e.is_temporary() => return Err(e),
-                Err(e) => {
-                    // Unreadable: no entry may claim to know the row; the
-                    // next read goes to the database (and fails there).
-                    tracing::warn!(key = %ck, error = %e, "an externally written row does not read; invalidating it");
-                    Repair::Fenced(CacheItem {
-                        key: ck.clone(),
-                        entry: codec::invalidation_at(*version, epoch),
-                        version: *version,
-                        ttl: Some(self.tombstone_ttl),
-                    })
+                // A row the engine cannot read (an external write that does
+                // not fit the schema): key by key, so that only the bad keys
+                // are left out, and those are invalidated below.
+                Err(_) => {
+                    let mut one_by_one = Vec::with_capacity(only.len());
+                    for k in &only {
+                        one_by_one.push(self.db().get(&st.table, k).await);
+                    }
+                    one_by_one
                 }
             };
-            match plan {
-                Repair::Fenced(item) => {
-                    fenced.push(item);
-                    fenced_keys.push((ck, key, *version));
-                }
-                Repair::Plain(item) => {
-                    if self.cache().set(&ck, item.entry, item.ttl).await.is_err() {
-                        self.resync.mark(&ck, st, key.clone(), *version);
+            if !self.timely(read_at) {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    "stalled past the write deadline between re-reading and repairing; the next pass reads again",
+                ));
+            }
+            for (&i, row) in stale.iter().zip(rows) {
+                let (ck, (key, version)) = (&cks[i], &keys[i]);
+                let plan = match row {
+                    Ok(row) => self.repair_plan(st, ck, row.as_ref(), *version, epoch),
+                    Err(e) if e.is_temporary() => return Err(e),
+                    Err(e) => {
+                        // Unreadable: no entry may claim to know the row; the
+                        // next read goes to the database (and fails there).
+                        tracing::warn!(key = %ck, error = %e, "an externally written row does not read; invalidating it");
+                        Repair::Fenced(invalidation(i))
                     }
-                }
-                Repair::Remove => {
-                    if self.cache().delete(&ck).await.is_err() {
-                        self.resync.mark(&ck, st, key.clone(), *version);
+                };
+                match plan {
+                    Repair::Fenced(item) => {
+                        fenced.push(item);
+                        fenced_keys.push(i);
+                    }
+                    Repair::Plain(item) => {
+                        if self.cache().set(ck, item.entry, item.ttl).await.is_err() {
+                            self.resync.mark(ck, st, key.clone(), *version);
+                        }
+                    }
+                    Repair::Remove => {
+                        if self.cache().delete(ck).await.is_err() {
+                            self.resync.mark(ck, st, key.clone(), *version);
+                        }
                     }
                 }
             }
         }
         if !fenced.is_empty() && self.cache().set_many_if_newer(fenced).await.is_err() {
-            for (ck, key, version) in fenced_keys {
-                self.resync.mark(&ck, st, key.clone(), version);
+            for i in fenced_keys {
+                self.resync.mark(&cks[i], st, keys[i].0.clone(), keys[i].1);
             }
         }
-        Ok(repaired + keys.len())
+        Ok(absent.len() + stale.len())
     }
 
     /// Removes recorded changes older than the retention, every minute.

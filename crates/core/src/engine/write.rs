@@ -462,7 +462,13 @@ impl Inner {
         }
     }
 
-    fn item(&self, cache_key: &str, version: u64, epoch: u64, kind: &EffectKind) -> CacheItem {
+    pub(crate) fn item(
+        &self,
+        cache_key: &str,
+        version: u64,
+        epoch: u64,
+        kind: &EffectKind,
+    ) -> CacheItem {
         match kind {
             EffectKind::Put(entry, ttl) => CacheItem {
                 key: cache_key.to_owned(),

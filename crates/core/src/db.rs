@@ -151,6 +151,23 @@ pub struct ExternalChange {
     pub position: u64,
 }
 
+impl ExternalChange {
+    /// The key of a record from its stored text (`None` text: a
+    /// whole-table change), or `None` when no key decodes from it (written
+    /// by hand into the change table, or an external write of text into an
+    /// integer key column, which SQLite allows): such a record is logged
+    /// and skipped by the adapter, never allowed to stop a follower.
+    pub fn record_key(id: i64, text: Option<&str>) -> Option<Option<Key>> {
+        match text.map(Key::decode).transpose() {
+            Ok(key) => Some(key),
+            Err(err) => {
+                tracing::warn!(id, error = %err, "skipping an unreadable external change record");
+                None
+            }
+        }
+    }
+}
+
 /// Which recorded changes [`DbStore::external_changes`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChangeRange<'a> {

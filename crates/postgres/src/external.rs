@@ -56,7 +56,7 @@ use sqlx::{AssertSqlSafe, Row as _};
 use writethrough_core::backend::{
     Bells, CHANGES_TABLE, ChangePage, ChangeRange, ExternalChange, VERSION_COLUMN, WeakBells,
 };
-use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table};
+use writethrough_core::{ColumnType, Error, ErrorKind, Result, Table};
 
 use crate::error::{Phase, map_err};
 use crate::sql::{self, LOCK_CLASS, LOCK_SLOTS, SEQ};
@@ -301,14 +301,8 @@ pub(crate) async fn changes(
             continue;
         };
         let key: Option<String> = r.try_get(4).map_err(e)?;
-        // A record no key decodes from (written by hand into the table)
-        // is skipped, not allowed to stop the follower.
-        let key = match key.as_deref().map(Key::decode).transpose() {
-            Ok(k) => k,
-            Err(err) => {
-                tracing::warn!(id, error = %err, "skipping an unreadable external change record");
-                continue;
-            }
+        let Some(key) = ExternalChange::record_key(id, key.as_deref()) else {
+            continue;
         };
         page.changes.push(ExternalChange {
             id,

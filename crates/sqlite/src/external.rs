@@ -27,9 +27,9 @@ use rusqlite::{Connection, OptionalExtension};
 use writethrough_core::backend::{
     Bells, CHANGES_TABLE, ChangePage, ChangeRange, ExternalChange, VERSION_COLUMN, WeakBells,
 };
-use writethrough_core::{ColumnType, Error, ErrorKind, Key, Result, Table};
+use writethrough_core::{ColumnType, Error, ErrorKind, Result, Table};
 
-use crate::sql::{SEQ_TABLE, engine_tables_sql, map_err};
+use crate::sql::{SEQ_TABLE, engine_tables_sql, map_err, now_ms, table_exists};
 
 /// In every trigger the engine installs: an older version of the
 /// engine's trigger is replaced, anything else of the name refused.
@@ -215,15 +215,8 @@ pub(crate) fn changes(
         let (Some(id), Some(table), Some(version), true) = (id, table, version, wanted) else {
             continue;
         };
-        // A key that does not decode (an external write of a text into
-        // an INT key column, which SQLite allows) is skipped, not allowed
-        // to stop the follower.
-        let key = match key.as_deref().map(Key::decode).transpose() {
-            Ok(k) => k,
-            Err(err) => {
-                tracing::warn!(id, error = %err, "skipping an unreadable external change record");
-                continue;
-            }
+        let Some(key) = ExternalChange::record_key(id, key.as_deref()) else {
+            continue;
         };
         page.changes.push(ExternalChange {
             id,
@@ -238,25 +231,14 @@ pub(crate) fn changes(
 
 /// Removes records older than `age`.
 pub(crate) fn prune(conn: &Connection, age: Duration) -> Result<u64> {
-    let exists: bool = conn
-        .query_row(
-            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [CHANGES_TABLE],
-            |r| r.get(0),
-        )
-        .map_err(map_err)?;
-    if !exists {
+    if !table_exists(conn, CHANGES_TABLE)? {
         return Ok(0);
     }
-    let cutoff = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .saturating_sub(age)
-        .as_millis();
+    let cutoff = now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
     let n = conn
         .execute(
             &format!("DELETE FROM \"{CHANGES_TABLE}\" WHERE created_ms < ?1"),
-            [i64::try_from(cutoff).unwrap_or(i64::MAX)],
+            [cutoff],
         )
         .map_err(map_err)?;
     Ok(n as u64)
@@ -318,7 +300,7 @@ impl Doorbell {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use writethrough_core::ColumnType;
+    use writethrough_core::{ColumnType, Key};
 
     fn table() -> Table {
         Table::builder("things")

@@ -11,7 +11,7 @@ use rusqlite::Connection;
 use writethrough_core::backend::{OUTBOX_TABLE, OutboxSummary, VERSION_COLUMN};
 use writethrough_core::{ColumnType, Error, ErrorKind, Ident, Result, Table};
 
-use crate::sql::map_err;
+use crate::sql::{self, map_err};
 
 fn schema_err(msg: String) -> Error {
     Error::new(ErrorKind::SchemaMismatch, msg).with_backend("sqlite")
@@ -90,20 +90,10 @@ pub(crate) fn managed_tables(conn: &Connection) -> Result<Vec<String>> {
 }
 
 pub(crate) fn outbox_summary(conn: &Connection) -> Result<Vec<OutboxSummary>> {
-    let exists: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
-            [OUTBOX_TABLE],
-            |r| r.get(0),
-        )
-        .map_err(map_err)?;
-    if !exists {
+    if !sql::table_exists(conn, OUTBOX_TABLE)? {
         return Ok(Vec::new());
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
+    let now = sql::now_ms();
     let mut stmt = conn
         .prepare_cached(&format!(
             "SELECT tbl, count(*), min(created_ms) FROM \"{OUTBOX_TABLE}\" GROUP BY tbl ORDER BY tbl"

@@ -562,11 +562,7 @@ fn outbox_pending(
     min_age: Duration,
     limit: usize,
 ) -> Result<Vec<OutboxEntry>> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let cutoff = now - i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = sql::now_ms() - i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX);
     let mut stmt = conn
         .prepare_cached(&format!(
             "SELECT id, tbl, key, version FROM \"{OUTBOX_TABLE}\" WHERE created_ms <= ?1 \

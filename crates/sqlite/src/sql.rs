@@ -373,11 +373,23 @@ fn bump_versions(conn: &Connection, n: usize) -> Result<u64> {
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
-fn now_ms() -> i64 {
+/// The wall clock in Unix milliseconds, as the outbox and change tables
+/// store it.
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Whether the database has a table named `name`.
+pub(crate) fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+    .map_err(map_err)
 }
 
 /// Records the cache effects of `(key, version)` pairs of table `t` in the

@@ -91,9 +91,10 @@ impl Inner {
         let trusted = self.trusted_for(ck).await?;
         let (bytes, slot) = self.cache().get_slotted(ck).await.ok()??;
         let slot = slot?;
+        let floor = st.floor();
         if let Some((epoch, hit)) = slot.get::<R>()
             && epoch >= trusted
-            && (st.floor() == 0 || codec::entry_version(&bytes).is_some_and(|v| v >= st.floor()))
+            && (floor == 0 || codec::entry_version(&bytes).is_some_and(|v| v >= floor))
         {
             Counters::add(&self.stats.hits, 1);
             st.metrics.hits.increment(1);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use writethrough::backend::{CacheStore, DbStore};
 use writethrough::moka::MokaCache;
 use writethrough::sqlite::SqliteStore;
-use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
+use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisCluster, RedisServer};
 use writethrough_testkit::suite::Pair;
 
 /// Moka + SQLite (a fresh temporary database): no server needed.
@@ -30,6 +30,8 @@ pub struct Servers {
     pub postgres: PostgresServer,
     /// Memcached.
     pub memcached: MemcachedServer,
+    /// A Redis Cluster (3 primaries, 3 replicas).
+    pub redis_cluster: RedisCluster,
 }
 
 impl Servers {
@@ -44,10 +46,14 @@ impl Servers {
         let memcached = MemcachedServer::start()
             .await
             .unwrap_or_else(|e| panic!("cannot start memcached: {e}"));
+        let redis_cluster = RedisCluster::start()
+            .await
+            .unwrap_or_else(|e| panic!("cannot start a Redis Cluster: {e}"));
         Servers {
             redis,
             postgres,
             memcached,
+            redis_cluster,
         }
     }
 
@@ -87,6 +93,18 @@ impl Servers {
         )
     }
 
+    /// A cache on the shared Redis Cluster, with the same generous timeouts.
+    pub async fn redis_cluster(&self) -> Arc<dyn CacheStore> {
+        let cfg = writethrough::redis::RedisConfig::from_url(self.redis_cluster.url())
+            .expect("a cluster URL")
+            .with_response_timeout(SLOW_MACHINE);
+        Arc::new(
+            writethrough::redis::RedisCache::with_config(cfg)
+                .await
+                .unwrap_or_else(|e| panic!("connects to the testkit's cluster: {e}")),
+        )
+    }
+
     /// Every pair, cache × database.
     pub async fn pairs(&self) -> Vec<Pair> {
         vec![
@@ -96,6 +114,8 @@ impl Servers {
             Pair::new(self.redis().await, self.postgres().await),
             Pair::new(self.memcached().await, sqlite()),
             Pair::new(self.memcached().await, self.postgres().await),
+            Pair::new(self.redis_cluster().await, sqlite()),
+            Pair::new(self.redis_cluster().await, self.postgres().await),
         ]
     }
 }

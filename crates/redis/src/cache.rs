@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, Pipeline, ServerErrorKind, Value};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo, Slot,
+};
+use redis::{Cmd, Pipeline, RedisResult, ServerError, ServerErrorKind, Value};
 use writethrough_core::backend::{
     CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule, async_trait,
 };
 use writethrough_core::{Error, ErrorKind, Result};
 
-use crate::config::{MAX_KEY_LEN, RedisConfig};
+use crate::cluster::Cluster;
+use crate::config::{MAX_KEY_LEN, RedisConfig, Target};
 use crate::error::{BACKEND, map_err, unexpected};
 use crate::script;
 
@@ -48,9 +52,51 @@ const SCAN_COUNT: usize = 1000;
 /// ```
 #[derive(Clone)]
 pub struct RedisCache {
-    conn: ConnectionManager,
+    conn: Conn,
     max_value_len: usize,
     url: Arc<str>,
+}
+
+/// One server's self-reconnecting connection, or redis-rs's cluster
+/// connection (a multiplexed connection per node, routing each command by
+/// its key's slot and following `MOVED` and `ASK`).
+#[derive(Clone)]
+enum Conn {
+    Node(ConnectionManager),
+    Cluster(Arc<Cluster>),
+}
+
+impl Conn {
+    async fn req(&self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Conn::Node(c) => c.clone().req_packed_command(cmd).await,
+            Conn::Cluster(c) => {
+                let r = c.conn().req_packed_command(cmd).await;
+                c.observe(&r);
+                r
+            }
+        }
+    }
+
+    /// Sends `cmd` to the primary at `addr` (`host:port`), on a cluster.
+    async fn req_at(&self, cmd: &Cmd, addr: &str) -> RedisResult<Value> {
+        let Conn::Cluster(c) = self else {
+            return self.req(cmd).await;
+        };
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?)))
+            .ok_or_else(|| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "the cluster named a node without a port",
+                ))
+            })?;
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+        let r = c.conn().route_command(cmd.clone(), route).await;
+        c.observe(&r);
+        r
+    }
 }
 
 impl fmt::Debug for RedisCache {
@@ -76,11 +122,24 @@ impl RedisCache {
     /// Connects with `config`, waits for the connection, and loads the
     /// scripts.
     pub async fn with_config(config: RedisConfig) -> Result<Self> {
-        let client = config.validate()?;
-        let conn = ConnectionManager::new_with_config(client, manager_config(&config))
-            .await
-            .map_err(|e| map_err(e, "cache.connect"))?;
+        const OP: &str = "cache.connect";
+        let conn = match config.validate()? {
+            Target::Node(client) => Conn::Node(
+                ConnectionManager::new_with_config(client, manager_config(&config))
+                    .await
+                    .map_err(|e| map_err(e, OP))?,
+            ),
+            Target::Cluster(client) => {
+                let conn = crate::cluster::connect(&client, &config)
+                    .await
+                    .map_err(|e| e.with_operation(OP))?;
+                Conn::Cluster(Arc::new(Cluster::new(client, config.clone(), conn)))
+            }
+        };
         let cache = Self::from_parts(conn, &config);
+        if matches!(cache.conn, Conn::Cluster(_)) {
+            crate::cluster::check_topology(&cache, &config).await?;
+        }
         cache.load_scripts().await?;
         Ok(cache)
     }
@@ -88,14 +147,41 @@ impl RedisCache {
     /// Builds the cache without connecting: the first call connects. Use it
     /// when the application must start while Redis is down (the engine
     /// serves from the database meanwhile).
+    ///
+    /// On a cluster the seed nodes are asked for the topology in the
+    /// background; the topology checks of [`with_config`](Self::with_config)
+    /// are skipped.
     pub fn with_config_lazy(config: RedisConfig) -> Result<Self> {
-        let client = config.validate()?;
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config(&config))
-            .map_err(|e| map_err(e, "cache.connect"))?;
+        let conn = match config.validate()? {
+            Target::Node(client) => Conn::Node(
+                ConnectionManager::new_lazy_with_config(client, manager_config(&config))
+                    .map_err(|e| map_err(e, "cache.connect"))?,
+            ),
+            Target::Cluster(client) => {
+                let conn = client.get_pending_async_connection_with_config(
+                    crate::cluster::client_config(&config),
+                );
+                Conn::Cluster(Arc::new(Cluster::new(client, config.clone(), conn)))
+            }
+        };
         Ok(Self::from_parts(conn, &config))
     }
 
-    fn from_parts(conn: ConnectionManager, config: &RedisConfig) -> Self {
+    /// Whether this cache is on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// How many times the cluster connection, stuck failing, was replaced
+    /// by a new one made from the seeds (0 on a single server).
+    pub fn cluster_reconnects(&self) -> u64 {
+        match &self.conn {
+            Conn::Cluster(c) => c.rebuilds(),
+            Conn::Node(_) => 0,
+        }
+    }
+
+    fn from_parts(conn: Conn, config: &RedisConfig) -> Self {
         RedisCache {
             conn,
             max_value_len: config.max_value_len,
@@ -109,10 +195,11 @@ impl RedisCache {
     /// retries. Calling it after a known restart only saves that retry.
     pub async fn load_scripts(&self) -> Result<()> {
         const OP: &str = "cache.load_scripts";
-        let mut pipe = Pipeline::with_capacity(2);
-        pipe.add_command(script::load(script::FENCED_SET));
-        pipe.add_command(script::load(script::REPLACE_IF_UNCHANGED));
-        let replies = self.call_many(&pipe, OP).await?;
+        // One call per script: on a cluster `SCRIPT LOAD` goes to every node.
+        let mut replies = Vec::with_capacity(2);
+        for source in [script::FENCED_SET, script::REPLACE_IF_UNCHANGED] {
+            replies.push(self.call(&script::load(source), OP).await?);
+        }
         for (reply, s) in replies
             .into_iter()
             .zip([&*script::FENCE, &*script::REPLACE])
@@ -122,21 +209,89 @@ impl RedisCache {
         Ok(())
     }
 
-    async fn call(&self, cmd: &Cmd, op: &'static str) -> Result<Value> {
-        let mut conn = self.conn.clone();
-        match conn.req_packed_command(cmd).await {
+    pub(crate) async fn call(&self, cmd: &Cmd, op: &'static str) -> Result<Value> {
+        match self.conn.req(cmd).await {
             Ok(Value::ServerError(e)) => Err(map_err(e.into(), op)),
             Ok(v) => Ok(v),
             Err(e) => Err(map_err(e, op)),
         }
     }
 
+    /// [`call`](Self::call) on the cluster primary at `addr` (`host:port`).
+    pub(crate) async fn call_at(&self, cmd: &Cmd, addr: &str, op: &'static str) -> Result<Value> {
+        match self.conn.req_at(cmd, addr).await {
+            Ok(Value::ServerError(e)) => Err(map_err(e.into(), op)),
+            Ok(v) => Ok(v),
+            Err(e) => Err(map_err(e, op)),
+        }
+    }
+
+    /// A command sent to every primary of the cluster (one server: to it),
+    /// with each primary's reply by its address.
+    pub(crate) async fn call_primaries(
+        &self,
+        cmd: &Cmd,
+        op: &'static str,
+    ) -> Result<Vec<(String, Value)>> {
+        let Conn::Cluster(c) = &self.conn else {
+            return Ok(vec![(String::new(), self.call(cmd, op).await?)]);
+        };
+        let route = RoutingInfo::MultiNode((
+            MultipleNodeRoutingInfo::AllMasters,
+            Some(ResponsePolicy::Special),
+        ));
+        let reply = c.conn().route_command(cmd.clone(), route).await;
+        c.observe(&reply);
+        let reply = reply.map_err(|e| map_err(e, op))?;
+        let pairs = match reply {
+            Value::Map(pairs) => pairs,
+            other => return Err(unexpected(op, &other)),
+        };
+        let mut out = Vec::with_capacity(pairs.len());
+        for (addr, value) in pairs {
+            let addr = match addr {
+                Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                Value::SimpleString(s) => s,
+                other => return Err(unexpected(op, &other)),
+            };
+            if let Value::ServerError(e) = value {
+                return Err(map_err(e.into(), op));
+            }
+            out.push((addr, value));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     async fn call_many(&self, pipe: &Pipeline, op: &'static str) -> Result<Vec<Value>> {
-        let mut conn = self.conn.clone();
-        let replies = conn
-            .req_packed_commands(pipe, 0, pipe.len())
+        let replies = match &self.conn {
+            Conn::Node(c) => c
+                .clone()
+                .req_packed_commands(pipe, 0, pipe.len())
+                .await
+                .map_err(|e| map_err(e, op))?,
+            // A cluster pipeline must stay in one slot: send the commands at
+            // once instead, each routed by its own key. The ones for one
+            // node share that node's multiplexed connection, so they go out
+            // together and come back in about one round trip per node.
+            Conn::Cluster(c) => futures::future::join_all(pipe.cmd_iter().map(|cmd| {
+                let (c, mut conn) = (c.clone(), c.conn());
+                async move {
+                    let r = conn.req_packed_command(cmd).await;
+                    c.observe(&r);
+                    r
+                }
+            }))
             .await
-            .map_err(|e| map_err(e, op))?;
+            .into_iter()
+            .map(|r| match r {
+                Ok(v) => Ok(v),
+                Err(e) => ServerError::try_from(e)
+                    .map(Value::ServerError)
+                    .map_err(|e| map_err(e, op)),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        };
         if replies.len() != pipe.len() {
             return Err(Error::new(
                 ErrorKind::Backend,
@@ -181,18 +336,59 @@ impl RedisCache {
             return Ok(Vec::new());
         }
         let per = script::FENCE_KEYS_PER_CALL;
-        let mut pipe = Pipeline::with_capacity(items.len().div_ceil(per));
-        for (chunk, ttls) in items.chunks(per).zip(ttls.chunks(per)) {
+        if !self.is_cluster() || items.len() == 1 {
+            let calls: Vec<&[CacheItem]> = items.chunks(per).collect();
+            let ttls: Vec<&[u64]> = ttls.chunks(per).collect();
+            return self.fenced_calls(&calls, &ttls, op).await;
+        }
+        // On a cluster the keys of one script call must share a slot:
+        // group the batch by slot, one call per slot (and per 128 keys),
+        // and put the answers back in the caller's order.
+        let groups = by_slot(items.iter().map(|it| it.key.as_str()));
+        let mut order = Vec::with_capacity(items.len());
+        let mut grouped = Vec::with_capacity(items.len());
+        let mut grouped_ttls = Vec::with_capacity(items.len());
+        let mut bounds = Vec::with_capacity(groups.len());
+        for group in &groups {
+            for chunk in group.chunks(per) {
+                let start = grouped.len();
+                for &i in chunk {
+                    order.push(i);
+                    grouped.push(items[i].clone());
+                    grouped_ttls.push(ttls[i]);
+                }
+                bounds.push(start..grouped.len());
+            }
+        }
+        let calls: Vec<&[CacheItem]> = bounds.iter().map(|r| &grouped[r.clone()]).collect();
+        let call_ttls: Vec<&[u64]> = bounds.iter().map(|r| &grouped_ttls[r.clone()]).collect();
+        let fences = self.fenced_calls(&calls, &call_ttls, op).await?;
+        let mut out = vec![Fence::Stale; items.len()];
+        for (f, i) in fences.into_iter().zip(order) {
+            out[i] = f;
+        }
+        Ok(out)
+    }
+
+    /// One fencing script call per slice of items, all sent at once.
+    async fn fenced_calls(
+        &self,
+        calls: &[&[CacheItem]],
+        ttls: &[&[u64]],
+        op: &'static str,
+    ) -> Result<Vec<Fence>> {
+        let mut pipe = Pipeline::with_capacity(calls.len());
+        for (chunk, ttls) in calls.iter().zip(ttls) {
             pipe.add_command(script::fenced_set(chunk, ttls));
         }
         let replies = self
             .eval_all(&pipe, script::FENCED_SET, &script::FENCE, op)
             .await?;
-        let mut out = Vec::with_capacity(items.len());
-        for (reply, chunk) in replies.into_iter().zip(items.chunks(per)) {
+        let mut out = Vec::with_capacity(calls.iter().map(|c| c.len()).sum());
+        for (reply, chunk) in replies.into_iter().zip(calls) {
             match reply {
                 Value::Array(fences) if fences.len() == chunk.len() => {
-                    for (f, it) in fences.into_iter().zip(chunk) {
+                    for (f, it) in fences.into_iter().zip(chunk.iter()) {
                         out.push(fence_of(op, &it.key, f)?);
                     }
                 }
@@ -231,17 +427,39 @@ impl RedisCache {
         }
         let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
         let mut retry = Pipeline::with_capacity(forgotten.len() + 1);
-        retry.add_command(script::load(source));
+        if self.is_cluster() {
+            // The calls go out at once on a cluster, not in order: load the
+            // script on every node first.
+            check_loaded(op, script, self.call(&script::load(source), op).await?)?;
+        } else {
+            retry.add_command(script::load(source));
+        }
         for &i in &forgotten {
             retry.add_command(cmds[i].clone());
         }
         let mut again = self.call_many(&retry, op).await?.into_iter();
-        check_loaded(op, script, again.next().unwrap_or_default())?;
+        if !self.is_cluster() {
+            check_loaded(op, script, again.next().unwrap_or_default())?;
+        }
         for (&i, reply) in forgotten.iter().zip(again) {
             replies[i] = reply;
         }
         Ok(replies)
     }
+}
+
+/// Indices of `keys` grouped by slot, the groups in order of first appearance.
+fn by_slot<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+    let mut index: std::collections::HashMap<Slot, usize> = std::collections::HashMap::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, key) in keys.enumerate() {
+        let g = *index.entry(Slot::for_key(key)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(i);
+    }
+    groups
 }
 
 fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
@@ -345,7 +563,11 @@ fn scan_page(op: &'static str, reply: Value) -> Result<(Vec<u8>, Vec<Vec<u8>>)> 
 #[async_trait]
 impl CacheStore for RedisCache {
     fn name(&self) -> &'static str {
-        BACKEND
+        if self.is_cluster() {
+            "redis-cluster"
+        } else {
+            BACKEND
+        }
     }
 
     fn capabilities(&self) -> CacheCapabilities {
@@ -364,8 +586,7 @@ impl CacheStore for RedisCache {
         const OP: &str = "cache.get";
         let mut cmd = Cmd::with_capacity(2, 3 + key.len());
         cmd.arg("GET").arg(key);
-        let mut conn = self.conn.clone();
-        match conn.req_packed_command(&cmd).await {
+        match self.conn.req(&cmd).await {
             // The reply's buffer becomes the `Bytes` without a copy.
             Ok(Value::BulkString(v)) => Ok(Some(Bytes::from(v))),
             Ok(Value::Nil) => Ok(None),
@@ -485,6 +706,32 @@ impl CacheStore for RedisCache {
     async fn clear(&self, prefix: &str) -> Result<()> {
         const OP: &str = "cache.clear";
         let pattern = glob_escape(prefix);
+        if self.is_cluster() {
+            // `SCAN` walks one node: walk every primary, and let redis-rs
+            // split each page's `UNLINK` by slot.
+            for addr in crate::cluster::primaries(self, OP).await? {
+                let mut cursor = b"0".to_vec();
+                loop {
+                    let reply = self
+                        .call_at(&scan_cmd(&cursor, &pattern), &addr, OP)
+                        .await?;
+                    let (next, keys) = scan_page(OP, reply)?;
+                    if !keys.is_empty() {
+                        let mut unlink = Cmd::with_capacity(keys.len() + 1, 0);
+                        unlink.arg("UNLINK");
+                        for k in &keys {
+                            unlink.arg(k.as_slice());
+                        }
+                        self.call(&unlink, OP).await?;
+                    }
+                    if next.as_slice() == b"0" {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            return Ok(());
+        }
         let first = self.call(&scan_cmd(b"0", &pattern), OP).await?;
         let (mut cursor, mut keys) = scan_page(OP, first)?;
         loop {
@@ -550,8 +797,14 @@ impl CacheStore for RedisCache {
     /// The server's `run_id` from `INFO server`: new on every start of a
     /// redis-server process (a restart, a restore from a snapshot), and
     /// different on another server (a replica promoted, a failover).
+    ///
+    /// On a cluster, every primary's `run_id` by address: a failover, or any
+    /// primary's restart, changes it.
     async fn identity(&self) -> Result<Option<String>> {
         const OP: &str = "cache.identity";
+        if self.is_cluster() {
+            return crate::cluster::identity(self).await;
+        }
         let mut cmd = Cmd::with_capacity(2, 16);
         cmd.arg("INFO").arg("server");
         let text = match self.call(&cmd, OP).await? {

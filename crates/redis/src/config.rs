@@ -106,6 +106,10 @@ enum Scheme {
     Tcp,
     Tls,
     Unix,
+    /// `redis+cluster://`, or `rediss+cluster://` (`tls` true).
+    Cluster {
+        tls: bool,
+    },
 }
 
 fn scheme_of(url: &str) -> Option<Scheme> {
@@ -114,8 +118,57 @@ fn scheme_of(url: &str) -> Option<Scheme> {
         "redis" => Some(Scheme::Tcp),
         "rediss" => Some(Scheme::Tls),
         "redis+unix" | "unix" => Some(Scheme::Unix),
+        "redis+cluster" => Some(Scheme::Cluster { tls: false }),
+        "rediss+cluster" => Some(Scheme::Cluster { tls: true }),
         _ => None,
     }
+}
+
+/// What [`RedisConfig::validate`] builds: a client for one server, or for a
+/// cluster from its seed nodes.
+// Built once per connect and taken apart at once: the size does not matter.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Target {
+    Node(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Target::Node(_) => "Target::Node",
+            Target::Cluster(_) => "Target::Cluster",
+        })
+    }
+}
+
+/// The seed nodes of a `redis+cluster://[user:pass@]h1:p1,h2:p2[/?query]`
+/// URL, each as a one-node URL with the same credentials and query.
+pub(crate) fn cluster_seeds(url: &str, tls: bool) -> std::result::Result<Vec<String>, String> {
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let tail = tail.strip_prefix('/').unwrap_or(tail);
+    if !(tail.is_empty() || tail.starts_with('?') || tail.starts_with('#')) {
+        return Err(
+            "a cluster URL names no database: Redis Cluster has database 0 only".to_string(),
+        );
+    }
+    let scheme = if tls { "rediss" } else { "redis" };
+    let mut seeds = Vec::new();
+    for host in hosts.split(',') {
+        let host = host.trim();
+        if host.is_empty() {
+            return Err("the cluster URL has an empty seed node".to_string());
+        }
+        let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+        seeds.push(format!("{scheme}://{auth}{host}/{tail}"));
+    }
+    Ok(seeds)
 }
 
 fn config_error(message: impl Into<String>) -> Error {
@@ -176,22 +229,21 @@ impl RedisConfig {
     }
 
     /// Checks the URL and the limits; the redis client is built from them.
-    pub(crate) fn validate(&self) -> Result<redis::Client> {
+    pub(crate) fn validate(&self) -> Result<Target> {
         let scheme = scheme_of(&self.url).ok_or_else(|| {
             config_error(format!(
-                "{:?} is not a Redis URL (redis://, rediss://, redis+unix:// or unix://)",
+                "{:?} is not a Redis URL (redis://, rediss://, redis+unix://, unix:// \
+                 or redis+cluster://)",
                 self.redacted_url()
             ))
         })?;
-        if scheme == Scheme::Tls && !cfg!(feature = "tls") {
+        let tls = matches!(scheme, Scheme::Tls | Scheme::Cluster { tls: true });
+        if tls && !cfg!(feature = "tls") {
             return Err(config_error(
                 "rediss:// needs TLS: enable the `tls` feature of writethrough-redis",
             ));
         }
-        if scheme == Scheme::Tls
-            && self.url.ends_with("#insecure")
-            && !cfg!(feature = "tls-insecure")
-        {
+        if tls && self.url.ends_with("#insecure") && !cfg!(feature = "tls-insecure") {
             return Err(config_error(
                 "rediss://...#insecure skips certificate checks: enable the `tls-insecure` \
                  feature of writethrough-redis to allow it",
@@ -206,14 +258,33 @@ impl RedisConfig {
         if self.response_timeout.is_zero() || self.connection_timeout.is_zero() {
             return Err(config_error("timeouts must be longer than zero"));
         }
-        redis::Client::open(self.url.as_str()).map_err(|e| {
-            // The driver's message may quote the URL; say what failed without it.
+        // The driver's message may quote the URL; say what failed without it.
+        let refused = |e: redis::RedisError| {
             config_error(format!(
                 "cannot use {:?}: {}",
                 self.redacted_url(),
                 e.detail().unwrap_or(e.category())
             ))
-        })
+        };
+        if let Scheme::Cluster { tls } = scheme {
+            let seeds = cluster_seeds(&self.url, tls).map_err(|why| {
+                config_error(format!("cannot use {:?}: {why}", self.redacted_url()))
+            })?;
+            return redis::cluster::ClusterClientBuilder::new(seeds)
+                .connection_timeout(self.connection_timeout)
+                .response_timeout(self.response_timeout)
+                // Redirections (`MOVED`, `ASK`) use up retries too: a few
+                // more than a single server needs, for a failover's.
+                .retries(u32::try_from(self.reconnect_retries + 4).unwrap_or(u32::MAX))
+                .min_retry_wait(50)
+                .max_retry_wait(1000)
+                .build()
+                .map(Target::Cluster)
+                .map_err(refused);
+        }
+        redis::Client::open(self.url.as_str())
+            .map(Target::Node)
+            .map_err(refused)
     }
 }
 
@@ -322,6 +393,32 @@ mod tests {
             assert!(!debug.contains("hunter2"), "{debug}");
             assert!(!debug.contains("p%40ss"), "{debug}");
         }
+    }
+
+    #[test]
+    fn cluster_urls_name_every_seed_with_the_same_credentials() {
+        assert_eq!(
+            cluster_seeds("redis+cluster://u:pw@h1:1,h2:2/?protocol=resp3", false).unwrap(),
+            vec![
+                "redis://u:pw@h1:1/?protocol=resp3",
+                "redis://u:pw@h2:2/?protocol=resp3"
+            ]
+        );
+        assert_eq!(
+            cluster_seeds("rediss+cluster://h1:1", true).unwrap(),
+            vec!["rediss://h1:1/"]
+        );
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://h1:1,,h2:2",
+            "redis+cluster://h:1/2",
+        ] {
+            assert!(cluster_seeds(bad, false).is_err(), "{bad}");
+            assert!(RedisConfig::from_url(bad).is_err(), "{bad}");
+        }
+        let config = RedisConfig::from_url("redis+cluster://app:hunter2@h1:1,h2:2").unwrap();
+        assert_eq!(config.redacted_url(), "redis+cluster://app:***@h1:1,h2:2");
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

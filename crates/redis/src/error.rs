@@ -11,7 +11,9 @@ pub(crate) const BACKEND: &str = "redis";
 ///   [`ErrorKind::Unavailable`], temporary;
 /// * no reply within the response or connection timeout: [`ErrorKind::Timeout`], temporary;
 /// * the server says it cannot serve yet (`LOADING` after a restart,
-///   `TRYAGAIN`, `MASTERDOWN`, `CLUSTERDOWN`): [`ErrorKind::Unavailable`], temporary;
+///   `TRYAGAIN`, `MASTERDOWN`, `CLUSTERDOWN`), or a cluster redirection
+///   (`MOVED`, `ASK`) outlasted the driver's retries:
+///   [`ErrorKind::Unavailable`], temporary;
 /// * the server refused our credentials or the client settings are unusable:
 ///   [`ErrorKind::Config`], permanent;
 /// * anything else (a script error, `OOM`, `NOPERM`, a reply of the wrong
@@ -32,6 +34,12 @@ pub(crate) fn map_err(e: RedisError, operation: &'static str) -> Error {
                 | ServerErrorKind::MasterDown
                 | ServerErrorKind::ClusterDown,
             ) => (ErrorKind::Unavailable, "the server cannot serve yet"),
+            // A redirection left over after the driver's retries: the
+            // cluster is moving the slot or failing over; try again.
+            redis::ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask) => (
+                ErrorKind::Unavailable,
+                "the cluster is moving this key's slot or failing over",
+            ),
             redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig => (
                 ErrorKind::Config,
                 "the server refused the client's settings",

@@ -50,6 +50,7 @@
 //! naming it.
 
 mod cache;
+mod cluster;
 mod config;
 mod error;
 mod script;

@@ -24,6 +24,7 @@ fn not_built(what: &str, url: &str, feature: &str) -> Error {
 /// |---------------------------------------------|--------------------------|
 /// | `moka://` or `moka://?max_bytes=67108864`   | in-process Moka (`moka`) |
 /// | `redis://host:6379/0`, `rediss://`, `redis+unix:///path` | Redis (`redis`) |
+/// | `redis+cluster://h1:6379,h2:6379`, `rediss+cluster://` | Redis Cluster (`redis`) |
 /// | `memcached://h1:11211,h2:11211`             | Memcached (`memcached`)  |
 pub async fn open_cache(url: &str) -> Result<Arc<dyn CacheStore>> {
     match scheme(url) {
@@ -55,7 +56,7 @@ pub async fn open_cache(url: &str) -> Result<Arc<dyn CacheStore>> {
             #[cfg(not(feature = "moka"))]
             Err(not_built("cache", url, "moka"))
         }
-        "redis" | "rediss" | "redis+unix" | "unix" => {
+        "redis" | "rediss" | "redis+unix" | "unix" | "redis+cluster" | "rediss+cluster" => {
             #[cfg(feature = "redis")]
             {
                 Ok(Arc::new(

@@ -318,6 +318,13 @@ impl<F: Flavor> Handle<F> {
         }
     }
 
+    pub(crate) fn is_running(&self) -> bool {
+        match self {
+            Handle::Managed(m) => m.proc.is_some(),
+            Handle::External(_) => true,
+        }
+    }
+
     pub(crate) fn is_external(&self) -> bool {
         matches!(self, Handle::External(_))
     }
@@ -489,6 +496,12 @@ macro_rules! server_type {
             /// restarts: put it in a failing test's message.
             pub fn log(&self) -> String {
                 self.inner.log()
+            }
+
+            /// Whether the server runs (it was not killed or stopped, or
+            /// was restarted since); an external server always counts.
+            pub fn is_running(&self) -> bool {
+                self.inner.is_running()
             }
 
             /// Whether this handle points at an external server (named by

@@ -54,13 +54,15 @@ mod pg_wire;
 mod postgres;
 mod process;
 mod redis;
+mod redis_cluster;
 pub(crate) mod url;
 
 use std::fmt;
 
 pub use memcached::MemcachedServer;
 pub use postgres::PostgresServer;
-pub use redis::RedisServer;
+pub use redis::{CLUSTER_NODE_TIMEOUT_MS, RedisClusterNode, RedisServer};
+pub use redis_cluster::RedisCluster;
 
 /// Why a test server could not be started, stopped or signalled.
 ///

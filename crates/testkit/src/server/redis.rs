@@ -124,3 +124,65 @@ impl Flavor for Redis {
         }
     }
 }
+
+server_type! {
+    /// A `redis-server` with cluster support on a free loopback port: one
+    /// node of a [`RedisCluster`](super::RedisCluster).
+    ///
+    /// Like [`RedisServer`] it keeps no data on disk, but it keeps its
+    /// cluster state (`nodes.conf`) in its directory, so that after a
+    /// [`restart`](Self::restart) it rejoins the cluster with its old id and
+    /// no data: a primary restarted before its replica took over comes back
+    /// empty, one restarted after comes back as a replica.
+    RedisClusterNode, ClusterNode, "a `redis-server` cluster node", "redis://127.0.0.1:PORT",
+    "WT_TEST_REDIS_CLUSTER_NODE_URL"
+}
+
+/// How long a cluster node may be unreachable before the others count it
+/// failed and its replica takes over. Short, so that failover tests are.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
+
+#[derive(Debug)]
+pub(crate) struct ClusterNode(Redis);
+
+impl Flavor for ClusterNode {
+    const BINARY: &'static str = "redis-server";
+    const ENV_VAR: &'static str = "WT_TEST_REDIS_CLUSTER_NODE_URL";
+    const DEFAULT_PORT: u16 = 6379;
+    const STOP_SIGNAL: Signal = Signal::SIGTERM;
+
+    fn url(port: u16) -> String {
+        Redis::url(port)
+    }
+
+    async fn prepare() -> Result<(Self, tempfile::TempDir), ServerError> {
+        let binary = process::find_on_path("redis-server")
+            .ok_or_else(|| process::missing_binary("redis-server", "on PATH", "redis-server"))?;
+        Ok((Self(Redis { binary }), process::temp_dir("wt-redis-node-")?))
+    }
+
+    fn launch(&self, port: u16, dir: &Path) -> Launch {
+        self.0
+            .launch(port, dir)
+            .arg("--cluster-enabled")
+            .arg("yes")
+            .arg("--cluster-config-file")
+            .arg(dir.join("nodes.conf"))
+            .arg("--cluster-node-timeout")
+            .arg(CLUSTER_NODE_TIMEOUT_MS.to_string())
+            // A replica that lost touch with its primary for a while may
+            // still take over: the tests kill primaries on purpose.
+            .arg("--cluster-replica-validity-factor")
+            .arg("0")
+            .arg("--cluster-allow-replica-migration")
+            .arg("no")
+    }
+
+    fn log_file(dir: &Path) -> PathBuf {
+        Redis::log_file(dir)
+    }
+
+    async fn probe(&self, addr: SocketAddr, pid: u32, dir: &Path) -> Result<(), String> {
+        self.0.probe(addr, pid, dir).await
+    }
+}

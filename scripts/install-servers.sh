@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the server binaries the tests and the benchmark start
-# (redis-server, memcached, PostgreSQL, and the psql and sqlite3 clients) from Debian's packages when they
+# (redis-server and redis-cli, memcached, PostgreSQL, and the psql and sqlite3 clients) from Debian's packages when they
 # are missing and we are root; otherwise prints the exact command and fails.
 # Used by scripts/test.sh and scripts/bench.sh.
 set -euo pipefail
@@ -12,6 +12,8 @@ have_pg() {
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
 }
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# The Redis Cluster of the tests is formed and resharded with redis-cli.
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v memcached >/dev/null 2>&1 || missing+=(memcached)
 have_pg || missing+=(postgresql)
 # The external-writer tests write with the stock clients, as an operator would.

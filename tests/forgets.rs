@@ -8,7 +8,11 @@
 //! * a Redis replica promoted (`REPLICAOF NO ONE`) after it missed the
 //!   primary's last writes;
 //! * one of two Memcached servers out of reach and back with its old
-//!   contents.
+//!   contents;
+//! * on a Redis Cluster: a primary's replica, cut off so that it missed the
+//!   last writes, promoted when the primary dies; and the history check
+//!   across processes under failovers (a primary killed, a primary paused
+//!   past the node timeout) and a reshard.
 //!
 //! Each scenario runs twice: with the mechanism on, no read that starts
 //! after the stated bound returns a value older than an acknowledged write;
@@ -25,7 +29,7 @@ use tokio::sync::Notify;
 use writethrough::backend::CacheStore;
 use writethrough::{Config, Consistency, Engine, Entity, Handle, HookPoint, Hooks, TableOptions};
 use writethrough_testkit::proxy::FaultProxy;
-use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
+use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisCluster, RedisServer};
 use writethrough_testkit::suite::engine::{Item, item};
 use writethrough_testkit::suite::{Pair, unique};
 
@@ -81,6 +85,7 @@ impl Hooks for Stall {
 enum Server {
     Redis(RedisServer),
     Memcached(MemcachedServer),
+    Cluster(RedisCluster),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +101,7 @@ impl Server {
         match self {
             Server::Redis(s) => s.url(),
             Server::Memcached(s) => s.url(),
+            Server::Cluster(c) => c.url(),
         }
     }
 
@@ -114,6 +120,19 @@ impl Server {
             }
             // The Memcached adapter's clear of every key is flush_all.
             (Forget::Flush, Server::Memcached(_)) => cache.clear("").await.unwrap(),
+            // A primary and its replica both restarted empty.
+            (Forget::RestartEmpty, Server::Cluster(c)) => {
+                let primary = c.primaries().await.unwrap()[0];
+                let replicas = c.replicas_of(primary).await.unwrap();
+                for r in replicas {
+                    c.node_mut(r).kill().await.unwrap();
+                    c.node_mut(r).restart().await.unwrap();
+                }
+                c.node_mut(primary).kill().await.unwrap();
+                c.node_mut(primary).restart().await.unwrap();
+                c.wait_healthy().await.unwrap();
+            }
+            (Forget::Flush, Server::Cluster(_)) => cache.clear("").await.unwrap(),
         }
     }
 }
@@ -504,7 +523,13 @@ async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
     use writethrough_testkit::history::{Event, check_windowed, monotonic_ns};
 
     const PROCS: u32 = 4;
-    const OPS_PER_PROC: usize = 6_000;
+    // A cluster's faults take longer (a failover, a reshard): more operations
+    // so that the clients outlast one of each.
+    let ops_per_proc: usize = if matches!(server, Server::Cluster(_)) {
+        10_000
+    } else {
+        6_000
+    };
     let (ns, table) = (unique("nemesis"), unique("nemesis"));
     {
         // Create the table before the processes race to.
@@ -526,7 +551,7 @@ async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
             .env("WT_DB_URL", db_url)
             .env("WT_NAMESPACE", &ns)
             .env("WT_TABLE", &table)
-            .env("WT_OPS", OPS_PER_PROC.to_string())
+            .env("WT_OPS", ops_per_proc.to_string())
             .env("WT_KEYS", "6")
             .env("WT_COLD_KEYS", "40")
             .env("WT_CLIENTS", "4")
@@ -566,6 +591,46 @@ async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
         // Quiet between faults, so that most reads are outside the windows.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let started = monotonic_ns();
+        if let Server::Cluster(c) = &mut *server {
+            let primaries = c.primaries().await.unwrap();
+            let victim = primaries[round % primaries.len()];
+            match round % 4 {
+                0 => {
+                    // Past the node timeout: its replica takes over, and the
+                    // old primary, resumed, learns it was replaced.
+                    c.node(victim).pause().unwrap();
+                    tokio::time::sleep(Duration::from_millis(
+                        writethrough_testkit::server::CLUSTER_NODE_TIMEOUT_MS * 3,
+                    ))
+                    .await;
+                    c.node(victim).resume().unwrap();
+                    c.wait_healthy().await.unwrap();
+                    faults.push("primary paused past the node timeout");
+                }
+                1 => {
+                    c.kill_and_fail_over(victim).await.unwrap();
+                    c.node_mut(victim).restart().await.unwrap();
+                    c.wait_healthy().await.unwrap();
+                    faults.push("primary killed, replica promoted");
+                }
+                2 => {
+                    let pid = pids[round / 4 % pids.len()];
+                    if kill(pid, Signal::SIGSTOP).is_ok() {
+                        tokio::time::sleep(Duration::from_millis(1200)).await;
+                        let _ = kill(pid, Signal::SIGCONT);
+                        faults.push("client process frozen");
+                    }
+                }
+                _ => {
+                    let to = primaries[(round + 1) % primaries.len()];
+                    c.reshard(victim, to, 200).await.unwrap();
+                    faults.push("slots resharded");
+                }
+            }
+            windows.push((started, monotonic_ns() + bound_ns));
+            round += 1;
+            continue;
+        }
         match round % 4 {
             0 => {
                 if let Server::Redis(s) = &*server {
@@ -575,11 +640,13 @@ async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
                 match &*server {
                     Server::Redis(s) => s.pause().unwrap(),
                     Server::Memcached(s) => s.pause().unwrap(),
+                    Server::Cluster(_) => unreachable!("handled above"),
                 }
                 tokio::time::sleep(Duration::from_millis(400)).await;
                 match &*server {
                     Server::Redis(s) => s.resume().unwrap(),
                     Server::Memcached(s) => s.resume().unwrap(),
+                    Server::Cluster(_) => unreachable!("handled above"),
                 }
                 windows.push((started, monotonic_ns() + bound_ns));
                 faults.push("cache paused");
@@ -660,6 +727,12 @@ async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
     );
     assert!(report.ops >= 20_000, "{report}");
     assert!(faults.len() >= 3, "the nemesis acted: {faults:?}");
+    if matches!(server, Server::Cluster(_)) {
+        let mut kinds = faults.clone();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), 4, "every kind of cluster fault ran: {faults:?}");
+    }
     assert!(
         report.violations.is_empty(),
         "{name}: stale reads outside the fault windows {windows:?}:\n{}",
@@ -711,4 +784,105 @@ async fn history_across_processes_under_nemesis_memcached_sqlite() {
         &sqlite_url(&dir).await,
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_across_processes_under_nemesis_redis_cluster_postgres() {
+    let cluster = RedisCluster::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pg = postgres().await;
+    history_under_nemesis(
+        "redis-cluster+postgres",
+        &mut Server::Cluster(cluster),
+        &pg.url(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_across_processes_under_nemesis_redis_cluster_sqlite() {
+    let cluster = RedisCluster::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    history_under_nemesis(
+        "redis-cluster+sqlite",
+        &mut Server::Cluster(cluster),
+        &sqlite_url(&dir).await,
+    )
+    .await;
+}
+
+/// On a Redis Cluster: the replica of the primary holding the test's keys
+/// is frozen and cut off while they are rewritten, then the primary dies
+/// and the replica, missing those writes, is promoted.
+async fn promoted_cluster_replica(db_url: &str, epochs: bool) -> usize {
+    let mut c = RedisCluster::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cache = writethrough::open_cache(&c.url()).await.unwrap();
+    let db = writethrough::open_db(db_url).await.unwrap();
+    let pair = Pair::new(cache, db);
+    // One hash tag: every key of the test in one slot, on one primary.
+    let (ns, table) = (format!("{{{}}}", unique("crep")), unique("crep"));
+    let engine = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let h = handle(&engine, &table).await;
+    let (n, gone) = (10, 99);
+    for k in (1..=n).chain([gone]) {
+        h.put(&item(k, 1.0)).await.unwrap();
+    }
+    let primary = c.primary_of(&ns).await.unwrap();
+    let replica = c.replicas_of(primary).await.unwrap()[0];
+    // Every write so far reached the replica.
+    let mut caught_up = false;
+    for _ in 0..100 {
+        if c.command(primary, &["WAIT", "1", "100"]).await.unwrap().trim() == "1" {
+            caught_up = true;
+            break;
+        }
+    }
+    assert!(caught_up, "the replica caught up");
+    c.node(replica).pause().unwrap();
+    c.command(primary, &["CLIENT", "KILL", "TYPE", "replica"])
+        .await
+        .unwrap();
+    for k in 1..=n {
+        h.put(&item(k, 2.0)).await.unwrap();
+    }
+    h.delete(gone).await.unwrap();
+    c.node_mut(primary).kill().await.unwrap();
+    c.node(replica).resume().unwrap();
+    // The replica, having missed the writes, is promoted.
+    c.command(replica, &["CLUSTER", "FAILOVER", "TAKEOVER"])
+        .await
+        .unwrap();
+    let promoted = writethrough_testkit::suite::eventually(Duration::from_secs(30), || async {
+        c.primaries().await.is_ok_and(|p| p.contains(&replica))
+    })
+    .await;
+    assert!(promoted, "the replica took over\n{}", c.logs());
+    c.wait_healthy().await.unwrap();
+    let reachable = writethrough_testkit::suite::eventually(Duration::from_secs(10), || async {
+        pair.cache.get(&format!("{ns}:probe")).await.is_ok()
+    })
+    .await;
+    assert!(reachable, "the cache reaches the promoted replica");
+    tokio::time::sleep(bound() + Duration::from_millis(100)).await;
+    let fresh = pair.builder().config(config(&ns, epochs)).build().unwrap();
+    let f = handle(&fresh, &table).await;
+    stale_reads(&h, n, 2.0, gone).await + stale_reads(&f, n, 2.0, gone).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promoted_cluster_replica_that_missed_writes_is_not_served_as_current() {
+    let pg = postgres().await;
+    let on = promoted_cluster_replica(&pg.url(), true).await;
+    assert_eq!(on, 0, "reads served what the replica missed");
+    let off = promoted_cluster_replica(&pg.url(), false).await;
+    assert!(
+        off > 0,
+        "with epochs off the replica's old entries should be served"
+    );
+    println!("promoted cluster replica: 0 stale reads with epochs, {off}/22 without");
 }

@@ -4,7 +4,9 @@
 #
 #   scripts/bench.sh [extra writethrough-bench options]     # e.g. --duration-ms 300
 #
-# Starts redis-server, memcached and a PostgreSQL cluster on free loopback
+# Starts redis-server, a Redis Cluster of three primaries (for the
+# redis-cluster+sqlite and redis-cluster+postgres pairs, which `all` does not
+# include: name them in WT_BENCH_PAIRS), memcached and a PostgreSQL cluster on free loopback
 # ports in a temporary directory (configured as the testkit starts them,
 # memcached with 1 GiB so the 16 KiB tables fit; PostgreSQL with its shipped
 # durability, fsync and synchronous_commit on, as users run it; set
@@ -32,6 +34,24 @@ trap cleanup EXIT
 redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
     >"$dir/redis.log" 2>&1 &
 pids+=($!)
+# A Redis Cluster of three primaries (no replicas: on two cores they would
+# only take CPU from the nodes measured), for the redis-cluster pairs.
+cports=()
+for i in 1 2 3; do
+    p=$(free_port); cports+=("$p"); mkdir -p "$dir/cluster-$p"
+    redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no \
+        --cluster-enabled yes --cluster-config-file "$dir/cluster-$p/nodes.conf" \
+        --dir "$dir/cluster-$p" >"$dir/cluster-$p/redis.log" 2>&1 &
+    pids+=($!)
+done
+for p in "${cports[@]}"; do
+    until redis-cli -p "$p" PING >/dev/null 2>&1; do sleep 0.1; done
+done
+redis-cli --cluster create $(printf '127.0.0.1:%s ' "${cports[@]}") --cluster-yes >"$dir/cluster-create.log"
+for p in "${cports[@]}"; do
+    until redis-cli -p "$p" CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.1; done
+done
+cluster_url="redis+cluster://$(printf '127.0.0.1:%s,' "${cports[@]}" | sed 's/,$//')"
 user=()
 [[ $(id -u) -eq 0 ]] && user=(-u root)
 memcached -l 127.0.0.1 -p "$mport" -U 0 -m 1024 "${user[@]}" >"$dir/memcached.log" 2>&1 &
@@ -57,6 +77,7 @@ out=${WT_BENCH_OUT:-target/bench.md}
 mkdir -p "$(dirname "$out")"
 target/release/writethrough-bench --pairs "${WT_BENCH_PAIRS:-all}" \
     --redis "redis://127.0.0.1:$rport" \
+    --redis-cluster "$cluster_url" \
     --memcached "memcached://127.0.0.1:$mport" \
     --postgres "postgres://postgres@127.0.0.1:$pport/postgres" \
     --markdown "$out" "$@"

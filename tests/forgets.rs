@@ -731,7 +731,11 @@ async fn history_under_nemesis(name: &str, server: &mut Server, db_url: &str) {
         let mut kinds = faults.clone();
         kinds.sort_unstable();
         kinds.dedup();
-        assert_eq!(kinds.len(), 4, "every kind of cluster fault ran: {faults:?}");
+        assert_eq!(
+            kinds.len(),
+            4,
+            "every kind of cluster fault ran: {faults:?}"
+        );
     }
     assert!(
         report.violations.is_empty(),
@@ -837,7 +841,12 @@ async fn promoted_cluster_replica(db_url: &str, epochs: bool) -> usize {
     // Every write so far reached the replica.
     let mut caught_up = false;
     for _ in 0..100 {
-        if c.command(primary, &["WAIT", "1", "100"]).await.unwrap().trim() == "1" {
+        if c.command(primary, &["WAIT", "1", "100"])
+            .await
+            .unwrap()
+            .trim()
+            == "1"
+        {
             caught_up = true;
             break;
         }

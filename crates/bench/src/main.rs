@@ -46,6 +46,7 @@ pub(crate) struct Args {
     pub(crate) pairs: Vec<String>,
     /// The Redis URL for `--pairs`.
     pub(crate) redis: Option<String>,
+    pub(crate) redis_cluster: Option<String>,
     /// The Memcached URL for `--pairs`.
     pub(crate) memcached: Option<String>,
     /// The PostgreSQL URL for `--pairs`.
@@ -72,7 +73,7 @@ pub(crate) struct Args {
 }
 
 const USAGE: &str = "usage: writethrough-bench [--embedded | --cache URL --db URL \
-     | --pairs moka+sqlite,redis+postgres,...|all [--redis URL] [--memcached URL] \
+     | --pairs moka+sqlite,redis+postgres,...|all [--redis URL] [--redis-cluster URL] [--memcached URL] \
      [--postgres URL] [--sqlite URL]] [--duration-ms N] [--rounds N] [--keys N] [--count N --side ours|raw] [--sizes a,b] \
      [--concurrency a,b] [--scenarios x,y] [--markdown FILE]";
 
@@ -82,6 +83,7 @@ fn parse() -> std::result::Result<Args, String> {
         db: "sqlite::temp:".into(),
         pairs: Vec::new(),
         redis: None,
+        redis_cluster: None,
         memcached: None,
         postgres: None,
         sqlite: "sqlite::temp:".into(),
@@ -129,6 +131,7 @@ fn parse() -> std::result::Result<Args, String> {
                     .collect()
             }
             "--redis" => a.redis = Some(val()?),
+            "--redis-cluster" => a.redis_cluster = Some(val()?),
             "--memcached" => a.memcached = Some(val()?),
             "--postgres" => a.postgres = Some(val()?),
             "--sqlite" => a.sqlite = val()?,
@@ -174,6 +177,7 @@ fn parse() -> std::result::Result<Args, String> {
         }
         match scenarios::kind(&url) {
             "redis" => a.redis = a.redis.take().or(Some(url)),
+            "redis-cluster" => a.redis_cluster = a.redis_cluster.take().or(Some(url)),
             "memcached" => a.memcached = a.memcached.take().or(Some(url)),
             "postgres" => a.postgres = a.postgres.take().or(Some(url)),
             "sqlite" => a.sqlite = url,
@@ -210,10 +214,11 @@ fn pairs(a: &Args) -> std::result::Result<Vec<Pair>, String> {
                 "moka" if scenarios::kind(&a.cache) == "moka" => a.cache.clone(),
                 "moka" => "moka://".to_owned(),
                 "redis" => need(&a.redis, "--redis", name)?,
+                "redis-cluster" => need(&a.redis_cluster, "--redis-cluster", name)?,
                 "memcached" => need(&a.memcached, "--memcached", name)?,
                 _ => {
                     return Err(format!(
-                        "unknown cache {c:?} in {name:?} (moka, redis, memcached)"
+                        "unknown cache {c:?} in {name:?} (moka, redis, redis-cluster, memcached)"
                     ));
                 }
             };

@@ -14,7 +14,8 @@ use writethrough::{
 
 use crate::Args;
 use crate::raw::{
-    BoxError, Product, RawCache, RawDb, RawMemcached, RawMoka, RawPostgres, RawRedis, RawSqlite,
+    BoxError, Product, RawCache, RawDb, RawMemcached, RawMoka, RawPostgres, RawRedis,
+    RawRedisCluster, RawSqlite,
 };
 
 /// Rows seeded per call.
@@ -628,6 +629,7 @@ pub(crate) fn kind(url: &str) -> &'static str {
     match url.split_once(':').map_or("", |(s, _)| s) {
         "moka" => "moka",
         "redis" | "rediss" | "redis+unix" | "unix" => "redis",
+        "redis+cluster" | "rediss+cluster" => "redis-cluster",
         "memcached" | "memcache" => "memcached",
         "sqlite" => "sqlite",
         "postgres" | "postgresql" => "postgres",
@@ -758,6 +760,11 @@ async fn open(cache_url: &str, db_url: &str) -> Result<Backends> {
             Arc::new(RawMoka(raw))
         }
         "redis" => Arc::new(RawRedis::connect(cache_url).await.map_err(backend_err)?),
+        "redis-cluster" => Arc::new(
+            RawRedisCluster::connect(cache_url)
+                .await
+                .map_err(backend_err)?,
+        ),
         "memcached" => {
             Arc::new(RawMemcached::connect(cache_url).map_err(|e| config_err(e.to_string()))?)
         }

@@ -61,8 +61,8 @@
 //! Memcached cannot list keys by prefix. `clear("")` runs `flush_all` on
 //! every server, which empties the whole servers, entries of other
 //! applications included. `clear(prefix)` asks each server for a
-//! `lru_crawler metadump all` (one pass over every item, on a connection of
-//! its own) and deletes the keys that start with `prefix`; entries written
+//! `lru_crawler metadump hash` (one pass over every item, on a connection of
+//! its own; `metadump all` on servers without it) and deletes the keys that start with `prefix`; entries written
 //! while it runs may survive.
 //!
 //! `scan_keys` lists keys the same way, one server a page. A server that
@@ -414,10 +414,14 @@ impl MemcachedCache {
     }
 
     /// The keys of one server that start with `prefix`, from one
-    /// `lru_crawler metadump all` on a connection of its own (the dump
-    /// walks every item). A server that refuses the command (older than
-    /// 1.4.31, or started without the LRU crawler) answers
-    /// [`ClientError::Server`]; one busy with another crawl is waited for.
+    /// `lru_crawler metadump hash` on a connection of its own: a walk of
+    /// the hash table, which sees every item stored throughout, where the
+    /// walk of the LRUs (`metadump all`) misses items that memcached moves
+    /// between its LRU segments meanwhile (items read during the walk).
+    /// A server that refuses `hash` (an older one) gets `all`. A server that
+    /// refuses both (older than 1.4.31, or started without the LRU crawler)
+    /// answers [`ClientError::Server`]; one busy with another crawl is
+    /// waited for.
     async fn dump_keys(
         &self,
         server: &Server,
@@ -426,10 +430,11 @@ impl MemcachedCache {
     ) -> std::result::Result<Vec<String>, ClientError> {
         let conn = server.dedicated().await?;
         let mut attempts = 0;
+        let mut command: &[u8] = b"lru_crawler metadump hash\r\n";
         loop {
             let r = client::call_on(
                 &conn,
-                b"lru_crawler metadump all\r\n".to_vec(),
+                command.to_vec(),
                 Kind::Dump(prefix.to_owned()),
                 1,
                 dl,
@@ -441,6 +446,14 @@ impl MemcachedCache {
                 Some(Resp::Error(l)) if l.starts_with("BUSY") && attempts < 100 => {
                     attempts += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // No hash walk on this server: the walk of the LRUs.
+                Some(Resp::Error(l))
+                    if command.ends_with(b"hash\r\n")
+                        && (l.starts_with("CLIENT_ERROR") || l.starts_with("ERROR"))
+                        && !l.contains("disabled") =>
+                {
+                    command = b"lru_crawler metadump all\r\n";
                 }
                 Some(other) => return Err(unexpected(&other)),
                 None => return Err(ClientError::Closed),
@@ -727,7 +740,7 @@ impl CacheStore for MemcachedCache {
 
     /// One server's keys under `prefix` a page, servers in the order of
     /// the URL (the cursor is the next server's index), each from one
-    /// `lru_crawler metadump all`: a page holds all of a server's matching
+    /// `lru_crawler metadump hash`: a page holds all of a server's matching
     /// keys whatever `count` says, and takes one walk over its items. A
     /// server that refuses the dump (memcached older than 1.4.31, or
     /// started with `-o no_lru_crawler`) makes the call fail with
@@ -757,10 +770,7 @@ impl CacheStore for MemcachedCache {
         };
         let server = &self.inner.servers[at];
         let limit = CLEAR_TIMEOUT.max(self.inner.config.timeout);
-        let keys = match self
-            .dump_keys(server, prefix, Deadline::after(limit))
-            .await
-        {
+        let keys = match self.dump_keys(server, prefix, Deadline::after(limit)).await {
             Ok(keys) => keys,
             Err(ClientError::Server(line)) => {
                 return Err(Error::new(
@@ -776,7 +786,8 @@ impl CacheStore for MemcachedCache {
             }
             Err(e) => return Err(map_err(e, OP, &server.name)),
         };
-        let next = (at + 1 < self.inner.servers.len()).then(|| ScanCursor::at((at + 1).to_string()));
+        let next =
+            (at + 1 < self.inner.servers.len()).then(|| ScanCursor::at((at + 1).to_string()));
         Ok(ScanPage::new(keys, next))
     }
 

@@ -859,7 +859,10 @@ async fn scan_keys_lists_the_prefix_of_every_server_a_server_a_page() {
     let url = format!("memcached://{},{}", a.addr(), b.addr());
     let c = MemcachedCache::connect(&url).await.unwrap();
     let mut want: Vec<String> = (0..40).map(|i| format!("scan:t:{i}")).collect();
-    for k in want.iter().chain(&["scan:u:1".to_owned(), "other".to_owned()]) {
+    for k in want
+        .iter()
+        .chain(&["scan:u:1".to_owned(), "other".to_owned()])
+    {
         c.set(k, Bytes::from_static(b"x"), None).await.unwrap();
     }
     let (mut got, mut pages, mut cursor) = (Vec::new(), 0, ScanCursor::start());
@@ -909,10 +912,7 @@ async fn scan_keys_without_the_lru_crawler_is_unsupported() {
     }
     let c = c.expect("memcached -o no_lru_crawler came up");
     c.set("k", Bytes::from_static(b"x"), None).await.unwrap();
-    let e = c
-        .scan_keys("", ScanCursor::start(), 10)
-        .await
-        .unwrap_err();
+    let e = c.scan_keys("", ScanCursor::start(), 10).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(e.to_string().contains("lru_crawler metadump"), "{e}");
     // The connection is still in step.
@@ -926,9 +926,13 @@ async fn scan_keys_without_the_lru_crawler_is_unsupported() {
 async fn time_to_live_reads_the_seconds_left() {
     let s = server().await;
     let c = cache(&s).await;
-    c.set("ttl:some", Bytes::from_static(b"x"), Some(Duration::from_secs(600)))
-        .await
-        .unwrap();
+    c.set(
+        "ttl:some",
+        Bytes::from_static(b"x"),
+        Some(Duration::from_secs(600)),
+    )
+    .await
+    .unwrap();
     c.set("ttl:none", Bytes::from_static(b"x"), None)
         .await
         .unwrap();

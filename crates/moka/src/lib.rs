@@ -309,7 +309,10 @@ mod tests {
         let (mut keys, mut pages, mut cursor) = (Vec::new(), 0, ScanCursor::start());
         loop {
             let page = c.scan_keys(prefix, cursor, count).await.unwrap();
-            assert!(page.keys.len() <= count.max(1), "a page holds at most count keys");
+            assert!(
+                page.keys.len() <= count.max(1),
+                "a page holds at most count keys"
+            );
             pages += 1;
             keys.extend(page.keys);
             match page.next {

@@ -193,7 +193,12 @@ impl Fnv {
 }
 
 /// Up to `n` rows of `t`, ranked by [`SAMPLE_RANK`] under `seed`.
-pub(crate) fn sample(conn: &Connection, t: &Table, n: usize, seed: u64) -> Result<Vec<VersionedRow>> {
+pub(crate) fn sample(
+    conn: &Connection,
+    t: &Table,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<VersionedRow>> {
     let sql = TableSql::new(t);
     let mut stmt = conn.prepare_cached(&sql.sample).map_err(map_err)?;
     let mut rows = stmt

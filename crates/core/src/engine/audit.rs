@@ -77,7 +77,9 @@ impl ExtraScan {
             } => {
                 let mut s = format!("{keys} cache keys looked at");
                 if *foreign > 0 {
-                    s.push_str(&format!(", {foreign} not of this table's keys (left alone)"));
+                    s.push_str(&format!(
+                        ", {foreign} not of this table's keys (left alone)"
+                    ));
                 }
                 if !*complete {
                     s.push_str(", stopped at the limit");

@@ -203,11 +203,9 @@ impl GuardedDb<'_> {
         let started = Instant::now();
         let r = match tokio::time::timeout(limit, f).await {
             Ok(r) => r,
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!("no answer within {limit:?}"),
-            )
-            .in_doubt()),
+            Err(_) => Err(
+                Error::new(ErrorKind::Timeout, format!("no answer within {limit:?}")).in_doubt(),
+            ),
         };
         inner.metrics.db_call(call, started.elapsed(), r.is_ok());
         r.map_err(|e| {

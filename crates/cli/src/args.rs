@@ -56,9 +56,15 @@ pub(crate) struct AuditArgs {
     /// The table to audit (default: every table with a version column).
     #[arg(long)]
     pub(crate) table: Option<String>,
-    /// Compare the first N rows of each table, in key order.
+    /// Compare N rows of each table picked at random (every row when the
+    /// table has no more), and look at up to N of its cache keys for
+    /// entries whose row is gone.
     #[arg(long, default_value_t = 10_000, conflicts_with = "all")]
     pub(crate) sample: usize,
+    /// The seed of the random sample: the same seed picks the same rows
+    /// again (default: a new one each run, printed in the report).
+    #[arg(long, conflicts_with = "all")]
+    pub(crate) seed: Option<u64>,
     /// Compare every row.
     #[arg(long)]
     pub(crate) all: bool,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use writethrough::{AuditReport, DivergenceKind};
+use writethrough::{AuditReport, DivergenceKind, ErrorKind, ExtraScan};
 
 use crate::args::AuditArgs;
 use crate::connect::{Target, key_json};
@@ -30,16 +30,40 @@ pub(crate) async fn run(
         ));
     }
     let limit = if args.all { usize::MAX } else { args.sample };
+    let seed = args.seed.unwrap_or_else(new_seed);
     let settle = Duration::from_millis(args.settle_ms);
     let mut reports = Vec::new();
     let mut interrupted = false;
     for handle in &tables {
         let name = handle.table().name().as_str().to_owned();
-        let mut progress =
-            Progress::new(format!("audit {name}"), (!args.all).then_some(limit as u64));
+        // The progress bar's total, for its ETA: an exact count(*).
+        let rows = match interrupt.or(handle.row_count()).await {
+            Some(Ok(n)) => Some(n),
+            Some(Err(e)) if e.kind() == ErrorKind::Unsupported => None,
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                interrupted = true;
+                break;
+            }
+        };
         let mut run = handle.audit_run(limit, settle, args.repair);
+        // A sample as large as the table is the table, walked in key
+        // order without ranking every row.
+        if !args.all && rows.is_none_or(|n| n > limit as u64) {
+            run = run.sampled(seed);
+        }
+        let total = rows.map(|n| n.min(limit as u64));
+        let mut progress = Progress::new(format!("audit {name}"), total);
+        let mut scanning = false;
         while let Some(n) = interrupt.or(run.step()).await {
-            match n? {
+            let n = n?;
+            if run.scanning() && !scanning {
+                // The rows are done; the cache keys follow, their number unknown.
+                scanning = true;
+                progress.finish();
+                progress = Progress::new(format!("audit {name} cache keys"), None);
+            }
+            match n {
                 0 => break,
                 n => progress.add(n),
             }
@@ -92,14 +116,31 @@ pub(crate) async fn run(
     })
 }
 
+/// A seed for the sample when none was given: new in every run.
+fn new_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 fn print_report(name: &str, r: &AuditReport, args: &AuditArgs) {
     println!("table {name}");
+    match r.sample_seed {
+        Some(seed) => println!("  rows      a random sample (seed {seed})"),
+        None => println!("  rows      in key order"),
+    }
     println!("  checked   {:>8}", r.checked);
     println!("  matching  {:>8}", r.agree);
     println!("  missing   {:>8}  (no entry: allowed)", r.absent);
     for kind in KINDS {
         println!("  {:<9} {:>8}", kind.as_str(), r.count(kind));
     }
+    println!("  cache keys {}", r.extra_scan.describe());
     if args.repair {
         println!("  repaired  {:>8}", r.repaired);
     }
@@ -125,6 +166,8 @@ fn report_json(name: &str, r: &AuditReport, args: &AuditArgs) -> serde_json::Val
         "matching": r.agree,
         "missing": r.absent,
         "repaired": r.repaired,
+        "sample_seed": r.sample_seed,
+        "extra_scan": extra_scan_json(&r.extra_scan),
         "divergences": r.divergences.iter().take(args.show).map(|d| json!({
             "key": key_json(&d.key),
             "kind": d.kind,
@@ -136,4 +179,16 @@ fn report_json(name: &str, r: &AuditReport, args: &AuditArgs) -> serde_json::Val
         doc[kind.as_str()] = r.count(kind).into();
     }
     doc
+}
+
+fn extra_scan_json(e: &ExtraScan) -> serde_json::Value {
+    match e {
+        ExtraScan::Done {
+            keys,
+            foreign,
+            complete,
+        } => json!({ "status": "done", "keys": keys, "foreign": foreign, "complete": complete }),
+        ExtraScan::Skipped(why) => json!({ "status": "skipped", "reason": why }),
+        _ => json!({ "status": "not_run" }),
+    }
 }

@@ -323,12 +323,16 @@ async fn operator_session(cache: CacheKind, db: DbKind) {
         "{out}"
     );
 
-    let (out, _) = status(&pair.cli(&["audit", "--json", "--sample", "10"]), 1);
+    // A sample as large as the table is the whole table, in key order.
+    let (out, _) = status(&pair.cli(&["audit", "--json", "--sample", "50"]), 1);
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(doc["divergent"], 3, "{doc:#}");
     let t = &doc["tables"][0];
     assert_eq!(t["table"], "items");
-    assert_eq!(t["checked"], 10);
+    assert_eq!(t["checked"], 50);
+    assert_eq!(t["sample_seed"], serde_json::Value::Null, "{doc:#}");
+    assert_eq!(t["extra_scan"]["status"], "done", "{doc:#}");
+    assert_eq!(t["extra_scan"]["complete"], true, "{doc:#}");
     assert_eq!(
         (&t["stale"], &t["differs"], &t["corrupt"]),
         (&1.into(), &1.into(), &1.into())
@@ -370,12 +374,56 @@ async fn operator_session(cache: CacheKind, db: DbKind) {
     let (out, _) = status(&pair.cli(&["inspect", "items", "1"]), 0);
     assert!(out.contains("verdict   agree"), "{out}");
     assert!(out.contains("codec json"), "{out}");
-    match cache {
-        CacheKind::Redis => assert!(out.contains("TTL left 60 min"), "{out}"),
-        CacheKind::Memcached => {
-            assert!(out.contains("TTL unknown (memcached cannot tell)"), "{out}")
-        }
-    }
+    // Both tell the TTL left (Memcached by `mg <key> t`, in whole seconds).
+    assert!(out.contains("TTL left 60 min"), "{out}");
+
+    // An entry with no row behind it (key 99), found by listing the
+    // cache's keys; beside it a tombstone (key 98: "absent" is correct)
+    // and a key no int-keyed table has (left alone, not miscounted).
+    let extra = Codec::Json
+        .encode(&items(), &item(99, 9.5))
+        .unwrap()
+        .into_entry_at(7, epoch);
+    let ck99 = h.cache_key(Key::Int(99)).unwrap();
+    pair.plant(&ck99, &extra).await;
+    pair.plant(
+        &h.cache_key(Key::Int(98)).unwrap(),
+        &writethrough::codec::tombstone_at(9, epoch),
+    )
+    .await;
+    pair.plant(&format!("{NS}:items:not-a-number"), &extra)
+        .await;
+    let (out, _) = status(
+        &pair.cli(&["audit", "--table", "items", "--settle-ms", "50"]),
+        1,
+    );
+    assert_eq!(count(&out, "checked"), ROWS as u64, "{out}");
+    assert_eq!(count(&out, "extra"), 1, "{out}");
+    assert_eq!(count(&out, "stale"), 0, "{out}");
+    assert_eq!(count(&out, "corrupt"), 0, "{out}");
+    assert!(
+        out.contains("divergent key 99: extra (cache v7, database none)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("cache keys 52 cache keys looked at, 1 not of this table's keys"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 divergent; run again with --repair"),
+        "{out}"
+    );
+    let (out, _) = status(&pair.cli(&["audit", "--repair", "--settle-ms", "50"]), 1);
+    assert_eq!(count(&out, "extra"), 1, "{out}");
+    assert_eq!(count(&out, "repaired"), 1, "{out}");
+    let (out, _) = status(&pair.cli(&["audit"]), 0);
+    assert_eq!(count(&out, "extra"), 0, "{out}");
+    assert!(out.contains("no divergence"), "{out}");
+    let (out, _) = status(&pair.cli(&["inspect", "items", "99"]), 0);
+    assert!(out.contains("cache     absent"), "{out}");
+    assert!(out.contains("database  no row"), "{out}");
+    let (out, _) = status(&pair.cli(&["inspect", "items", "98"]), 0);
+    assert!(out.contains("cache     tombstone, version 9"), "{out}");
 
     // A process died between its commit and its cache write: the row is
     // newer in the database, the cache still has the old entry, the
@@ -563,6 +611,26 @@ async fn progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() {
     assert!(screen.contains("rows/s"), "{screen:?}");
     assert!(screen.contains("ETA"), "{screen:?}");
 
+    // `audit --all` counts the rows first, so its bar has a total and an ETA.
+    let cmd = format!(
+        "{BIN} --cache {} --db {} --namespace {NS} audit --all --table items",
+        pair.cache_url, pair.db_url
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (screen, _) = status(&out, 0);
+    assert!(
+        screen.contains(&format!(
+            "audit items [{}] {ROWS}/{ROWS} rows",
+            "=".repeat(30)
+        )),
+        "no full bar in {screen:?}"
+    );
+    assert!(screen.contains("ETA"), "{screen:?}");
+
     let (stdout, stderr) = status(&pair.cli(&["warm", "--table", "items"]), 0);
     assert!(
         !stdout.contains('\r') && !stdout.contains('\x1b'),
@@ -666,5 +734,52 @@ async fn sqlite_columns_of_booleans_and_json_are_typed_by_the_operator() {
         &pair.cli(&["--type", "on=date", "health"]),
         "--type \"on=date\"",
     );
+    engine.shutdown().await.unwrap();
+}
+
+/// `--sample N` compares N distinct rows picked at random: two runs pick
+/// different rows, the same `--seed` the same rows again. Every row is
+/// made stale (its version bumped in the database behind the cache), so
+/// the divergent keys of a report are the rows it sampled.
+#[tokio::test(flavor = "multi_thread")]
+async fn sample_picks_distinct_random_rows_reproducible_by_seed() {
+    let pair = Pair::start(CacheKind::Redis, DbKind::Sqlite).await;
+    let engine = pair.engine().await;
+    let h = engine
+        .register_table(items(), TableOptions::new())
+        .await
+        .unwrap();
+    let rows: Vec<Row> = (1..=1000).map(|i| item(i, i as f64)).collect();
+    h.put_many(&rows).await.unwrap();
+    engine.flush().await.unwrap();
+    pair.sql("UPDATE items SET _wt_version = _wt_version + 100000")
+        .await;
+    let sampled = |extra: &[&str]| {
+        let args = [
+            &["audit", "--json", "--sample", "20", "--show", "20"][..],
+            &["--settle-ms", "0"],
+            extra,
+        ]
+        .concat();
+        let (out, _) = status(&pair.cli(&args), 1);
+        let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let t = doc["tables"][0].clone();
+        assert_eq!(t["checked"], 20, "{doc:#}");
+        let keys: std::collections::BTreeSet<i64> = t["divergences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["key"].as_i64().unwrap())
+            .collect();
+        assert_eq!(keys.len(), 20, "20 distinct rows: {doc:#}");
+        (keys, t["sample_seed"].as_u64().expect("a seed"))
+    };
+    let (a, seed_a) = sampled(&[]);
+    let (b, seed_b) = sampled(&[]);
+    assert_ne!(seed_a, seed_b);
+    assert_ne!(a, b, "two runs sample other rows");
+    assert_ne!(a, (1..=20).collect(), "not the first rows in key order");
+    let (again, seed) = sampled(&["--seed", &seed_a.to_string()]);
+    assert_eq!((again, seed), (a, seed_a), "the same seed, the same rows");
     engine.shutdown().await.unwrap();
 }

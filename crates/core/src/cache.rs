@@ -195,6 +195,53 @@ impl CacheItem {
     }
 }
 
+/// Where a key scan ([`CacheStore::scan_keys`]) stands. Start with
+/// [`ScanCursor::start`], then pass each page's [`ScanPage::next`] back.
+/// Callers treat it as opaque; each backend writes its own position in it
+/// (Redis its `SCAN` cursor, Moka the last key listed, Memcached the next
+/// server), and a cursor is only meaningful to the backend that made it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ScanCursor(String);
+
+impl ScanCursor {
+    /// The start of a scan.
+    pub fn start() -> Self {
+        Self::default()
+    }
+
+    /// A position in a backend's own encoding (for adapters).
+    pub fn at(position: impl Into<String>) -> Self {
+        ScanCursor(position.into())
+    }
+
+    /// Whether this is the start of a scan.
+    pub fn is_start(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The position, as the backend wrote it (empty at the start).
+    pub fn position(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One page of a key scan (see [`CacheStore::scan_keys`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ScanPage {
+    /// Full cache keys that start with the prefix asked for.
+    pub keys: Vec<String>,
+    /// Where the next page starts; `None` once the scan is complete.
+    pub next: Option<ScanCursor>,
+}
+
+impl ScanPage {
+    /// A page of `keys`, followed by `next` (`None`: the last page).
+    pub fn new(keys: Vec<String>, next: Option<ScanCursor>) -> Self {
+        ScanPage { keys, next }
+    }
+}
+
 /// What a fenced write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fence {
@@ -225,6 +272,9 @@ pub enum Fence {
 ///   holds exactly `expected`, atomically.
 /// * `delete` removes the key and tells whether something was there.
 /// * `clear` removes every key that starts with `prefix`.
+/// * `scan_keys`, where supported, lists every key that starts with
+///   `prefix` and was present for the whole scan at least once; keys
+///   written or removed during the scan may be listed or not.
 /// * Every call either finishes or fails with a typed error; none panics
 ///   on backend failures.
 #[async_trait]
@@ -270,6 +320,23 @@ pub trait CacheStore: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<bool>;
     /// Removes every key starting with `prefix`.
     async fn clear(&self, prefix: &str) -> Result<()>;
+    /// Lists the keys that start with `prefix`, a page at a time: start
+    /// from [`ScanCursor::start`] and pass back each page's
+    /// [`ScanPage::next`] until it is `None`. `count` is a hint of how many
+    /// keys a page holds (0 reads as 1); a page may hold more or fewer,
+    /// even none before the end. As with Redis `SCAN`, every key present
+    /// for the whole scan is listed (at least once); keys written or
+    /// removed while it runs may be listed or not. For operators' tools
+    /// (the audit looks for entries whose row is gone); the engine's reads
+    /// and writes never use it. The default says the backend cannot list
+    /// its keys ([`ErrorKind::Unsupported`]).
+    async fn scan_keys(&self, prefix: &str, cursor: ScanCursor, count: usize) -> Result<ScanPage> {
+        let _ = (prefix, cursor, count);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("the {} cache cannot list its keys", self.name()),
+        ))
+    }
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;
     /// Who answers: text that changes whenever the cache may have lost
@@ -340,6 +407,14 @@ macro_rules! forward_cache_store {
             }
             async fn clear(&self, prefix: &str) -> Result<()> {
                 (**self).clear(prefix).await
+            }
+            async fn scan_keys(
+                &self,
+                prefix: &str,
+                cursor: ScanCursor,
+                count: usize,
+            ) -> Result<ScanPage> {
+                (**self).scan_keys(prefix, cursor, count).await
             }
             async fn ping(&self) -> Result<()> {
                 (**self).ping().await

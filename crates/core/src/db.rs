@@ -410,6 +410,29 @@ pub trait DbStore: Send + Sync + 'static {
         after: Option<Key>,
         limit: usize,
     ) -> Result<Vec<VersionedRow>>;
+    /// Up to `n` distinct rows picked at random, in one query: the `n`
+    /// rows whose keys rank first by a hash of `seed` and the key. The same
+    /// seed over the same keys picks the same rows; another seed, others.
+    /// The database ranks every key to pick them (nothing is held in memory
+    /// but the `n` rows, yet the cost grows with the table, like
+    /// `ORDER BY random() LIMIT n`). For the audit's `--sample`. The
+    /// default says the backend cannot.
+    async fn sample(&self, table: &Table, n: usize, seed: u64) -> Result<Vec<VersionedRow>> {
+        let _ = (table, n, seed);
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            "picking a random sample of rows",
+        ))
+    }
+    /// How many rows `table` holds, counted exactly (`count(*)`), for
+    /// progress reports. The default says the backend cannot tell.
+    async fn count(&self, table: &Table) -> Result<u64> {
+        let _ = table;
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            "counting a table's rows",
+        ))
+    }
     /// Outbox records at least `min_age` old, oldest first, at most
     /// `limit`, of the tables named in `tables` (of every table for `None`).
     async fn outbox_pending(
@@ -541,6 +564,12 @@ impl<D: DbStore + ?Sized> DbStore for Arc<D> {
         limit: usize,
     ) -> Result<Vec<VersionedRow>> {
         (**self).scan(table, after, limit).await
+    }
+    async fn sample(&self, table: &Table, n: usize, seed: u64) -> Result<Vec<VersionedRow>> {
+        (**self).sample(table, n, seed).await
+    }
+    async fn count(&self, table: &Table) -> Result<u64> {
+        (**self).count(table).await
     }
     async fn outbox_pending(
         &self,

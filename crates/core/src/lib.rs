@@ -31,8 +31,8 @@ pub use engine::{
     TableWrites, Tx, TxTable, WriteOptions,
 };
 pub use engine::{
-    ConsistencyReport, Divergence, DivergenceKind, Inspection, MonitorConfig, SeenDivergence,
-    Verdict, WarmRun,
+    ConsistencyReport, Divergence, DivergenceKind, ExtraScan, Inspection, MonitorConfig,
+    SeenDivergence, Verdict, WarmRun,
 };
 #[cfg(feature = "test-hooks")]
 pub use engine::{HookPoint, Hooks};
@@ -49,7 +49,9 @@ pub use writethrough_derive::Entity;
 /// never call a backend directly (that would bypass the fences); adapter
 /// authors start here (see CONTRIBUTING.md, "Adding a backend").
 pub mod backend {
-    pub use crate::cache::{CacheCapabilities, CacheItem, CacheStore, DecodedSlot, Fence, KeyRule};
+    pub use crate::cache::{
+        CacheCapabilities, CacheItem, CacheStore, DecodedSlot, Fence, KeyRule, ScanCursor, ScanPage,
+    };
     pub use crate::codec;
     pub use crate::db::{
         Bells, CHANGES_TABLE, ChangePage, ChangeRange, DbCapabilities, DbStore, ExternalChange,

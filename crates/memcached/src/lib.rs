@@ -61,9 +61,15 @@
 //! Memcached cannot list keys by prefix. `clear("")` runs `flush_all` on
 //! every server, which empties the whole servers, entries of other
 //! applications included. `clear(prefix)` asks each server for a
-//! `lru_crawler metadump all` (one pass over every item, on a connection of
-//! its own) and deletes the keys that start with `prefix`; entries written
+//! `lru_crawler metadump hash` (one pass over every item, on a connection of
+//! its own; `metadump all` on servers without it) and deletes the keys that start with `prefix`; entries written
 //! while it runs may survive.
+//!
+//! `scan_keys` lists keys the same way, one server a page. A server that
+//! refuses the metadump (memcached older than 1.4.31, or run with
+//! `-o no_lru_crawler`) makes it fail with [`ErrorKind::Unsupported`], and
+//! the audit then says it could not look for entries without a row.
+//! `time_to_live` asks `mg <key> t` for the seconds left.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -71,7 +77,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::future::join_all;
 use writethrough_core::backend::{
-    CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule, async_trait, codec,
+    CacheCapabilities, CacheItem, CacheStore, Fence, KeyRule, ScanCursor, ScanPage, async_trait,
+    codec,
 };
 use writethrough_core::{Error, ErrorKind, Result};
 
@@ -406,6 +413,54 @@ impl MemcachedCache {
             .collect()
     }
 
+    /// The keys of one server that start with `prefix`, from one
+    /// `lru_crawler metadump hash` on a connection of its own: a walk of
+    /// the hash table, which sees every item stored throughout, where the
+    /// walk of the LRUs (`metadump all`) misses items that memcached moves
+    /// between its LRU segments meanwhile (items read during the walk).
+    /// A server that refuses `hash` (an older one) gets `all`. A server that
+    /// refuses both (older than 1.4.31, or started without the LRU crawler)
+    /// answers [`ClientError::Server`]; one busy with another crawl is
+    /// waited for.
+    async fn dump_keys(
+        &self,
+        server: &Server,
+        prefix: &str,
+        dl: Deadline,
+    ) -> std::result::Result<Vec<String>, ClientError> {
+        let conn = server.dedicated().await?;
+        let mut attempts = 0;
+        let mut command: &[u8] = b"lru_crawler metadump hash\r\n";
+        loop {
+            let r = client::call_on(
+                &conn,
+                command.to_vec(),
+                Kind::Dump(prefix.to_owned()),
+                1,
+                dl,
+            )
+            .await?;
+            match r.into_iter().next() {
+                Some(Resp::Keys(keys)) => return Ok(keys),
+                // Another crawl is running: wait for it.
+                Some(Resp::Error(l)) if l.starts_with("BUSY") && attempts < 100 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // No hash walk on this server: the walk of the LRUs.
+                Some(Resp::Error(l))
+                    if command.ends_with(b"hash\r\n")
+                        && (l.starts_with("CLIENT_ERROR") || l.starts_with("ERROR"))
+                        && !l.contains("disabled") =>
+                {
+                    command = b"lru_crawler metadump all\r\n";
+                }
+                Some(other) => return Err(unexpected(&other)),
+                None => return Err(ClientError::Closed),
+            }
+        }
+    }
+
     async fn clear_server(
         &self,
         server: &Server,
@@ -422,29 +477,7 @@ impl MemcachedCache {
                 None => Err(ClientError::Closed),
             };
         }
-        let conn = server.dedicated().await?;
-        let mut attempts = 0;
-        let keys = loop {
-            let r = client::call_on(
-                &conn,
-                b"lru_crawler metadump all\r\n".to_vec(),
-                Kind::Dump(prefix.to_owned()),
-                1,
-                dl,
-            )
-            .await?;
-            match r.into_iter().next() {
-                Some(Resp::Keys(keys)) => break keys,
-                // Another crawl is running: wait for it.
-                Some(Resp::Error(l)) if l.starts_with("BUSY") && attempts < 100 => {
-                    attempts += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Some(other) => return Err(unexpected(&other)),
-                None => return Err(ClientError::Closed),
-            }
-        };
-        drop(conn);
+        let keys = self.dump_keys(server, prefix, dl).await?;
         for chunk in keys.chunks(1024) {
             let mut buf = Vec::with_capacity(chunk.len() * 64);
             for k in chunk {
@@ -703,6 +736,94 @@ impl CacheStore for MemcachedCache {
         }))
         .await;
         results.into_iter().collect()
+    }
+
+    /// One server's keys under `prefix` a page, servers in the order of
+    /// the URL (the cursor is the next server's index), each from one
+    /// `lru_crawler metadump hash`: a page holds all of a server's matching
+    /// keys whatever `count` says, and takes one walk over its items. A
+    /// server that refuses the dump (memcached older than 1.4.31, or
+    /// started with `-o no_lru_crawler`) makes the call fail with
+    /// [`ErrorKind::Unsupported`]; keys written during the walk may be
+    /// listed or not.
+    async fn scan_keys(&self, prefix: &str, cursor: ScanCursor, count: usize) -> Result<ScanPage> {
+        const OP: &str = "cache.scan_keys";
+        let _ = count;
+        let at = if cursor.is_start() {
+            0
+        } else {
+            match cursor.position().parse::<usize>() {
+                Ok(i) if i < self.inner.servers.len() => i,
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidValue,
+                        format!(
+                            "{:?} is not a memcached scan cursor of these {} servers",
+                            cursor.position(),
+                            self.inner.servers.len()
+                        ),
+                    )
+                    .with_operation(OP)
+                    .with_backend("memcached"));
+                }
+            }
+        };
+        let server = &self.inner.servers[at];
+        let limit = CLEAR_TIMEOUT.max(self.inner.config.timeout);
+        let keys = match self.dump_keys(server, prefix, Deadline::after(limit)).await {
+            Ok(keys) => keys,
+            Err(ClientError::Server(line)) => {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "memcached at {} cannot list its keys: it answered {line:?} to \
+                         lru_crawler metadump (memcached 1.4.31 or newer with the LRU crawler on is needed)",
+                        server.name
+                    ),
+                )
+                .with_operation(OP)
+                .with_backend("memcached"));
+            }
+            Err(e) => return Err(map_err(e, OP, &server.name)),
+        };
+        let next =
+            (at + 1 < self.inner.servers.len()).then(|| ScanCursor::at((at + 1).to_string()));
+        Ok(ScanPage::new(keys, next))
+    }
+
+    /// `mg <key> t`: the seconds left (memcached counts in whole seconds,
+    /// and this crate sends TTLs one second longer than asked), `None` for
+    /// an item without expiry (`t-1`) or no item.
+    async fn time_to_live(&self, key: &str) -> Result<Option<Duration>> {
+        const OP: &str = "cache.time_to_live";
+        self.check_key(key, OP)?;
+        let server = &self.inner.servers[self.inner.ring.pick(key)];
+        let mut buf = Vec::with_capacity(key.len() + 8);
+        proto::ttl(&mut buf, key);
+        self.timed(
+            OP,
+            &server.name,
+            self.inner.config.timeout,
+            |dl| async move {
+                let mut r = server.call(buf, Kind::Meta, 1, dl).await?;
+                match r.pop() {
+                    Some(Resp::Meta {
+                        code: Code::Done | Code::Value,
+                        ttl,
+                        ..
+                    }) => Ok(ttl
+                        .and_then(|t| u64::try_from(t).ok())
+                        .map(Duration::from_secs)),
+                    Some(Resp::Meta {
+                        code: Code::Miss, ..
+                    }) => Ok(None),
+                    Some(other) => Err(unexpected(&other)),
+                    None => Err(ClientError::Closed),
+                }
+            },
+        )
+        .await
+        .map_err(|e| e.with_key(key))
     }
 
     async fn ping(&self) -> Result<()> {

@@ -61,6 +61,13 @@ pub(crate) fn get(buf: &mut Vec<u8>, key: &str, cas: bool) {
     buf.extend_from_slice(if cas { b" v c\r\n" } else { b" v\r\n" });
 }
 
+/// `mg <key> t\r\n`: the remaining TTL, no value.
+pub(crate) fn ttl(buf: &mut Vec<u8>, key: &str) {
+    buf.extend_from_slice(b"mg ");
+    buf.extend_from_slice(key.as_bytes());
+    buf.extend_from_slice(b" t\r\n");
+}
+
 /// `ms <key> <len> [T<exptime>] [C<cas>|ME]\r\n<value>\r\n`.
 pub(crate) fn set(buf: &mut Vec<u8>, key: &str, value: &[u8], exptime: u64, mode: SetMode) {
     use std::io::Write;

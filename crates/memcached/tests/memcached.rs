@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use writethrough_core::ErrorKind;
 use writethrough_core::backend::codec::{self, Decoded};
-use writethrough_core::backend::{CacheItem, CacheStore, Fence, KeyRule};
+use writethrough_core::backend::{CacheItem, CacheStore, Fence, KeyRule, ScanCursor};
 use writethrough_memcached::{MemcachedCache, MemcachedConfig};
 use writethrough_testkit::server::MemcachedServer;
 
@@ -849,4 +849,103 @@ async fn the_shared_cache_suite_passes_on_memcached() {
         writethrough_testkit::suite::cache::cases(),
     )
     .await;
+}
+
+/// Lists every key under a prefix across two servers, a server a page,
+/// whatever `count` says; a bad cursor is refused.
+#[tokio::test]
+async fn scan_keys_lists_the_prefix_of_every_server_a_server_a_page() {
+    let (a, b) = (server().await, server().await);
+    let url = format!("memcached://{},{}", a.addr(), b.addr());
+    let c = MemcachedCache::connect(&url).await.unwrap();
+    let mut want: Vec<String> = (0..40).map(|i| format!("scan:t:{i}")).collect();
+    for k in want
+        .iter()
+        .chain(&["scan:u:1".to_owned(), "other".to_owned()])
+    {
+        c.set(k, Bytes::from_static(b"x"), None).await.unwrap();
+    }
+    let (mut got, mut pages, mut cursor) = (Vec::new(), 0, ScanCursor::start());
+    loop {
+        let page = c.scan_keys("scan:t:", cursor, 5).await.unwrap();
+        pages += 1;
+        got.extend(page.keys);
+        match page.next {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+    assert_eq!(pages, 2, "one page per server");
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    let e = c
+        .scan_keys("scan:", ScanCursor::at("7"), 5)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidValue, "{e}");
+}
+
+/// A memcached without the LRU crawler cannot list its keys: the typed
+/// `Unsupported`, saying why.
+#[tokio::test]
+async fn scan_keys_without_the_lru_crawler_is_unsupported() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new("memcached")
+        .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0"])
+        .args(["-o", "no_lru_crawler", "-u", "root"])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("memcached (apt-get install -y memcached)");
+    let url = format!("memcached://127.0.0.1:{port}");
+    let mut c = None;
+    for _ in 0..100 {
+        if let Ok(ok) = MemcachedCache::connect(&url).await {
+            c = Some(ok);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = c.expect("memcached -o no_lru_crawler came up");
+    c.set("k", Bytes::from_static(b"x"), None).await.unwrap();
+    let e = c.scan_keys("", ScanCursor::start(), 10).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("lru_crawler metadump"), "{e}");
+    // The connection is still in step.
+    assert!(c.get("k").await.unwrap().is_some());
+    child.kill().await.unwrap();
+}
+
+/// `time_to_live` reads the seconds left (`mg <key> t`): none for an item
+/// without expiry or no item.
+#[tokio::test]
+async fn time_to_live_reads_the_seconds_left() {
+    let s = server().await;
+    let c = cache(&s).await;
+    c.set(
+        "ttl:some",
+        Bytes::from_static(b"x"),
+        Some(Duration::from_secs(600)),
+    )
+    .await
+    .unwrap();
+    c.set("ttl:none", Bytes::from_static(b"x"), None)
+        .await
+        .unwrap();
+    let left = c.time_to_live("ttl:some").await.unwrap().expect("a TTL");
+    // Sent one second longer than asked; memcached's clock ticks in seconds.
+    assert!(
+        (Duration::from_secs(595)..=Duration::from_secs(601)).contains(&left),
+        "{left:?}"
+    );
+    assert_eq!(c.time_to_live("ttl:none").await.unwrap(), None);
+    assert_eq!(c.time_to_live("ttl:absent").await.unwrap(), None);
+    assert_eq!(
+        c.time_to_live("bad key").await.unwrap_err().kind(),
+        ErrorKind::InvalidKey
+    );
 }

@@ -9,6 +9,7 @@
 //! # }
 //! ```
 
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,7 +17,8 @@ use moka::Expiry;
 use moka::ops::compute::Op;
 use writethrough_core::Result;
 use writethrough_core::backend::{
-    CacheCapabilities, CacheItem, CacheStore, DecodedSlot, Fence, KeyRule, async_trait, codec,
+    CacheCapabilities, CacheItem, CacheStore, DecodedSlot, Fence, KeyRule, ScanCursor, ScanPage,
+    async_trait, codec,
 };
 
 /// One stored entry with its own TTL, and the slot where the engine may
@@ -263,7 +265,112 @@ impl CacheStore for MokaCache {
         Ok(())
     }
 
+    /// Walks the whole cache (Moka's `iter`) for each page and keeps the
+    /// `count` smallest keys under `prefix` that sort after the cursor (the
+    /// last key of the previous page), so pages come in key order and a
+    /// key present for the whole scan is listed exactly once; keys
+    /// inserted or removed meanwhile may be listed or not, as with `SCAN`.
+    /// Each page costs a pass over every entry: a listing of `n` keys
+    /// costs `n / count` passes.
+    async fn scan_keys(&self, prefix: &str, cursor: ScanCursor, count: usize) -> Result<ScanPage> {
+        let count = count.max(1);
+        let after = (!cursor.is_start()).then(|| cursor.position());
+        // The `count` smallest keys past the cursor, largest on top.
+        let mut page: BinaryHeap<String> = BinaryHeap::with_capacity(count + 1);
+        for (k, _) in self.inner.iter() {
+            if !k.starts_with(prefix) || after.is_some_and(|a| k.as_str() <= a) {
+                continue;
+            }
+            if page.len() == count {
+                if page.peek().is_some_and(|top| k.as_str() >= top.as_str()) {
+                    continue;
+                }
+                page.pop();
+            }
+            page.push((*k).clone());
+        }
+        let keys = page.into_sorted_vec();
+        let next = (keys.len() == count)
+            .then(|| keys.last().map(|k| ScanCursor::at(k.clone())))
+            .flatten();
+        Ok(ScanPage::new(keys, next))
+    }
+
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn all_keys(c: &MokaCache, prefix: &str, count: usize) -> (Vec<String>, usize) {
+        let (mut keys, mut pages, mut cursor) = (Vec::new(), 0, ScanCursor::start());
+        loop {
+            let page = c.scan_keys(prefix, cursor, count).await.unwrap();
+            assert!(
+                page.keys.len() <= count.max(1),
+                "a page holds at most count keys"
+            );
+            pages += 1;
+            keys.extend(page.keys);
+            match page.next {
+                Some(next) => cursor = next,
+                None => return (keys, pages),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn scan_keys_lists_the_prefix_in_pages_once_each() {
+        let c = MokaCache::default();
+        for i in 0..25 {
+            c.set(&format!("ns:t:{i}"), Bytes::from_static(b"x"), None)
+                .await
+                .unwrap();
+        }
+        for k in ["ns:u:1", "ns:t", "other", "ns:"] {
+            c.set(k, Bytes::from_static(b"x"), None).await.unwrap();
+        }
+        let mut want: Vec<String> = (0..25).map(|i| format!("ns:t:{i}")).collect();
+        want.sort();
+        for count in [1, 7, 25, 26, 1000] {
+            let (keys, pages) = all_keys(&c, "ns:t:", count).await;
+            assert_eq!(keys, want, "count {count}");
+            assert_eq!(pages, 25 / count + 1, "count {count}");
+        }
+        // 0 reads as 1.
+        let (keys, _) = all_keys(&c, "ns:t:", 0).await;
+        assert_eq!(keys.len(), 25);
+        // The empty prefix lists everything; an unknown one nothing.
+        assert_eq!(all_keys(&c, "", 10).await.0.len(), 29);
+        assert_eq!(all_keys(&c, "nope:", 10).await, (Vec::new(), 1));
+    }
+
+    #[tokio::test]
+    async fn a_scan_resumes_past_keys_removed_meanwhile() {
+        let c = MokaCache::default();
+        for i in 0..10 {
+            c.set(&format!("p:{i}"), Bytes::from_static(b"x"), None)
+                .await
+                .unwrap();
+        }
+        let first = c.scan_keys("p:", ScanCursor::start(), 4).await.unwrap();
+        assert_eq!(first.keys, ["p:0", "p:1", "p:2", "p:3"]);
+        // The cursor's key and one not yet listed go away; the rest is still listed.
+        c.delete("p:3").await.unwrap();
+        c.delete("p:5").await.unwrap();
+        let mut rest = Vec::new();
+        let mut cursor = first.next.expect("more pages");
+        loop {
+            let page = c.scan_keys("p:", cursor, 4).await.unwrap();
+            rest.extend(page.keys);
+            match page.next {
+                Some(n) => cursor = n,
+                None => break,
+            }
+        }
+        assert_eq!(rest, ["p:4", "p:6", "p:7", "p:8", "p:9"]);
     }
 }

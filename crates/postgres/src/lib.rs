@@ -607,6 +607,32 @@ impl DbStore for PostgresStore {
             .collect()
     }
 
+    /// `ORDER BY md5(seed || key) LIMIT n`: PostgreSQL hashes every key and
+    /// keeps the `n` first (a top-n sort, in the server's memory for `n`
+    /// rows only); the same seed ranks the same keys the same way.
+    async fn sample(&self, table: &Table, n: usize, seed: u64) -> Result<Vec<VersionedRow>> {
+        let sql = self.shared.table_sql(table);
+        let rows = query(&sql.sample)
+            .bind(i64::try_from(n).unwrap_or(i64::MAX))
+            .bind(format!("{seed}:"))
+            .fetch_all(&self.shared.pool)
+            .await
+            .map_err(|e| map_err(e, Phase::NoCommit).with_operation("db.sample"))?;
+        rows.iter()
+            .filter_map(|r| sql::read_row(table, r, 0).transpose())
+            .collect()
+    }
+
+    /// `SELECT count(*)`: exact, and a scan of the table (or of an index).
+    async fn count(&self, table: &Table) -> Result<u64> {
+        let sql = self.shared.table_sql(table);
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.count.clone()))
+            .fetch_one(&self.shared.pool)
+            .await
+            .map_err(|e| map_err(e, Phase::NoCommit).with_operation("db.count"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     async fn outbox_pending(
         &self,
         tables: Option<&[String]>,

@@ -189,6 +189,9 @@ pub(crate) struct TableSql {
     pub(crate) select_many: Arc<str>,
     pub(crate) scan_first: Arc<str>,
     pub(crate) scan_after: Arc<str>,
+    /// `$1` rows ranked by `md5($2 || key)`: a random sample, by seed.
+    pub(crate) sample: Arc<str>,
+    pub(crate) count: Arc<str>,
     updates: Mutex<HashMap<UpdateShape, Arc<str>>>,
 }
 
@@ -223,6 +226,11 @@ impl TableSql {
             n.table,
             k = n.key
         );
+        let sample = format!(
+            "SELECT {} FROM {} AS \"_t\" ORDER BY md5($2 || \"_t\".{}::text) LIMIT $1",
+            n.sel_t, n.table, n.key
+        );
+        let count = format!("SELECT count(*) FROM {}", n.table);
         let v = |outbox, auto| Variant { outbox, auto };
         TableSql {
             upsert: [arc(n.upsert(false)), arc(n.upsert(true))],
@@ -243,6 +251,8 @@ impl TableSql {
             select_many: arc(select_many),
             scan_first: arc(scan_first),
             scan_after: arc(scan_after),
+            sample: arc(sample),
+            count: arc(count),
             updates: Mutex::new(HashMap::new()),
             table: t.clone(),
         }

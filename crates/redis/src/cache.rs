@@ -771,6 +771,50 @@ impl CacheStore for RedisCache {
         }
     }
 
+    /// One `SCAN <cursor> MATCH <prefix>* COUNT <count>` (the prefix's
+    /// glob characters escaped); the cursor is `SCAN`'s own, so the
+    /// listing has its guarantees: every key present throughout is listed,
+    /// some maybe twice, and a page may be empty before the end. Keys that
+    /// are not UTF-8 (no engine wrote them) are left out.
+    async fn scan_keys(
+        &self,
+        prefix: &str,
+        cursor: writethrough_core::backend::ScanCursor,
+        count: usize,
+    ) -> Result<writethrough_core::backend::ScanPage> {
+        use writethrough_core::backend::{ScanCursor, ScanPage};
+        const OP: &str = "cache.scan_keys";
+        let at = if cursor.is_start() {
+            "0"
+        } else {
+            cursor.position()
+        };
+        if !at.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Error::new(
+                ErrorKind::InvalidValue,
+                format!("{at:?} is not a Redis SCAN cursor"),
+            )
+            .with_operation(OP)
+            .with_backend(BACKEND));
+        }
+        let pattern = glob_escape(prefix);
+        let mut cmd = Cmd::with_capacity(6, 32 + at.len() + pattern.len());
+        cmd.arg("SCAN")
+            .arg(at)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(count.max(1));
+        let (next, keys) = scan_page(OP, self.call(&cmd, OP).await?)?;
+        let keys = keys
+            .into_iter()
+            .filter_map(|k| String::from_utf8(k).ok())
+            .collect();
+        let next = (next.as_slice() != b"0")
+            .then(|| ScanCursor::at(String::from_utf8_lossy(&next).into_owned()));
+        Ok(ScanPage::new(keys, next))
+    }
+
     async fn ping(&self) -> Result<()> {
         const OP: &str = "cache.ping";
         let mut cmd = Cmd::with_capacity(1, 4);

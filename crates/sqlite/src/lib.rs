@@ -497,6 +497,7 @@ fn open_conn(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
     ))
     .map_err(map_err)?;
     external::mark(&conn)?;
+    sql::register_functions(&conn)?;
     Ok(conn)
 }
 
@@ -1044,6 +1045,21 @@ impl DbStore for SqliteStore {
 
     async fn managed_tables(&self) -> Result<Vec<String>> {
         self.catalog(introspect::managed_tables).await
+    }
+
+    /// `ORDER BY wt_sample_rank(seed, key) LIMIT n`, on a reader thread:
+    /// SQLite ranks every key by a hash of the seed and the key and keeps
+    /// the `n` first.
+    async fn sample(&self, table: &Table, n: usize, seed: u64) -> Result<Vec<VersionedRow>> {
+        let table = table.clone();
+        self.catalog(move |conn| sql::sample(conn, &table, n, seed))
+            .await
+    }
+
+    /// `SELECT count(*)`: exact.
+    async fn count(&self, table: &Table) -> Result<u64> {
+        let table = table.clone();
+        self.catalog(move |conn| sql::count(conn, &table)).await
     }
 
     async fn outbox_summary(&self) -> Result<Vec<writethrough_core::backend::OutboxSummary>> {

@@ -132,6 +132,99 @@ fn sql_type(ty: ColumnType) -> &'static str {
     }
 }
 
+/// The SQL function that ranks keys for a random sample (see
+/// [`register_functions`]).
+pub(crate) const SAMPLE_RANK: &str = "wt_sample_rank";
+
+/// Registers `wt_sample_rank(seed, key)` on a connection: a 64-bit hash of
+/// the seed and the key (its type and bytes), so that `ORDER BY` it picks
+/// a random sample that the same seed picks again. SQLite's `random()`
+/// cannot be seeded.
+pub(crate) fn register_functions(conn: &Connection) -> Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    use rusqlite::types::ValueRef;
+    conn.create_scalar_function(
+        SAMPLE_RANK,
+        2,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            let seed: i64 = ctx.get(0)?;
+            let mut h = Fnv::new(seed.to_le_bytes());
+            match ctx.get_raw(1) {
+                ValueRef::Integer(i) => h.feed(b'i', &i.to_le_bytes()),
+                ValueRef::Text(t) => h.feed(b't', t),
+                ValueRef::Blob(b) => h.feed(b'b', b),
+                ValueRef::Real(f) => h.feed(b'r', &f.to_le_bytes()),
+                ValueRef::Null => h.feed(b'n', &[]),
+            }
+            // The top bit cleared: SQLite integers are signed.
+            Ok((h.finish() >> 1) as i64)
+        },
+    )
+    .map_err(map_err)
+}
+
+/// FNV-1a over the seed and the value, then a splitmix64 finaliser so that
+/// neighbouring keys land far apart.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new(seed: [u8; 8]) -> Self {
+        let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+        h.bytes(&seed);
+        h
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 ^= u64::from(x);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn feed(&mut self, tag: u8, b: &[u8]) {
+        self.bytes(&[tag]);
+        self.bytes(b);
+    }
+    fn finish(&self) -> u64 {
+        let mut z = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// Up to `n` rows of `t`, ranked by [`SAMPLE_RANK`] under `seed`.
+pub(crate) fn sample(
+    conn: &Connection,
+    t: &Table,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<VersionedRow>> {
+    let sql = TableSql::new(t);
+    let mut stmt = conn.prepare_cached(&sql.sample).map_err(map_err)?;
+    let mut rows = stmt
+        .query(rusqlite::params![
+            i64::try_from(n).unwrap_or(i64::MAX),
+            i64::from_le_bytes(seed.to_le_bytes())
+        ])
+        .map_err(map_err)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(map_err)? {
+        out.push(read_row(t, r)?);
+    }
+    Ok(out)
+}
+
+/// `count(*)` of `t`.
+pub(crate) fn count(conn: &Connection, t: &Table) -> Result<u64> {
+    let sql = TableSql::new(t);
+    let n: i64 = conn
+        .prepare_cached(&sql.count)
+        .map_err(map_err)?
+        .query_row([], |r| r.get(0))
+        .map_err(map_err)?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// The statements of one table, built once.
 pub(crate) struct TableSql {
     pub(crate) create: String,
@@ -145,6 +238,9 @@ pub(crate) struct TableSql {
     pub(crate) delete: String,
     pub(crate) scan_first: String,
     pub(crate) scan_after: String,
+    /// `?1` rows ranked by `wt_sample_rank(?2, key)`: a random sample, by seed.
+    pub(crate) sample: String,
+    pub(crate) count: String,
     /// `UPDATE ... SET` prefix; the patch's columns follow.
     pub(crate) select_cols: String,
 }
@@ -201,6 +297,10 @@ impl TableSql {
             scan_after: format!(
                 "SELECT {select_cols} FROM {name} WHERE {key} > ?1 ORDER BY {key} LIMIT ?2"
             ),
+            sample: format!(
+                "SELECT {select_cols} FROM {name} ORDER BY {SAMPLE_RANK}(?2, {key}) LIMIT ?1"
+            ),
+            count: format!("SELECT count(*) FROM {name}"),
             select_cols,
         }
     }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use writethrough_core::backend::{
     CacheCapabilities, CacheItem, CacheStore, DbCapabilities, DbStore, Fence, OutboxEntry,
-    Transaction, TxOptions, Write, WriteOutcome, async_trait,
+    ScanCursor, ScanPage, Transaction, TxOptions, Write, WriteOutcome, async_trait,
 };
 use writethrough_core::{Error, ErrorKind, Key, Result, Table, VersionedRow};
 
@@ -237,6 +237,10 @@ impl CacheStore for FaultyCache {
         self.faults.enter("clear", true).await?;
         self.inner.clear(prefix).await
     }
+    async fn scan_keys(&self, prefix: &str, cursor: ScanCursor, count: usize) -> Result<ScanPage> {
+        self.faults.enter("scan_keys", false).await?;
+        self.inner.scan_keys(prefix, cursor, count).await
+    }
     async fn ping(&self) -> Result<()> {
         self.faults.enter("ping", false).await?;
         self.inner.ping().await
@@ -436,6 +440,14 @@ impl DbStore for FaultyDb {
     ) -> Result<Vec<VersionedRow>> {
         self.faults.read("scan").await?;
         self.inner.scan(table, after, limit).await
+    }
+    async fn sample(&self, table: &Table, n: usize, seed: u64) -> Result<Vec<VersionedRow>> {
+        self.faults.read("sample").await?;
+        self.inner.sample(table, n, seed).await
+    }
+    async fn count(&self, table: &Table) -> Result<u64> {
+        self.faults.read("count").await?;
+        self.inner.count(table).await
     }
     async fn outbox_pending(
         &self,

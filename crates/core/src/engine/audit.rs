@@ -1,13 +1,15 @@
 //! Audit, repair and warm-up: comparing the cache with the database.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use super::handle::Handle;
 use super::stats::Counters;
 use super::{Inner, TableState};
+use crate::cache::ScanCursor;
 use crate::codec::{self, Decoded};
 use crate::entity::Record;
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::mapping::KeyArg;
 use crate::value::{Key, VersionedRow};
 
@@ -28,6 +30,65 @@ pub struct AuditReport {
     pub divergences: Vec<Divergence>,
     /// Of those, how many were repaired (when asked to).
     pub repaired: usize,
+    /// The search of the cache for entries whose row the database does not
+    /// have (see [`AuditRun::scan_cache`]).
+    pub extra_scan: ExtraScan,
+    /// The seed of a random sample ([`AuditRun::sampled`]); `None` when
+    /// the rows were walked in key order.
+    pub sample_seed: Option<u64>,
+}
+
+/// How the audit searched the cache for entries without a row: it lists
+/// the table's cache keys ([`CacheStore::scan_keys`](crate::backend::CacheStore::scan_keys))
+/// and looks up the rows of those keys; an entry whose row is absent is an
+/// [`DivergenceKind::Extra`] (a tombstone or an invalidation there is
+/// correct: it says "absent").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExtraScan {
+    /// Not run: turned off, or the audit stopped before it.
+    #[default]
+    NotRun,
+    /// The keys were listed.
+    Done {
+        /// Cache keys of the table looked at.
+        keys: usize,
+        /// Of those, keys that name no key of the table (`ns:t:x` for an
+        /// int key): written by something else, never read by the engine,
+        /// left alone.
+        foreign: usize,
+        /// Whether every key was listed; false when the audit's limit
+        /// stopped the listing first.
+        complete: bool,
+    },
+    /// The cache cannot list its keys (or refused to): why.
+    Skipped(String),
+}
+
+impl ExtraScan {
+    /// A short description for reports: `12 keys`, `skipped (why)`.
+    pub fn describe(&self) -> String {
+        match self {
+            ExtraScan::NotRun => "not run".to_owned(),
+            ExtraScan::Done {
+                keys,
+                foreign,
+                complete,
+            } => {
+                let mut s = format!("{keys} cache keys looked at");
+                if *foreign > 0 {
+                    s.push_str(&format!(
+                        ", {foreign} not of this table's keys (left alone)"
+                    ));
+                }
+                if !*complete {
+                    s.push_str(", stopped at the limit");
+                }
+                s
+            }
+            ExtraScan::Skipped(why) => format!("skipped ({why})"),
+        }
+    }
 }
 
 impl AuditReport {
@@ -234,17 +295,51 @@ impl Inner {
     }
 }
 
+/// Where an audit takes its rows from.
+enum Rows {
+    /// In key order, a page a query.
+    Walk(Pages),
+    /// A random sample, read in one query on the first step and handed
+    /// out a page at a time.
+    Sample {
+        seed: u64,
+        limit: usize,
+        rows: Option<std::collections::VecDeque<VersionedRow>>,
+    },
+}
+
+/// The audit's listing of the cache keys.
+struct KeyScan {
+    on: bool,
+    /// Where the listing stands; `None` once it is complete.
+    cursor: Option<ScanCursor>,
+    /// At most this many more keys.
+    left: usize,
+    keys: usize,
+    foreign: usize,
+}
+
 /// An audit in progress, driven a page at a time so that a caller can
 /// show progress or stop early: [`AuditRun::step`] until it returns 0, then
 /// [`AuditRun::finish`], which confirms (and repairs) what the pages found.
 /// [`Handle::audit`] does all of it in one call.
+///
+/// It has two passes. The first compares rows with their entries (the
+/// first rows in key order, or a random sample with [`AuditRun::sampled`]).
+/// The second ([`AuditRun::scan_cache`], on by default) lists the table's
+/// keys in the cache, at most as many as the row limit, and looks for
+/// entries whose row the database does not have ([`DivergenceKind::Extra`]);
+/// a cache that cannot list its keys is noted in
+/// [`AuditReport::extra_scan`], never passed over in silence.
 pub struct AuditRun<R: Record> {
     handle: Handle<R>,
-    pages: Pages,
+    rows: Rows,
+    scan: KeyScan,
     settle: Duration,
     repair: bool,
     report: AuditReport,
     suspects: Vec<Key>,
+    suspected: HashSet<Key>,
 }
 
 impl<R: Record> std::fmt::Debug for AuditRun<R> {
@@ -252,32 +347,182 @@ impl<R: Record> std::fmt::Debug for AuditRun<R> {
         f.debug_struct("AuditRun")
             .field("table", self.handle.table().name())
             .field("checked", &self.report.checked)
+            .field("scanned", &self.scan.keys)
             .field("suspects", &self.suspects.len())
             .finish_non_exhaustive()
     }
 }
 
 impl<R: Record> AuditRun<R> {
-    /// Compares the next page of rows (at most 500); returns how many it
-    /// compared, 0 once the table or the limit is exhausted.
+    /// Compares a random sample of rows instead of the first ones in key
+    /// order: the row limit's worth, picked by the database in one query
+    /// ([`DbStore::sample`](crate::backend::DbStore::sample)); the same
+    /// `seed` over the same keys picks the same rows. The sample is held
+    /// in memory, so keep the limit moderate. Call it before the first step.
+    #[must_use]
+    pub fn sampled(mut self, seed: u64) -> Self {
+        let limit = match &self.rows {
+            Rows::Walk(p) => p.left,
+            Rows::Sample { limit, .. } => *limit,
+        };
+        self.rows = Rows::Sample {
+            seed,
+            limit,
+            rows: None,
+        };
+        self.report.sample_seed = Some(seed);
+        self
+    }
+
+    /// Whether to list the table's cache keys after the rows, looking for
+    /// entries without a row (default true). Call it before the first step.
+    #[must_use]
+    pub fn scan_cache(mut self, on: bool) -> Self {
+        self.scan.on = on;
+        self
+    }
+
+    /// Compares the next page of rows (at most 500) or, once the rows are
+    /// done, looks at the next page of the table's cache keys; returns how
+    /// many rows or keys it looked at, 0 once both passes are done.
     pub async fn step(&mut self) -> Result<usize> {
+        let rows = self.next_rows().await?;
+        if !rows.is_empty() {
+            let n = rows.len();
+            self.compare_rows(rows).await?;
+            return Ok(n);
+        }
+        self.scan_step().await
+    }
+
+    /// Whether the run is in its second pass, over the cache keys.
+    pub fn scanning(&self) -> bool {
+        match &self.rows {
+            Rows::Walk(p) => p.left == 0,
+            Rows::Sample { rows, .. } => rows.as_ref().is_some_and(|r| r.is_empty()),
+        }
+    }
+
+    async fn next_rows(&mut self) -> Result<Vec<(Key, VersionedRow)>> {
         let inner = &self.handle.inner;
         let st = &self.handle.st;
-        let rows = inner.next_page(st, &mut self.pages).await?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let cks: Vec<String> = rows.iter().map(|(key, _)| st.cache_key(key)).collect();
-        let cached = inner.cache().get_many(&cks).await?;
-        for ((key, vr), c) in rows.iter().zip(&cached) {
-            self.report.checked += 1;
-            match inner.verdict(st, Some(vr), c.as_deref()) {
-                Verdict::Agree => self.report.agree += 1,
-                Verdict::Absent => self.report.absent += 1,
-                Verdict::Divergent(_) => self.suspects.push(key.clone()),
+        match &mut self.rows {
+            Rows::Walk(pages) => inner.next_page(st, pages).await,
+            Rows::Sample { seed, limit, rows } => {
+                if rows.is_none() {
+                    let picked = inner.db().sample(&st.table, *limit, *seed).await?;
+                    *rows = Some(picked.into());
+                }
+                let rows = rows.as_mut().expect("filled above");
+                let n = rows.len().min(PAGE);
+                Ok(rows
+                    .drain(..n)
+                    .filter_map(|vr| Some((st.table.key_of(&vr.row)?, vr)))
+                    .collect())
             }
         }
-        Ok(rows.len())
+    }
+
+    async fn compare_rows(&mut self, rows: Vec<(Key, VersionedRow)>) -> Result<()> {
+        let handle = self.handle.clone();
+        let (inner, st) = (&handle.inner, &handle.st);
+        let cks: Vec<String> = rows.iter().map(|(key, _)| st.cache_key(key)).collect();
+        let cached = inner.cache().get_many(&cks).await?;
+        for ((key, vr), c) in rows.into_iter().zip(&cached) {
+            self.report.checked += 1;
+            match inner.verdict(st, Some(&vr), c.as_deref()) {
+                Verdict::Agree => self.report.agree += 1,
+                Verdict::Absent => self.report.absent += 1,
+                Verdict::Divergent(_) => self.suspect(key),
+            }
+        }
+        Ok(())
+    }
+
+    fn suspect(&mut self, key: Key) {
+        if self.suspected.insert(key.clone()) {
+            self.suspects.push(key);
+        }
+    }
+
+    /// One page of the cache keys: those whose row is absent and whose
+    /// entry is a row (or unreadable) become suspects. Pages that list no
+    /// key of the table are skipped over; returns the keys looked at, 0
+    /// once the listing is complete, at the limit, or unsupported.
+    async fn scan_step(&mut self) -> Result<usize> {
+        let handle = self.handle.clone();
+        let (inner, st) = (&handle.inner, &handle.st);
+        if !self.scan.on || self.scan.left == 0 {
+            return Ok(0);
+        }
+        // The engine's own records (the epoch record) are not entries.
+        let internal = format!("{}:_wt:", inner.cfg.namespace);
+        loop {
+            let Some(cursor) = self.scan.cursor.take() else {
+                return Ok(0);
+            };
+            let page = match inner
+                .cache()
+                .scan_keys(&st.prefix, cursor, self.scan.left.min(PAGE))
+                .await
+            {
+                Ok(page) => page,
+                Err(e) if e.kind() == ErrorKind::Unsupported => {
+                    self.scan.left = 0;
+                    self.report.extra_scan = ExtraScan::Skipped(e.to_string());
+                    return Ok(0);
+                }
+                Err(e) => return Err(e),
+            };
+            self.scan.cursor = page.next;
+            let mut keys = Vec::new();
+            let mut cut = false;
+            for ck in page.keys {
+                if ck.starts_with(&internal) || !ck.starts_with(&st.prefix) {
+                    continue;
+                }
+                if self.scan.left == 0 {
+                    cut = true;
+                    break;
+                }
+                self.scan.left -= 1;
+                self.scan.keys += 1;
+                match st.key_of_cache_key(&ck) {
+                    Some(key) => keys.push(key),
+                    None => self.scan.foreign += 1,
+                }
+            }
+            if self.scan.left == 0 && self.scan.cursor.is_some() {
+                // At the limit before the listing's end.
+                cut = true;
+                self.scan.cursor = None;
+            }
+            self.report.extra_scan = ExtraScan::Done {
+                keys: self.scan.keys,
+                foreign: self.scan.foreign,
+                complete: !cut && self.scan.cursor.is_none(),
+            };
+            if keys.is_empty() {
+                continue;
+            }
+            let n = keys.len();
+            let rows = inner.db().get_many(&st.table, &keys).await?;
+            let gone: Vec<Key> = keys
+                .into_iter()
+                .zip(rows)
+                .filter_map(|(k, row)| row.is_none().then_some(k))
+                .collect();
+            if !gone.is_empty() {
+                let cks: Vec<String> = gone.iter().map(|k| st.cache_key(k)).collect();
+                let cached = inner.cache().get_many(&cks).await?;
+                for (key, c) in gone.into_iter().zip(cached) {
+                    if let Verdict::Divergent(_) = inner.verdict(st, None, c.as_deref()) {
+                        self.suspect(key);
+                    }
+                }
+            }
+            return Ok(n);
+        }
     }
 
     /// Rows compared so far.
@@ -285,10 +530,16 @@ impl<R: Record> AuditRun<R> {
         self.report.checked
     }
 
+    /// Cache keys looked at so far by the second pass.
+    pub fn scanned(&self) -> usize {
+        self.scan.keys
+    }
+
     /// Waits `settle` (a write in flight between its commit and its cache
     /// write is not a divergence), looks at each suspect again, counts the
     /// confirmed ones in `writethrough_consistency_violations_total` and,
-    /// if asked to, repairs them from the database.
+    /// if asked to, repairs them from the database (an entry whose row is
+    /// gone is deleted).
     pub async fn finish(mut self) -> Result<AuditReport> {
         if self.suspects.is_empty() {
             return Ok(self.report);
@@ -410,10 +661,20 @@ impl<R: Record> Handle<R> {
         })
     }
 
-    /// Compares up to `limit` rows (in key order) with their cache entries.
+    /// How many rows the table holds in the database, counted exactly
+    /// ([`DbStore::count`](crate::backend::DbStore::count)): the total of
+    /// a progress report.
+    pub async fn row_count(&self) -> Result<u64> {
+        self.inner.db().count(&self.st.table).await
+    }
+
+    /// Compares up to `limit` rows (in key order) with their cache entries,
+    /// then lists up to `limit` of the table's keys in the cache and looks
+    /// for entries whose row is gone (see [`AuditRun`]).
     /// A disagreement is looked at again after `settle` (a write in flight
     /// between its commit and its cache write is not a divergence), and
-    /// with `repair` the confirmed ones are rewritten from the database.
+    /// with `repair` the confirmed ones are rewritten from the database
+    /// (an entry without a row is deleted).
     /// Confirmed divergences count in `writethrough_consistency_violations_total`.
     ///
     /// # Example
@@ -459,11 +720,19 @@ impl<R: Record> Handle<R> {
     pub fn audit_run(&self, limit: usize, settle: Duration, repair: bool) -> AuditRun<R> {
         AuditRun {
             handle: self.clone(),
-            pages: Pages::new(limit),
+            rows: Rows::Walk(Pages::new(limit)),
+            scan: KeyScan {
+                on: true,
+                cursor: Some(ScanCursor::start()),
+                left: limit,
+                keys: 0,
+                foreign: 0,
+            },
             settle,
             repair,
             report: AuditReport::default(),
             suspects: Vec::new(),
+            suspected: HashSet::new(),
         }
     }
 

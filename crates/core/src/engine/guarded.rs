@@ -16,7 +16,7 @@ use bytes::Bytes;
 use super::Inner;
 use super::metrics::{CacheCall, DbCall};
 use super::stats::Counters;
-use crate::cache::{CacheItem, DecodedSlot, Fence};
+use crate::cache::{CacheItem, DecodedSlot, Fence, ScanCursor, ScanPage};
 use crate::db::{
     ChangePage, ChangeRange, OutboxEntry, Transaction, TxOptions, Write, WriteOutcome,
 };
@@ -46,6 +46,17 @@ impl Inner {
 
 impl GuardedCache<'_> {
     async fn call<T>(self, call: CacheCall, f: impl Future<Output = Result<T>>) -> Result<T> {
+        self.call_within(call, self.0.cfg.cache_timeout, f).await
+    }
+
+    /// [`GuardedCache::call`] with its own timeout, for the calls that walk
+    /// many keys.
+    async fn call_within<T>(
+        self,
+        call: CacheCall,
+        limit: Duration,
+        f: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         let inner = self.0;
         let r = if inner.caps.in_process {
             // In-process calls cannot stall on a network: no timeout, and no
@@ -55,11 +66,11 @@ impl GuardedCache<'_> {
             r
         } else {
             let started = Instant::now();
-            let r = match tokio::time::timeout(inner.cfg.cache_timeout, f).await {
+            let r = match tokio::time::timeout(limit, f).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::new(
                     ErrorKind::Timeout,
-                    format!("no answer within {:?}", inner.cfg.cache_timeout),
+                    format!("no answer within {limit:?}"),
                 )),
             };
             inner
@@ -147,6 +158,24 @@ impl GuardedCache<'_> {
             .await
     }
 
+    /// One page of keys under `prefix`; a page may walk a whole server
+    /// (Memcached's metadump), so it waits up to a minute, or the cache
+    /// timeout if longer.
+    pub(crate) async fn scan_keys(
+        self,
+        prefix: &str,
+        cursor: ScanCursor,
+        count: usize,
+    ) -> Result<ScanPage> {
+        let limit = self.0.cfg.cache_timeout.max(Duration::from_secs(60));
+        self.call_within(
+            CacheCall::ScanKeys,
+            limit,
+            self.0.cache_store.scan_keys(prefix, cursor, count),
+        )
+        .await
+    }
+
     pub(crate) async fn ping(self) -> Result<()> {
         self.call(CacheCall::Ping, self.0.cache_store.ping()).await
     }
@@ -159,15 +188,24 @@ impl GuardedCache<'_> {
 
 impl GuardedDb<'_> {
     async fn call<T>(self, call: DbCall, f: impl Future<Output = Result<T>>) -> Result<T> {
+        self.call_within(call, self.0.cfg.db_timeout, f).await
+    }
+
+    /// [`GuardedDb::call`] with its own timeout, for reads that rank or
+    /// count a whole table.
+    async fn call_within<T>(
+        self,
+        call: DbCall,
+        limit: Duration,
+        f: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         let inner = self.0;
         let started = Instant::now();
-        let r = match tokio::time::timeout(inner.cfg.db_timeout, f).await {
+        let r = match tokio::time::timeout(limit, f).await {
             Ok(r) => r,
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!("no answer within {:?}", inner.cfg.db_timeout),
-            )
-            .in_doubt()),
+            Err(_) => Err(
+                Error::new(ErrorKind::Timeout, format!("no answer within {limit:?}")).in_doubt(),
+            ),
         };
         inner.metrics.db_call(call, started.elapsed(), r.is_ok());
         r.map_err(|e| {
@@ -226,6 +264,35 @@ impl GuardedDb<'_> {
     ) -> Result<Vec<VersionedRow>> {
         self.call(DbCall::Scan, self.0.db_store.scan(table, after, limit))
             .await
+    }
+
+    pub(crate) async fn sample(
+        self,
+        table: &Table,
+        n: usize,
+        seed: u64,
+    ) -> Result<Vec<VersionedRow>> {
+        self.call_within(
+            DbCall::Sample,
+            self.whole_table_timeout(),
+            self.0.db_store.sample(table, n, seed),
+        )
+        .await
+    }
+
+    pub(crate) async fn count(self, table: &Table) -> Result<u64> {
+        self.call_within(
+            DbCall::Count,
+            self.whole_table_timeout(),
+            self.0.db_store.count(table),
+        )
+        .await
+    }
+
+    /// A read that visits every row waits up to a minute, or the database
+    /// timeout if longer.
+    fn whole_table_timeout(self) -> Duration {
+        self.0.cfg.db_timeout.max(Duration::from_secs(60))
     }
 
     pub(crate) async fn outbox_pending(

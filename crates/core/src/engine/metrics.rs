@@ -44,12 +44,13 @@ pub(crate) enum CacheCall {
     ReplaceIfUnchanged,
     Delete,
     Clear,
+    ScanKeys,
     Ping,
     Identity,
 }
 
 impl CacheCall {
-    const ALL: [CacheCall; 11] = [
+    const ALL: [CacheCall; 12] = [
         CacheCall::Get,
         CacheCall::GetMany,
         CacheCall::Set,
@@ -59,6 +60,7 @@ impl CacheCall {
         CacheCall::ReplaceIfUnchanged,
         CacheCall::Delete,
         CacheCall::Clear,
+        CacheCall::ScanKeys,
         CacheCall::Ping,
         CacheCall::Identity,
     ];
@@ -74,6 +76,7 @@ impl CacheCall {
             CacheCall::ReplaceIfUnchanged => "cache.replace_if_unchanged",
             CacheCall::Delete => "cache.delete",
             CacheCall::Clear => "cache.clear",
+            CacheCall::ScanKeys => "cache.scan_keys",
             CacheCall::Ping => "cache.ping",
             CacheCall::Identity => "cache.identity",
         }
@@ -86,6 +89,8 @@ pub(crate) enum DbCall {
     Get,
     GetMany,
     Scan,
+    Sample,
+    Count,
     Execute,
     Begin,
     Apply,
@@ -100,10 +105,12 @@ pub(crate) enum DbCall {
 }
 
 impl DbCall {
-    const ALL: [DbCall; 14] = [
+    const ALL: [DbCall; 16] = [
         DbCall::Get,
         DbCall::GetMany,
         DbCall::Scan,
+        DbCall::Sample,
+        DbCall::Count,
         DbCall::Execute,
         DbCall::Begin,
         DbCall::Apply,
@@ -122,6 +129,8 @@ impl DbCall {
             DbCall::Get => "db.get",
             DbCall::GetMany => "db.get_many",
             DbCall::Scan => "db.scan",
+            DbCall::Sample => "db.sample",
+            DbCall::Count => "db.count",
             DbCall::Execute => "db.execute",
             DbCall::Begin => "db.begin",
             DbCall::Apply => "db.apply",

@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
-pub use audit::{AuditReport, AuditRun, Divergence, DivergenceKind, Inspection, Verdict, WarmRun};
+pub use audit::{
+    AuditReport, AuditRun, Divergence, DivergenceKind, ExtraScan, Inspection, Verdict, WarmRun,
+};
 pub use breaker::BreakerState;
 pub use config::{BreakerConfig, Config, Consistency, RetryPolicy};
 pub use handle::{Handle, Read};

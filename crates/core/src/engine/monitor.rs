@@ -26,7 +26,6 @@ use super::Inner;
 use super::audit::{DivergenceKind, Verdict};
 use super::table::TableState;
 use crate::error::{Error, ErrorKind, Result};
-use crate::schema::ColumnType;
 use crate::value::Key;
 
 /// Settings of the consistency monitor (see [`crate::Config::monitor`]).
@@ -256,11 +255,7 @@ impl Drop for Monitor {
 
 /// The key a cache key of `st`'s table names.
 fn key_of(st: &TableState, cache_key: &str) -> Option<Key> {
-    let rest = cache_key.strip_prefix(st.prefix.as_str())?;
-    match st.table.key_column().ty {
-        ColumnType::Int => rest.parse().ok().map(Key::Int),
-        _ => Some(Key::Text(rest.to_owned())),
-    }
+    st.key_of_cache_key(cache_key)
 }
 
 /// Most samples checked in one batch: one database and one cache call.

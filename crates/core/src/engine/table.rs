@@ -210,6 +210,18 @@ impl TableState {
         }
     }
 
+    /// The key a cache key of this table names: `None` for a key outside
+    /// the prefix or one that [`TableState::cache_key`] would not write
+    /// (`ns:t:007` for an int key, say).
+    pub(crate) fn key_of_cache_key(&self, cache_key: &str) -> Option<Key> {
+        let rest = cache_key.strip_prefix(self.prefix.as_str())?;
+        let key = match self.table.key_column().ty {
+            crate::schema::ColumnType::Int => Key::Int(rest.parse().ok()?),
+            _ => Key::Text(rest.to_owned()),
+        };
+        (self.table.check_key(&key).is_ok() && self.cache_key(&key) == cache_key).then_some(key)
+    }
+
     /// The version below which this table's entries are not trusted.
     #[inline]
     pub(crate) fn floor(&self) -> u64 {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use writethrough_core::ErrorKind;
 use writethrough_core::backend::codec;
-use writethrough_core::backend::{CacheItem, CacheStore, Fence, KeyRule};
+use writethrough_core::backend::{CacheItem, CacheStore, Fence, KeyRule, ScanCursor};
 
 use super::{Case, Outcome, Pair, eventually, unique};
 
@@ -25,6 +25,7 @@ pub fn cases() -> Vec<Case> {
         replace_if_unchanged_swaps_only_the_expected_bytes,
         delete_says_whether_something_was_there,
         clear_removes_the_prefix_and_nothing_else,
+        scan_keys_lists_the_prefix_and_nothing_else,
         entries_with_a_ttl_expire,
         values_up_to_the_item_limit_round_trip,
         keys_the_capabilities_allow_round_trip,
@@ -349,6 +350,47 @@ pub async fn clear_removes_the_prefix_and_nothing_else(pair: Pair) -> Outcome {
         );
     }
     Outcome::Passed
+}
+
+/// `scan_keys` lists every key under the prefix (glob characters in it
+/// taken literally), and none outside it, page by page until the cursor
+/// runs out; a backend that cannot list keys says so with `Unsupported`.
+pub async fn scan_keys_lists_the_prefix_and_nothing_else(pair: Pair) -> Outcome {
+    let c = &pair.cache;
+    let base = unique("sk");
+    let prefix = format!("{base}:a*?[x]:");
+    let outside = [
+        format!("{base}:a:1"),
+        format!("{base}:aXY[x]:1"),
+        format!("{base}-a*?[x]:1"),
+    ];
+    let inside: Vec<String> = (0..130).map(|i| format!("{prefix}{i}")).collect();
+    for k in outside.iter().chain(&inside) {
+        c.set(k, Bytes::from_static(b"x"), None).await.unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cursor = ScanCursor::start();
+    for _ in 0..100_000 {
+        let page = match c.scan_keys(&prefix, cursor, 50).await {
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                return Outcome::NotApplicable("the cache cannot list its keys".into());
+            }
+            r => r.unwrap(),
+        };
+        for k in page.keys {
+            assert!(k.starts_with(&prefix), "{k:?} is outside {prefix:?}");
+            seen.insert(k);
+        }
+        match page.next {
+            Some(next) => cursor = next,
+            None => {
+                let want: std::collections::BTreeSet<String> = inside.into_iter().collect();
+                assert_eq!(seen, want);
+                return Outcome::Passed;
+            }
+        }
+    }
+    panic!("the scan did not end");
 }
 
 /// An entry set with a TTL is gone after it; one without stays.

@@ -27,6 +27,7 @@ pub fn cases() -> Vec<Case> {
         a_dropped_transaction_rolls_back,
         outbox_records_appear_with_their_writes_and_can_be_removed,
         scan_pages_in_key_order,
+        sample_picks_distinct_rows_by_seed_and_count_counts,
         get_many_answers_each_key_in_order,
         insert_creates_rows_or_writes_nothing,
         concurrent_writes_to_one_key_get_distinct_versions_and_the_last_wins,
@@ -504,6 +505,63 @@ pub async fn scan_pages_in_key_order(pair: Pair) -> Outcome {
     let mut want: Vec<Key> = ids.iter().map(|i| Key::Int(*i)).collect();
     want.sort();
     assert_eq!(seen, want);
+    Outcome::Passed
+}
+
+/// `sample` returns `n` distinct rows of the table (all of them when it
+/// has fewer), the same ones for the same seed and others for another
+/// seed; `count` counts the rows exactly. Text keys are ranked too.
+pub async fn sample_picks_distinct_rows_by_seed_and_count_counts(pair: Pair) -> Outcome {
+    let db = &pair.db;
+    let t = fresh(db, "sample").await;
+    let ids = |rows: &[writethrough_core::VersionedRow]| -> Vec<Key> {
+        rows.iter()
+            .map(|vr| Key::from_value(vr.row.get("id").unwrap()).unwrap())
+            .collect()
+    };
+    match db.sample(&t, 5, 1).await {
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            return Outcome::NotApplicable("the backend cannot sample rows".into());
+        }
+        r => assert!(r.unwrap().is_empty(), "an empty table samples nothing"),
+    }
+    assert_eq!(db.count(&t).await.unwrap(), 0);
+    let writes: Vec<Write> = (1..=300).map(|i| upsert(&t, row(i, "x"))).collect();
+    db.execute(writes, TxOptions::default()).await.unwrap();
+    assert_eq!(db.count(&t).await.unwrap(), 300);
+    let a = ids(&db.sample(&t, 20, 7).await.unwrap());
+    assert_eq!(a.len(), 20);
+    let distinct: std::collections::BTreeSet<&Key> = a.iter().collect();
+    assert_eq!(distinct.len(), 20, "distinct rows: {a:?}");
+    assert_eq!(ids(&db.sample(&t, 20, 7).await.unwrap()), a, "same seed");
+    let b = ids(&db.sample(&t, 20, 8).await.unwrap());
+    assert_ne!(a, b, "another seed, another sample");
+    // Not the first rows in key order.
+    let first: Vec<Key> = (1..=20).map(Key::Int).collect();
+    let mut sorted = a.clone();
+    sorted.sort();
+    assert_ne!(sorted, first);
+    assert_eq!(db.sample(&t, 1000, 7).await.unwrap().len(), 300);
+    assert!(db.sample(&t, 0, 7).await.unwrap().is_empty());
+
+    let texts = Table::builder(&unique("sample_text"))
+        .key("k", ColumnType::Text)
+        .column("v", ColumnType::Int)
+        .build()
+        .expect("schema");
+    db.ensure_table(&texts).await.unwrap();
+    let writes: Vec<Write> = (0..50)
+        .map(|i| {
+            upsert(
+                &texts,
+                Row::new().set("k", format!("key {i} ✓")).set("v", i),
+            )
+        })
+        .collect();
+    db.execute(writes, TxOptions::default()).await.unwrap();
+    let picked = db.sample(&texts, 10, 3).await.unwrap();
+    assert_eq!(picked.len(), 10);
+    assert_eq!(db.count(&texts).await.unwrap(), 50);
     Outcome::Passed
 }
 

@@ -784,10 +784,25 @@ impl CacheStore for RedisCache {
     ) -> Result<writethrough_core::backend::ScanPage> {
         use writethrough_core::backend::{ScanCursor, ScanPage};
         const OP: &str = "cache.scan_keys";
-        let at = if cursor.is_start() {
-            "0"
+        // On a cluster the cursor is `host:port/node-cursor`: the primaries
+        // are walked one after the other, in address order.
+        let (node, at) = if cursor.is_start() {
+            (None, "0")
+        } else if self.is_cluster() {
+            match cursor.position().rsplit_once('/') {
+                Some((node, at)) => (Some(node.to_string()), at),
+                None => (None, "x"),
+            }
         } else {
-            cursor.position()
+            (None, cursor.position())
+        };
+        let node = match (self.is_cluster(), node) {
+            (false, _) => None,
+            (true, Some(node)) => Some(node),
+            (true, None) if cursor.is_start() => {
+                crate::cluster::primaries(self, OP).await?.into_iter().next()
+            }
+            (true, None) => Some(String::new()),
         };
         if !at.bytes().all(|b| b.is_ascii_digit()) {
             return Err(Error::new(
@@ -805,13 +820,26 @@ impl CacheStore for RedisCache {
             .arg(&pattern)
             .arg("COUNT")
             .arg(count.max(1));
-        let (next, keys) = scan_page(OP, self.call(&cmd, OP).await?)?;
+        let reply = match &node {
+            Some(node) => self.call_at(&cmd, node, OP).await?,
+            None => self.call(&cmd, OP).await?,
+        };
+        let (next, keys) = scan_page(OP, reply)?;
         let keys = keys
             .into_iter()
             .filter_map(|k| String::from_utf8(k).ok())
             .collect();
-        let next = (next.as_slice() != b"0")
-            .then(|| ScanCursor::at(String::from_utf8_lossy(&next).into_owned()));
+        let next = String::from_utf8_lossy(&next).into_owned();
+        let next = match node {
+            None => (next != "0").then(|| ScanCursor::at(next)),
+            Some(node) if next != "0" => Some(ScanCursor::at(format!("{node}/{next}"))),
+            // This primary is done: on to the next one by address.
+            Some(node) => crate::cluster::primaries(self, OP)
+                .await?
+                .into_iter()
+                .find(|p| *p > node)
+                .map(|p| ScanCursor::at(format!("{p}/0"))),
+        };
         Ok(ScanPage::new(keys, next))
     }
 

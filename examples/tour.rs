@@ -59,6 +59,15 @@ pub const REDIS: Backend = Backend {
     schemes: &["redis", "rediss", "redis+unix", "unix"],
 };
 
+/// A Redis Cluster: `WT_REDIS_CLUSTER_URL`, default
+/// `redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002`.
+pub const REDIS_CLUSTER: Backend = Backend {
+    name: "Redis Cluster",
+    env: Some("WT_REDIS_CLUSTER_URL"),
+    default_url: "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002",
+    schemes: &["redis+cluster", "rediss+cluster"],
+};
+
 /// Memcached: `WT_MEMCACHED_URL`, default `memcached://127.0.0.1:11211`
 /// (several servers: `memcached://h1:11211,h2:11211`).
 pub const MEMCACHED: Backend = Backend {

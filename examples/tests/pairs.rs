@@ -13,7 +13,7 @@ use std::io::Read;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisServer};
+use writethrough_testkit::server::{MemcachedServer, PostgresServer, RedisCluster, RedisServer};
 
 /// Every variable the examples read; each run sets them all, so that the
 /// environment the tests run in does not leak into the children.
@@ -174,8 +174,12 @@ async fn every_pair_runs_the_tour() {
     let postgres = PostgresServer::start()
         .await
         .unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"));
+    let cluster = RedisCluster::start()
+        .await
+        .unwrap_or_else(|e| panic!("cannot start a Redis Cluster: {e}"));
     let env = vec![
         ("WT_REDIS_URL", redis.url()),
+        ("WT_REDIS_CLUSTER_URL", cluster.url()),
         ("WT_MEMCACHED_URL", memcached.url()),
         ("WT_POSTGRES_URL", postgres.url()),
         ("WT_SQLITE_URL", "sqlite::temp:".to_owned()),
@@ -189,6 +193,12 @@ async fn every_pair_runs_the_tour() {
             "redis_postgres",
             "Redis + PostgreSQL",
             url("WT_REDIS_URL"),
+            url("WT_POSTGRES_URL"),
+        ),
+        (
+            "redis_cluster_postgres",
+            "Redis Cluster + PostgreSQL",
+            url("WT_REDIS_CLUSTER_URL"),
             url("WT_POSTGRES_URL"),
         ),
         (

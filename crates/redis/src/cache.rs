@@ -799,9 +799,10 @@ impl CacheStore for RedisCache {
         let node = match (self.is_cluster(), node) {
             (false, _) => None,
             (true, Some(node)) => Some(node),
-            (true, None) if cursor.is_start() => {
-                crate::cluster::primaries(self, OP).await?.into_iter().next()
-            }
+            (true, None) if cursor.is_start() => crate::cluster::primaries(self, OP)
+                .await?
+                .into_iter()
+                .next(),
             (true, None) => Some(String::new()),
         };
         if !at.bytes().all(|b| b.is_ascii_digit()) {
